@@ -1,0 +1,1 @@
+"""Cluster side of blockserve: configuration, the Ray Serve app builder, autoscaling, telemetry, CLI."""

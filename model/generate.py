@@ -1,0 +1,115 @@
+"""Single-process generation: prompt -> canvases -> tokens.
+
+The plain loop the CLI and tests use, and the reference the engine's batched scheduler is held to. Per canvas:
+start from uniform noise, denoise until the row stops (model/sampler.py), commit the argmax canvas, encode it
+into the KV cache (transformers' `DiffusionGemmaGenerationMixin.generate`, batch of one). It returns exactly
+`max_new_tokens` tokens (the last canvas trimmed) unless an EOS token comes first: generation stops there and the
+EOS is not part of `token_ids`.
+
+`tokens_per_forward` counts delivered tokens over decoder forwards (the reference counts whole canvases up to
+its padding; ours counts what the caller receives).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.kv_cache import PrefixBatch
+from model.sampler import CanvasConstraint, RowState, SamplingParams, step
+from model.transformer import DiffusionGemma, TokenBatch
+
+
+@dataclass
+class GenerateResult:
+    token_ids: list[int]
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    finish_reason: str  # "length" | "eos" | "template"
+    canvases: list[list[int]] = field(default_factory=list)  # every committed canvas, untrimmed
+
+
+def check_prompt(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: int) -> None:
+    cfg = model.config
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: give at least one token")
+    bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+    total = len(prompt_ids) + math.ceil(max_new_tokens / cfg.canvas_length) * cfg.canvas_length
+    if total > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens rounded up to whole canvases "
+            f"exceeds the model's context of {cfg.max_position_embeddings} tokens"
+        )
+
+
+def first_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> int | None:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return i
+    return None
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionGemma,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    seed: int,
+    rng: str = "fast",
+    constraints: list[CanvasConstraint] | None = None,
+    on_step: Callable[[int, RowState], None] | None = None,
+) -> GenerateResult:
+    """Generate after `prompt_ids`. With `constraints` (one per canvas, from a template layout) exactly that
+    many canvases are generated and EOS does not stop generation."""
+    if rng not in ("fast", "reference"):
+        raise ValueError(f"rng must be 'fast' or 'reference' (got {rng!r})")
+    params.validate()
+    check_prompt(model, prompt_ids, params.max_new_tokens)
+    cfg = model.config
+    if rng == "reference":
+        if constraints:
+            raise ValueError(
+                "rng='reference' reproduces plain generation only; use rng='fast' with constraints"
+            )
+        torch.manual_seed(seed)
+        generator = None
+    else:
+        generator = torch.Generator().manual_seed(seed)
+    cache = model.new_cache()
+    model.encode(TokenBatch.from_lists([prompt_ids], [0], cfg.pad_token_id), [cache])
+    n_canvases = len(constraints) if constraints else math.ceil(params.max_new_tokens / cfg.canvas_length)
+    tokens: list[int] = []
+    steps: list[int] = []
+    canvases: list[list[int]] = []
+    finish = "template" if constraints else "length"
+    for c in range(n_canvases):
+        constraint = constraints[c] if constraints else None
+        row = RowState.start(params, cfg.vocab_size, cfg.canvas_length, generator, constraint)
+        prefix = PrefixBatch([cache])
+        while not row.finished:
+            soft = row.soft[None] if row.soft is not None else None
+            hidden = model.denoise(row.canvas[None], prefix, soft)
+            step(model, hidden, [row], rng)
+            if on_step is not None:
+                on_step(c, row)
+        committed = row.argmax.tolist()
+        canvases.append(committed)
+        steps.append(row.steps)
+        eos = None if constraints else first_eos(committed, cfg.eos_token_ids)
+        tokens.extend(committed if eos is None else committed[:eos])
+        if eos is not None:
+            finish = "eos"
+            break
+        if not constraints and len(tokens) >= params.max_new_tokens:
+            break
+        if c + 1 < n_canvases:
+            model.encode(TokenBatch.from_lists([committed], [cache.length], cfg.pad_token_id), [cache])
+    if not constraints:
+        tokens = tokens[: params.max_new_tokens]
+    return GenerateResult(tokens, steps, len(tokens) / max(1, sum(steps)), finish, canvases)

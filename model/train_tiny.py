@@ -1,0 +1,146 @@
+"""`make tiny-model`: train the small DiffusionGemma that `make serve` and `blockserve generate` use by default.
+
+    python -m model.train_tiny [--out DIR] [--minutes M] [--seed S] [--max-steps N]
+
+Steps: build the stdlib corpus (model/corpus.py), train a byte-level BPE tokenizer on its training split
+(model/bpe.py), build a tiny config of the real architecture (both attention kinds, GQA, keys-as-values, partial
+RoPE, MoE), train it with model/train.py, and write a checkpoint in the published layout: `config.json`,
+`model.safetensors`, `generation_config.json` (model/weights.py), `tokenizer.json`, plus `corpus_manifest.json`
+(source, licence, size) and `training_log.json` (loss curve, held-out losses, steps, seconds, seed).
+
+The run is deterministic by step for a seed; `--minutes` is a wall-clock safety stop (the log records whether
+it fired, in which case the checkpoint depends on machine speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from model import bpe
+from model.config import FULL, PRESETS, SLIDING, ModelConfig, build_config
+from model.corpus import build_corpus
+from model.train import TokenData, TrainConfig, TrainResult, train
+from model.transformer import DiffusionGemma
+from model.weights import init_random, save_model
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "tiny-diffusiongemma"
+PRESET = "tiny-trained"
+MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+
+
+def tiny_config(vocab_size: int) -> ModelConfig:
+    """The lead's `tiny-trained` preset if there is one, else our shape: ~3.7M parameters, 4 layers."""
+    if PRESET in PRESETS:
+        config = dataclasses.replace(PRESETS[PRESET], vocab_size=vocab_size)
+    else:
+        config = build_config(
+            vocab_size=vocab_size,
+            hidden_size=160,
+            intermediate_size=384,
+            layer_types=[SLIDING, SLIDING, SLIDING, FULL],
+            num_heads=4,
+            head_dim=32,
+            num_kv_heads=2,
+            global_head_dim=64,
+            num_global_kv_heads=1,
+            sliding_window=64,
+            num_experts=8,
+            top_k=2,
+            moe_intermediate_size=128,
+            canvas_length=32,
+            name=PRESET,
+        )
+    # build_config leaves bos unset; the tokenizer's ids are the model's (pad 0, eos 1, bos 2).
+    return dataclasses.replace(
+        config, pad_token_id=bpe.PAD_ID, eos_token_ids=(bpe.EOS_ID,), bos_token_id=bpe.BOS_ID, name=PRESET
+    )
+
+
+def default_train_config(seed: int, minutes: float, max_steps: int) -> TrainConfig:
+    return TrainConfig(
+        max_steps=max_steps,
+        max_seconds=minutes * 60,
+        batch_size=16,
+        window=256,
+        lr=3e-3,
+        warmup_steps=min(100, max(1, max_steps // 20)),
+        seed=seed,
+        eval_every=max(1, max_steps // 10),
+    )
+
+
+def write_log(out: Path, result: TrainResult, tc: TrainConfig, config: ModelConfig, extra: dict) -> None:
+    log = {
+        "seed": tc.seed,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "stopped_by": result.stopped_by,
+        "train_config": dataclasses.asdict(tc),
+        "parameters": config.parameter_counts(),
+        "heldout": result.evals,
+        "loss_curve": result.history,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__},
+        **extra,
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+
+def checkpoint_bytes(out: Path) -> int:
+    return sum((out / name).stat().st_size for name in CHECKPOINT_FILES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
+    parser.add_argument("--minutes", type=float, default=50.0, help="wall-clock budget for training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=2000, help="steps (the LR schedule spans them)")
+    parser.add_argument("--vocab-size", type=int, default=bpe.DEFAULT_VOCAB_SIZE)
+    parser.add_argument("--corpus-bytes", type=int, default=None, help="cap the corpus (for quick trials)")
+    args = parser.parse_args(argv)
+
+    t0 = time.monotonic()
+    corpus = build_corpus(max_bytes=args.corpus_bytes)
+    tokenizer = bpe.train_bpe(corpus.train_texts, vocab_size=args.vocab_size)
+    config = tiny_config(tokenizer.get_vocab_size())
+    train_data = TokenData.from_texts(corpus.train_texts, tokenizer)
+    heldout = TokenData.from_texts(corpus.heldout_texts, tokenizer) if corpus.heldout_texts else None
+    counts = config.parameter_counts()
+    print(
+        f"corpus: {corpus.manifest['num_files']} files, {corpus.manifest['num_bytes']:,} bytes, "
+        f"{train_data.num_tokens:,} train tokens; model: {counts['total']:,} params "
+        f"({counts['active']:,} active); prep {time.monotonic() - t0:.1f}s",
+        flush=True,
+    )
+    torch.manual_seed(args.seed)
+    model = init_random(DiffusionGemma(config), seed=args.seed)
+    tc = default_train_config(args.seed, args.minutes, args.max_steps)
+    result = train(model, train_data, tc, heldout=heldout, log=lambda line: print(line, flush=True))
+
+    out = args.out
+    save_model(model.eval(), out)
+    bpe.save(tokenizer, out / "tokenizer.json")
+    corpus.write_manifest(out / "corpus_manifest.json")
+    extra = {"train_tokens": train_data.num_tokens, "heldout_tokens": heldout.num_tokens if heldout else 0}
+    write_log(out, result, tc, config, extra)
+    size = checkpoint_bytes(out)
+    print(f"wrote {out} ({size / 1e6:.1f} MB) after {result.steps} steps, {result.seconds:.0f}s", flush=True)
+    if size > MAX_CHECKPOINT_BYTES:
+        raise SystemExit(
+            f"checkpoint is {size:,} bytes, over the {MAX_CHECKPOINT_BYTES:,} budget: shrink the config"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""The DiffusionGemma network: one set of weights, two modes.
+
+Shape legend: B rows, T new tokens, L canvas, S cached tokens, D hidden, V vocab.
+
+- `encode` (encoder mode): causal attention over [cache | new tokens]; appends the new tokens' K/V to each row's
+  `SequenceCache`. Used for prompt prefill and to commit every finished canvas.
+- `denoise` (decoder mode): bidirectional attention over [cached prefix | canvas]; reads the cache, never
+  writes it. Self-conditioning enters as soft embeddings [B, L, D] (softmax(previous logits) @ embeddings),
+  never as [B, L, V] logits — see model/sampler.py for how they are produced in vocabulary chunks.
+
+Rows in one call may have different prefix lengths and (in encoder mode) different numbers of new tokens: the
+masks are built from absolute positions (model/layers.py). Each layer is attention + dense MLP + MoE, summed,
+as in transformers' `DiffusionGemmaDecoderTextLayer`; the MoE goes through `moe_backend` so the experts can
+live in this process (fused) or on ExpertShard processes (disaggregated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import PrefixBatch, SequenceCache
+from model.layers import Attention, GatedMLP, RMSNorm, attention_mask
+from model.moe import ExpertBank, Router
+
+# (layer index, normed tokens [T, D], weights [T, K], expert ids [T, K]) -> MoE output [T, D]
+MoEBackend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TokenBatch:
+    """New tokens of B rows, right-padded to T."""
+
+    ids: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T] absolute positions
+    valid: torch.Tensor  # [B, T] bool
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]], starts: list[int], pad_id: int, device="cpu") -> TokenBatch:
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+            valid[i, : len(r)] = True
+        positions = torch.as_tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+        return cls(ids, positions, valid)
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, experts: range):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        self.index = index
+        self.spec = config.layers[index]
+        self.window = config.sliding_window
+        self.self_attn = Attention(config, self.spec)
+        self.mlp = GatedMLP(D, config.intermediate_size)
+        self.router = Router(D, config.num_experts, config.top_k, eps)
+        self.experts = ExpertBank(D, config.moe_intermediate_size, experts.start, len(experts))
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+            "pre_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(D, eps))
+        # transformers keeps separate (untied) scalars for the encoder and decoder copies of each layer
+        self.register_buffer("encoder_scalar", torch.ones(1))
+        self.register_buffer("decoder_scalar", torch.ones(1))
+
+    def feed_forward(self, h: torch.Tensor, moe: MoEBackend | None) -> torch.Tensor:
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])  # [B*T, D]
+        weights, ids = self.router(flat)  # routing reads the un-normed residual stream
+        x = self.pre_feedforward_layernorm_2(flat)
+        sparse = moe(self.index, x, weights, ids) if moe is not None else self.experts(x, weights, ids)
+        sparse = self.post_feedforward_layernorm_2(sparse.reshape(h.shape))
+        return self.post_feedforward_layernorm(dense + sparse)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        batch: TokenBatch,
+        prefix: PrefixBatch | None,
+        *,
+        encoder: bool,
+        moe: MoEBackend | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (new hidden [B, T, D], new keys, new values [B, G, T, d])."""
+        attn = self.self_attn
+        q, k, v = attn.project(self.input_layernorm(h), batch.positions)
+        lp = prefix.layers[self.index] if prefix is not None else None
+        keys = torch.cat([lp.keys, k], dim=2) if lp is not None else k
+        values = torch.cat([lp.values, v], dim=2) if lp is not None else v
+        window = self.window if encoder and self.spec.is_sliding else None
+        mask = attention_mask(batch.positions, batch.valid, lp, batch.valid, causal=encoder, window=window)
+        h = h + self.post_attention_layernorm(attn.attend(q, keys, values, mask))
+        h = h + self.feed_forward(h, moe)
+        return h * (self.encoder_scalar if encoder else self.decoder_scalar), k, v
+
+
+class SelfConditioning(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.pre_norm = RMSNorm(D, config.rms_norm_eps)
+        self.post_norm = RMSNorm(D, config.rms_norm_eps, with_scale=False)
+        self.mlp = GatedMLP(D, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is None:  # RMSNorm(0) = 0 and the MLP maps 0 to 0: no signal is the same as a zero signal
+            return self.post_norm(x)
+        return self.post_norm(x + self.mlp(self.pre_norm(soft)))
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig, experts: range | None = None):
+        super().__init__()
+        self.config = config
+        self.expert_range = experts if experts is not None else range(config.num_experts)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i, self.expert_range) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.moe_backend: MoEBackend | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed_scale(self) -> torch.Tensor:
+        # the scale is rounded to the weight dtype first, as transformers does
+        return torch.tensor(self.config.embed_scale).to(self.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids) * self.embed_scale()
+
+    def new_cache(self) -> SequenceCache:
+        return SequenceCache(self.config, self.dtype, self.device)
+
+    def encode(self, batch: TokenBatch, caches: list[SequenceCache]) -> torch.Tensor:
+        """Encoder mode over new tokens; appends their K/V to `caches`. Returns final-normed hidden [B, T, D]."""
+        prefix = PrefixBatch(caches) if any(c.length for c in caches) else None
+        h = self.embed(batch.ids)
+        for layer in self.layers:
+            h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend)
+            for r, cache in enumerate(caches):
+                n = int(batch.valid[r].sum())
+                cache.append(layer.index, k[r, :, :n], v[r, :, :n])
+        for r, cache in enumerate(caches):
+            cache.advance(int(batch.valid[r].sum()))
+        return self.norm(h)
+
+    def denoise(
+        self, canvas: torch.Tensor, prefix: PrefixBatch, soft: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decoder mode: canvas [B, L], optional self-conditioning soft embeddings [B, L, D] -> hidden [B, L, D]."""
+        B, L = canvas.shape
+        positions = prefix.lengths.to(canvas.device)[:, None] + torch.arange(L, device=canvas.device)
+        batch = TokenBatch(canvas, positions, torch.ones(B, L, dtype=torch.bool, device=canvas.device))
+        h = self.self_conditioning(self.embed(canvas), soft)
+        for layer in self.layers:
+            h, _, _ = layer(h, batch, prefix, encoder=False, moe=self.moe_backend)
+        return self.norm(h)
+
+    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [..., V] -> scaled soft embeddings [..., D] (the self-conditioning input)."""
+        return (probs.to(self.dtype) @ self.embed_tokens.weight) * self.embed_scale()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full soft-capped logits [..., V] in fp32. For tests and the reference path only: the serving
+        sampler works through the vocabulary in chunks (model/sampler.py)."""
+        return softcap(hidden @ self.embed_tokens.weight.T, self.config.final_logit_softcapping)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    logits = logits.float()
+    return torch.tanh(logits / cap) * cap if cap else logits

@@ -1,0 +1,1 @@
+"""The blockserve protobuf package (`blockserve.v1`)."""

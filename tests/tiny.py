@@ -1,0 +1,62 @@
+"""Tiny random DiffusionGemma checkpoints built with transformers (test-only dependency) and saved for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def reference_checkpoint(
+    path: Path,
+    *,
+    layer_types=(SLIDING, SLIDING, FULL),
+    top_k: int = 2,
+    num_experts: int = 8,
+    canvas_length: int = 16,
+    sliding_window: int = 8,
+    vocab_size: int = 512,
+    seed: int = 0,
+):
+    """Save a random `DiffusionGemmaForBlockDiffusion` with `save_pretrained`; returns the transformers model."""
+    import torch
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    cfg = DiffusionGemmaConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=len(layer_types),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            sliding_window=sliding_window,
+            num_experts=num_experts,
+            top_k_experts=top_k,
+            moe_intermediate_size=32,
+            layer_types=list(layer_types),
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+        ),
+        canvas_length=canvas_length,
+    )
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, scales and layer scalars, so a mix-up cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", ".scale", "per_expert_scale")) and "vision" not in name:
+                p.mul_(1 + 0.1 * torch.rand_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.8 + 0.4 * torch.rand_like(b))
+    model.save_pretrained(path)
+    return model
