@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 # The checkpoint shipped as package data of `model` (model/assets/); `model` sits beside `cluster` both in a
 # checkout and in site-packages, so no import of `model` (and torch) is needed to find it.
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "assets"
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent.parent / "model" / "assets" / "tiny-diffusiongemma"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -318,7 +318,7 @@ def _text_config_to_model_config(text: dict[str, Any], canvas_length: int, name:
         max_position_embeddings=int(text.get("max_position_embeddings", 131_072)),
         pad_token_id=int(text.get("pad_token_id") if text.get("pad_token_id") is not None else 0),
         eos_token_ids=eos_ids,
-        bos_token_id=text.get("bos_token_id"),
+        bos_token_id=text.get("bos_token_id", 2),
         hidden_activation=text.get("hidden_activation", "gelu_pytorch_tanh"),
         name=name,
     )

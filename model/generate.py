@@ -104,7 +104,7 @@ def generate(
         eos = None if constraints else first_eos(committed, cfg.eos_token_ids)
         tokens.extend(committed if eos is None else committed[:eos])
         if eos is not None:
-            finish = "eos"
+            finish = "eos" if len(tokens) <= params.max_new_tokens else "length"
             break
         if not constraints and len(tokens) >= params.max_new_tokens:
             break

@@ -53,6 +53,7 @@ from model.transformer import DiffusionGemma, TokenBatch
 class TrainConfig:
     max_steps: int = 1000
     max_seconds: float | None = None  # wall-clock budget; stops early (then the run is no longer step-exact)
+    anneal_by_time: bool = False  # cosine progress = max(step, elapsed-time) fraction: always fully annealed
     batch_size: int = 16  # windows per step
     window: int = 256  # tokens per window, `<bos>` included
     lr: float = 3e-3
@@ -179,9 +180,8 @@ def canvas_prefix(config: ModelConfig, keys, values, valid, rows: torch.Tensor, 
     recent = before & (pos >= starts[:, None] - (config.sliding_window - 1))
     layers = []
     for spec, k, v in zip(config.layers, keys, values, strict=True):
-        layers.append(
-            LayerPrefix(k[rows], v[rows], pos, recent if spec.is_sliding else before)
-        )  # [R, G, N, d]
+        mask = recent if spec.is_sliding else before
+        layers.append(LayerPrefix(k[rows], v[rows], pos, mask))  # K/V [B, G, N, d] -> [R, G, N, d]
     return CanvasPrefix(layers, starts)
 
 
@@ -289,11 +289,15 @@ def window_losses(
 # -- training loop ---------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+def lr_at(step: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps` — or, with
+    `anneal_by_time`, at whichever of `max_steps` and `max_seconds` comes first (not step-deterministic)."""
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    progress = (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)
+    if tc.anneal_by_time and tc.max_seconds:
+        progress = max(progress, elapsed / tc.max_seconds)
+    progress = min(1.0, progress)
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -353,7 +357,7 @@ def train(
             if tc.max_seconds is not None and time.monotonic() - t0 >= tc.max_seconds:
                 result.stopped_by = "time"
                 break
-            lr = lr_at(step, tc)
+            lr = lr_at(step, tc, time.monotonic() - t0)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             windows = sample_windows(train_data, tc.batch_size, tc.window, g)

@@ -64,16 +64,18 @@ def tiny_config(vocab_size: int) -> ModelConfig:
     )
 
 
-def default_train_config(seed: int, minutes: float, max_steps: int) -> TrainConfig:
+def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
-        max_steps=max_steps,
-        max_seconds=minutes * 60,
-        batch_size=16,
-        window=256,
+        max_steps=args.max_steps,
+        max_seconds=args.minutes * 60,
+        anneal_by_time=args.anneal_by_time,
+        batch_size=args.batch_size,
+        window=args.window,
         lr=3e-3,
-        warmup_steps=min(100, max(1, max_steps // 20)),
-        seed=seed,
-        eval_every=max(1, max_steps // 10),
+        warmup_steps=min(100, max(1, args.max_steps // 20)),
+        seed=args.seed,
+        eval_every=max(1, args.max_steps // 10),
+        eval_windows=args.eval_windows,
     )
 
 
@@ -106,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=2000, help="steps (the LR schedule spans them)")
     parser.add_argument("--vocab-size", type=int, default=bpe.DEFAULT_VOCAB_SIZE)
+    parser.add_argument(
+        "--anneal-by-time",
+        action="store_true",
+        help="decay the LR over --minutes when that ends first (a slow machine still gets an annealed model; "
+        "the step count then depends on machine speed)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per step")
+    parser.add_argument("--window", type=int, default=256, help="tokens per window")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows per evaluation")
     parser.add_argument("--corpus-bytes", type=int, default=None, help="cap the corpus (for quick trials)")
     args = parser.parse_args(argv)
 
@@ -124,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
     model = init_random(DiffusionGemma(config), seed=args.seed)
-    tc = default_train_config(args.seed, args.minutes, args.max_steps)
+    tc = train_config(args)
     result = train(model, train_data, tc, heldout=heldout, log=lambda line: print(line, flush=True))
 
     out = args.out

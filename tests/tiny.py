@@ -60,3 +60,42 @@ def reference_checkpoint(
                 b.copy_(0.8 + 0.4 * torch.rand_like(b))
     model.save_pretrained(path)
     return model
+
+
+def served_checkpoint(path: Path, *, canvas_length: int = 16, seed: int = 0) -> Path:
+    """A complete servable checkpoint (config, safetensors, tokenizer.json) with random weights and a small
+    byte-level BPE trained here: what integration tests serve when the trained default model is not used."""
+    import dataclasses
+
+    from model import bpe
+    from model.config import from_name
+    from model.transformer import DiffusionGemma
+    from model.weights import init_random, save_model
+
+    texts = [_TEXT * 3, _TEXT.upper(), '{"name": "x", "count": 12, "ok": true, "items": [1, 2.5, -3]}']
+    tokenizer = bpe.train_bpe(texts, vocab_size=384)
+    cfg = dataclasses.replace(
+        from_name("tiny-test"),
+        vocab_size=tokenizer.get_vocab_size(),
+        canvas_length=canvas_length,
+        name="served",
+    )
+    model = init_random(DiffusionGemma(cfg), seed=seed)
+    save_model(model, path)
+    bpe.save(tokenizer, path / "tokenizer.json")
+    return path
+
+
+_TEXT = """def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+
+class Point:
+    def __init__(self, x: float, y: float) -> None:
+        self.x = x
+        self.y = y
+
+The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } " ' , . : ;
+"""

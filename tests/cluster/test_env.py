@@ -21,7 +21,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert env.BLOCKSERVE_GRPC_PORT == 9000
     assert env.BLOCKSERVE_LOG_LEVEL == "INFO"
-    assert Path(env.BLOCKSERVE_MODEL_PATH) == REPO / "model" / "assets"
+    assert Path(env.BLOCKSERVE_MODEL_PATH) == REPO / "model" / "assets" / "tiny-diffusiongemma"
 
 
 def test_values_are_read_at_access_time(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,0 +1,55 @@
+"""The app builder: `serve.deployment(...).bind(...)` from a `ClusterConfig` (Ray Serve LLM's builder habit).
+
+Deployments are plain classes (deployments/); Ray is applied here, at the edge. Replicas ask for no logical
+CPUs (`num_cpus: 0`) so a small machine can host several; GPU placement comes with the GPU work.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from cluster.config import ClusterConfig
+from deployments.engine import Engine
+from deployments.router import Router
+
+APP_NAME = "blockserve"
+ROUTE_PREFIX = "/blockserve"  # gRPC ignores it, but an app without one is unreachable (RAY_NOTES.md)
+GRPC_SERVICERS = [
+    "protos.blockserve.v1.blockserve_pb2_grpc.add_BlockDiffusionServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def grpc_options(config: ClusterConfig) -> gRPCOptions:
+    return gRPCOptions(port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
+
+
+def build_app(config: ClusterConfig):
+    e = config.engine
+    engine = serve.deployment(
+        Engine,
+        name="Engine",
+        num_replicas=e.replicas,
+        ray_actor_options={"num_cpus": 0},
+        # every streaming request stays "ongoing" until it finishes: admit all rows plus the engine queue
+        max_ongoing_requests=e.max_rows + e.max_queue + 8,
+        health_check_period_s=5,
+    ).bind(config.to_engine_settings())
+    router = serve.deployment(
+        Router,
+        name="Router",
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=(e.max_rows + e.max_queue) * e.replicas + 8,
+        max_queued_requests=config.server.max_queued_requests,
+    ).bind(engine, config.to_router_settings())
+    return router
+
+
+def start(config: ClusterConfig):
+    """Start Serve (gRPC on the configured port) and deploy the app on the Ray cluster already initialised."""
+    serve.start(
+        http_options={"host": config.server.host, "port": config.server.http_port},
+        grpc_options=grpc_options(config),
+    )
+    return serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)

@@ -1,0 +1,184 @@
+"""`blockserve` command line: `serve` a local cluster, `generate` against it, `plan` memory for a shape.
+
+`serve` starts a single-node Ray on loopback (cluster/env.py applies the rules before Ray is imported),
+deploys the app and serves gRPC on 127.0.0.1:<port> until interrupted. `generate` is a gRPC client that shows
+the draft canvas refining live (one terminal line per canvas) and prints throughput at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cluster import env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    env.apply_loopback_env()
+    import ray
+    from ray import serve
+
+    from cluster.app import start
+    from cluster.config import ClusterConfig
+
+    config = ClusterConfig.load(args.config)
+    if args.model:
+        config.model.path = args.model
+    if args.port:
+        config.server.grpc_port = args.port
+    config.model_path()  # fail before starting Ray if there is no checkpoint
+    ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        start(config)
+        print(
+            f"blockserve: serving {config.model.name} on 127.0.0.1:{config.server.grpc_port} (Ctrl-C to stop)"
+        )
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _request(args: argparse.Namespace):
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
+    req = pb.GenerateRequest(
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, stream_drafts=not args.no_drafts
+    )
+    if args.seed is not None:
+        req.seed = args.seed
+    for name in ("max_denoising_steps", "entropy_bound", "t_min", "t_max"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(req.sampling, name, value)
+    if args.json_schema:
+        req.json_schema = Path(args.json_schema).read_text()
+    elif args.template:
+        req.template.CopyFrom(parse_template(args.template))
+    return req
+
+
+def parse_template(spec: str):
+    """`"def {{body:40}}\\n"` -> Template: text with `{{name:max_tokens}}` slots."""
+    import re
+
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
+    template = pb.Template()
+    pos = 0
+    for m in re.finditer(r"\{\{(\w+):(\d+)\}\}", spec):
+        if m.start() > pos:
+            template.parts.add(text=spec[pos : m.start()])
+        template.parts.add(slot=pb.Slot(name=m.group(1), max_tokens=int(m.group(2))))
+        pos = m.end()
+    if pos < len(spec):
+        template.parts.add(text=spec[pos:])
+    return template
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from protos.blockserve.v1 import blockserve_pb2_grpc
+
+    req = _request(args)
+    live = sys.stdout.isatty() and not args.no_drafts
+    with grpc.insecure_channel(args.address) as channel:
+        stub = blockserve_pb2_grpc.BlockDiffusionStub(channel)
+        t0 = time.perf_counter()
+        try:
+            for event in stub.GenerateStream(req, timeout=args.timeout):
+                kind = event.WhichOneof("event")
+                if kind == "draft" and live:
+                    d = event.draft
+                    line = d.text.replace("\n", "⏎")[:100]
+                    sys.stdout.write(f"\r\033[2K[canvas {d.canvas_index} step {d.step:2d}] {line}")
+                    sys.stdout.flush()
+                elif kind == "canvas":
+                    if live:
+                        sys.stdout.write("\r\033[2K")
+                    sys.stdout.write(event.canvas.text_delta)
+                    sys.stdout.flush()
+                elif kind == "final":
+                    _print_final(event.final, time.perf_counter() - t0)
+        except grpc.RpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _print_final(final, seconds: float) -> None:
+    s = final.stats
+    print()
+    for slot in final.slots:
+        print(f"  slot {slot.name}: {slot.text!r}")
+    print(
+        f"-- {final.usage.completion_tokens} tokens in {seconds:.2f}s "
+        f"({final.usage.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), {s.canvases} canvases, "
+        f"steps per canvas {list(s.steps_per_canvas)}, {s.tokens_per_forward:.2f} tokens/forward, "
+        f"finish {final.finish_reason}",
+        file=sys.stderr,
+    )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from model.config import from_name
+
+    cfg = from_name(args.preset)
+    counts = cfg.parameter_counts()
+    out = {k: f"{v / 1e9:.2f}B" for k, v in counts.items()}
+    out["kv_bytes_per_token_bf16"] = cfg.kv_bytes_per_token(2)
+    out["sliding_kv_bytes_per_sequence_bf16"] = cfg.sliding_kv_bytes(2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="blockserve", description="Serve block-diffusion MoE models on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="start a local Ray cluster and serve gRPC on 127.0.0.1")
+    s.add_argument("--config", help="ClusterConfig YAML file")
+    s.add_argument("--model", help="checkpoint directory (overrides model.path)")
+    s.add_argument("--port", type=int, help="gRPC port (overrides server.grpc_port)")
+    s.set_defaults(fn=_serve)
+    g = sub.add_parser("generate", help="stream a generation from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--address", default=f"127.0.0.1:{env.BLOCKSERVE_GRPC_PORT}")
+    g.add_argument("--max-new-tokens", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-denoising-steps", type=int)
+    g.add_argument("--entropy-bound", type=float)
+    g.add_argument("--t-min", type=float)
+    g.add_argument("--t-max", type=float)
+    g.add_argument("--no-drafts", action="store_true", help="do not stream draft canvases")
+    g.add_argument("--template", help="text with {{name:max_tokens}} slots, e.g. 'def {{fn:12}}():'")
+    g.add_argument("--json-schema", help="file holding a JSON Schema the output must satisfy")
+    g.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    g.set_defaults(fn=_generate)
+    p = sub.add_parser("plan", help="parameter and KV-cache sizes of a preset")
+    p.add_argument("preset", nargs="?", default="diffusiongemma-26b-a4b")
+    p.set_defaults(fn=_plan)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"blockserve: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

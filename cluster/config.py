@@ -1,0 +1,148 @@
+"""`ClusterConfig`: everything an operator sets, loaded from YAML (and mirrored by the Helm chart's values).
+
+Pydantic lives only here, at the edge (STYLE.md #2); `to_engine_settings()` / `to_router_settings()` turn it
+into the plain settings objects the deployments take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cluster import env
+from deployments.engine import EngineSettings
+from deployments.requests import RequestLimits
+from deployments.router import RouterSettings
+from deployments.scheduler import SchedulerLimits
+from model.sampler import SamplingParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Strict):
+    path: str = Field(
+        default_factory=lambda: str(env.BLOCKSERVE_MODEL_PATH), description="Checkpoint directory"
+    )
+    name: str = Field("tiny-diffusiongemma", description="Name reported by ModelInfo")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights and activations dtype"
+    )
+    device: str = Field("cpu", description="torch device of the Engine (cuda on GPU nodes)")
+
+
+class EngineSection(_Strict):
+    replicas: int = Field(1, ge=1, description="Engine replicas (each holds a full model copy in fused mode)")
+    max_rows: int = Field(64, ge=1, le=4096, description="Most canvases denoised together in one forward")
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache memory budget per Engine, GiB")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per Engine (0 = torch default)")
+    execution_mode: Literal["fused"] = Field("fused", description="fused: experts inside the Engine")
+
+
+class SamplingSection(_Strict):
+    max_new_tokens: int = Field(256, ge=1, description="Default max_new_tokens")
+    max_denoising_steps: int = Field(48, ge=1, description="Default denoising-step limit per canvas")
+    entropy_bound: float = Field(0.1, gt=0, description="Default entropy bound (nats)")
+    t_min: float = Field(0.4, gt=0, description="Default final temperature")
+    t_max: float = Field(0.8, gt=0, description="Default initial temperature")
+    stability_threshold: int = Field(1, ge=0, description="Default stability steps")
+    confidence_threshold: float = Field(0.005, gt=0, description="Default mean-entropy stop threshold")
+
+    @model_validator(mode="after")
+    def _check(self):
+        errors = self.to_params().errors()
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def to_params(self) -> SamplingParams:
+        return SamplingParams(**self.model_dump())
+
+
+class LimitsSection(_Strict):
+    max_new_tokens: int = Field(4096, ge=1, description="Largest max_new_tokens a request may ask for")
+    max_prompt_chars: int = Field(1 << 20, ge=1, description="Longest prompt text, characters")
+    max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request")
+
+
+class ServerSection(_Strict):
+    grpc_port: int = Field(default_factory=lambda: int(env.BLOCKSERVE_GRPC_PORT), ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP proxy port (unused by the API)")
+    host: str = Field("127.0.0.1", description="Address Ray and the HTTP proxy bind")
+    max_queued_requests: int = Field(1024, ge=1, description="Router queue bound at the proxy")
+    ray_num_cpus: int = Field(32, ge=1, description="Logical CPUs of a local Ray head started by `serve`")
+
+
+class ClusterConfig(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.sampling.max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(
+                f"sampling.max_new_tokens={self.sampling.max_new_tokens} exceeds "
+                f"limits.max_new_tokens={self.limits.max_new_tokens}"
+            )
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> ClusterConfig:
+        if path is None:
+            return cls()
+        path = Path(path)
+        if not path.exists():
+            raise ConfigFileError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            return cls.model_validate(data)
+        except (yaml.YAMLError, ValidationError) as e:
+            raise ConfigFileError(f"invalid config {path}: {e}") from None
+
+    def model_path(self) -> str:
+        path = Path(self.model.path)
+        if not (path / "config.json").exists():
+            raise ConfigFileError(
+                f"model.path {path} has no config.json; point it at a DiffusionGemma checkpoint directory "
+                "(run `make tiny-model` to build the default one)"
+            )
+        return str(path.resolve())
+
+    def to_engine_settings(self) -> EngineSettings:
+        e = self.engine
+        return EngineSettings(
+            model_path=self.model_path(),
+            dtype=self.model.dtype,
+            device=self.model.device,
+            limits=SchedulerLimits(
+                max_rows=e.max_rows, max_queue=e.max_queue, kv_cache_bytes=int(e.kv_cache_gib * 2**30)
+            ),
+            torch_threads=e.torch_threads,
+        )
+
+    def to_router_settings(self) -> RouterSettings:
+        lim = self.limits
+        return RouterSettings(
+            model_path=self.model_path(),
+            model_name=self.model.name,
+            defaults=self.sampling.to_params(),
+            limits=RequestLimits(
+                max_new_tokens=lim.max_new_tokens,
+                max_prompt_chars=lim.max_prompt_chars,
+                max_stop_strings=lim.max_stop_strings,
+            ),
+            max_rows=self.engine.max_rows,
+            execution_mode=self.engine.execution_mode,
+        )
+
+
+class ConfigFileError(ValueError):
+    pass

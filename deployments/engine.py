@@ -1,0 +1,167 @@
+"""The Engine: one model replica running the continuous-batching scheduler.
+
+A plain class (Ray Serve LLM's `LLMServer` habit): it can be built and driven without Serve, and
+cluster/app.py wraps it with `serve.deployment(...)`. The scheduler (deployments/scheduler.py) runs in one
+background thread that owns the model; callers talk to it only through a queue, so the asyncio loop that
+serves requests never blocks on a forward pass. `generate()` is an async generator of scheduler events; when
+its consumer goes away (client cancelled, deadline passed) the request is cancelled and its row freed at the
+next iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+
+from deployments.scheduler import (
+    EngineRequest,
+    ErrorEvent,
+    Event,
+    FinalEvent,
+    QueueFull,
+    RequestTooLarge,
+    Scheduler,
+    SchedulerLimits,
+)
+from model.weights import load_model
+
+log = logging.getLogger("blockserve.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineSettings:
+    model_path: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    limits: SchedulerLimits = field(default_factory=SchedulerLimits)
+    torch_threads: int = 0  # 0: leave torch's default
+    stats_window_s: float = 10.0
+
+
+class Engine:
+    def __init__(self, settings: EngineSettings):
+        if settings.dtype not in DTYPES:
+            raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.settings = settings
+        self.model = load_model(settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device)
+        self.scheduler = Scheduler(self.model, settings.limits)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: str | None = None
+        self._window: deque[tuple[float, int, int]] = deque()  # (time, tokens delivered, rows) per iteration
+        self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- the scheduler thread ----------------------------------------------------------------------------
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, *args = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "submit":
+                request, sink = args
+                try:
+                    self.scheduler.submit(request, sink)
+                except QueueFull as e:
+                    sink(ErrorEvent(str(e), "RESOURCE_EXHAUSTED"))
+                except (RequestTooLarge, ValueError) as e:
+                    sink(ErrorEvent(str(e), "INVALID_ARGUMENT"))
+            elif op == "cancel":
+                self.scheduler.cancel(args[0])
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            try:
+                before = self.scheduler.tokens_delivered
+                stats = self.scheduler.iterate()
+                self._record(self.scheduler.tokens_delivered - before, stats.rows)
+            except Exception as e:  # a failed forward must not hang every client: fail them all loudly
+                log.exception("engine iteration failed")
+                self._error = f"engine iteration failed: {type(e).__name__}: {e}"
+                self.scheduler.fail_all(self._error)
+
+    def _record(self, tokens: int, rows: int) -> None:
+        now = time.monotonic()
+        self._window.append((now, tokens, rows))
+        while self._window and self._window[0][0] < now - self.settings.stats_window_s:
+            self._window.popleft()
+
+    # -- the caller side ---------------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        self._inbox.put(("submit", request, sink))
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                event = await events.get()
+                done = isinstance(event, FinalEvent | ErrorEvent)
+                yield event
+        finally:
+            if not done:  # consumer left early: free the row
+                self._inbox.put(("cancel", request.request_id))
+                self._wake.set()
+
+    def ready(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def check_health(self) -> None:
+        """Ray Serve's replica health check: a dead scheduler thread takes the replica out of rotation."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine's scheduler thread is not running")
+
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler
+        window = list(self._window)
+        span = max(1e-6, window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+        tokens = sum(w[1] for w in window)
+        return {
+            "active_rows": float(len(s.active)),
+            "queued_requests": float(len(s.waiting)),
+            "forwards": float(s.forwards),
+            "rows_per_forward": s.rows_forwarded / max(1, s.forwards),
+            "max_rows_per_forward": float(s.max_rows_seen),
+            "tokens_delivered": float(s.tokens_delivered),
+            "tokens_per_second": tokens / span if span else 0.0,
+            "kv_reserved_bytes": float(s.reserved),
+            "kv_budget_bytes": float(s.limits.kv_cache_bytes),
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        st = self.stats()
+        return {k: st[k] for k in ("active_rows", "queued_requests", "tokens_per_second")}
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def __del__(self):
+        self._stop.set()

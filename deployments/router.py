@@ -1,0 +1,278 @@
+"""The Router: the gRPC front of blockserve, behind Ray Serve's gRPC proxy.
+
+It only translates (grpc's `examples/python` habit): validate and normalise the request once
+(deployments/requests.py; INVALID_ARGUMENT with a message that says what to fix), tokenize, stream the Engine's
+events back as `GenerateEvent`s, turn tokens into text (holding back an incomplete UTF-8 tail between canvases),
+apply stop strings, map failures to status codes, and answer the standard health check.
+
+Method names are the RPC names because Ray Serve routes `BlockDiffusion/GenerateStream` to the ingress
+deployment's `GenerateStream` method (RAY_NOTES.md). The Engine is injected as a handle-like object with
+`.options(stream=True).generate.remote(request)` and `.ready.remote()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from deployments.requests import InvalidRequest, Prepared, RequestLimits, prepare
+from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent
+from model.config import ModelConfig
+from model.sampler import SamplingParams
+from model.structured import fill
+from model.tokenizer import Tokenizer
+from protos.blockserve.v1 import blockserve_pb2 as pb
+
+log = logging.getLogger("blockserve.router")
+
+FINISH = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "eos": pb.FINISH_REASON_EOS,
+    "stop": pb.FINISH_REASON_STOP,
+    "template": pb.FINISH_REASON_TEMPLATE_DONE,
+}
+
+
+@dataclass
+class RouterSettings:
+    model_path: str
+    model_name: str = "diffusiongemma"
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    max_rows: int = 64
+    execution_mode: str = "fused"
+    health_timeout_s: float = 2.0
+
+
+class RequestFailed(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self):  # Serve pickles the exception back to the proxy
+        return (RequestFailed, (self.code, str(self)))
+
+
+class TextAssembler:
+    """Committed tokens -> text, with stop strings. Holds back a trailing U+FFFD (a UTF-8 character split
+    across canvases) until the next canvas completes it."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def add(self, ids: list[int], final: bool = False) -> str:
+        self.tokens.extend(ids)
+        text = self.tokenizer.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+            self.tokens = self._tokens_within(len(text))
+        elif not final:
+            text = text.rstrip("\ufffd")
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else text
+        self.sent = text if (cut >= 0 or final or len(text) >= len(self.sent)) else self.sent
+        return delta
+
+    def _tokens_within(self, n_chars: int) -> list[int]:
+        """The longest token prefix whose text fits in the first n_chars characters."""
+        lo, hi = 0, len(self.tokens)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(self.tokenizer.decode(self.tokens[:mid])) <= n_chars:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.tokens[:lo]
+
+
+class Router:
+    def __init__(self, engine, settings: RouterSettings):
+        self.engine = engine
+        self.settings = settings
+        self.config = ModelConfig.from_file(settings.model_path)
+        self.tokenizer = Tokenizer.from_dir(
+            settings.model_path,
+            pad_id=self.config.pad_token_id,
+            eos_id=self.config.eos_token_ids[0] if self.config.eos_token_ids else -1,
+            bos_id=self.config.bos_token_id,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
+        rid = request.request_id or (grpc_context.request_id() if grpc_context else None) or uuid.uuid4().hex
+        rid = f"{rid}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; the engine needs unique ones
+        try:
+            return prepare(
+                request, self.tokenizer, self.config, self.settings.defaults, self.settings.limits, rid
+            )
+        except InvalidRequest as e:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+
+    @staticmethod
+    def _abort(grpc_context, err: RequestFailed) -> None:
+        if grpc_context is not None:
+            grpc_context.set_code(err.code)
+            grpc_context.set_details(str(err))
+
+    def _slots(self, prepared: Prepared, tokens: list[int]) -> tuple[str, list[pb.SlotContent]]:
+        filled = fill(prepared.layout, tokens, self.tokenizer)
+        slots = [pb.SlotContent(name=n, text=s.text, token_ids=s.token_ids) for n, s in filled.slots.items()]
+        return filled.text, slots
+
+    async def _events(self, prepared: Prepared) -> AsyncIterator[pb.GenerateEvent]:
+        """Engine events -> GenerateEvents. Cancels the engine request when the consumer stops early."""
+        text = TextAssembler(self.tokenizer, prepared.stop)
+        all_tokens: list[int] = []
+        stream = self.engine.options(stream=True).generate.remote(prepared.engine)
+        try:
+            async for ev in stream:
+                if isinstance(ev, DraftEvent):
+                    yield pb.GenerateEvent(
+                        draft=pb.Draft(
+                            canvas_index=ev.canvas_index,
+                            step=ev.step,
+                            token_ids=ev.token_ids,
+                            text=self.tokenizer.decode(ev.token_ids),
+                            accepted=ev.accepted,
+                        )
+                    )
+                elif isinstance(ev, CanvasEvent):
+                    all_tokens.extend(ev.token_ids)
+                    ids = (
+                        [t for t in ev.token_ids if t != self.config.pad_token_id]
+                        if prepared.layout
+                        else ev.token_ids
+                    )
+                    delta = text.add(ids, final=ev.last)
+                    yield pb.GenerateEvent(
+                        canvas=pb.Canvas(
+                            canvas_index=ev.canvas_index,
+                            text_delta=delta,
+                            token_ids=ev.token_ids,
+                            steps=ev.steps,
+                        )
+                    )
+                    if text.stopped:
+                        yield self._final(prepared, text, all_tokens, None, "stop")
+                        return
+                elif isinstance(ev, FinalEvent):
+                    yield self._final(prepared, text, all_tokens, ev, ev.finish_reason)
+                    return
+                elif isinstance(ev, ErrorEvent):
+                    raise RequestFailed(
+                        getattr(grpc.StatusCode, ev.code, grpc.StatusCode.INTERNAL), ev.message
+                    )
+        finally:
+            stream.cancel()  # no-op when finished; frees the engine row when the client went away
+
+    def _final(self, prepared: Prepared, text: TextAssembler, all_tokens, ev: FinalEvent | None, reason: str):
+        text.add([], final=True)  # flush a held-back tail; Final.text is the authoritative full text
+        slots = []
+        full = text.sent
+        if prepared.layout is not None:
+            full, slots = self._slots(prepared, all_tokens)
+        usage = pb.Usage(prompt_tokens=len(prepared.engine.prompt_ids), completion_tokens=len(text.tokens))
+        stats = pb.GenerationStats()
+        if ev is not None:
+            steps = sum(ev.steps_per_canvas)
+            stats = pb.GenerationStats(
+                canvases=len(ev.steps_per_canvas),
+                denoising_steps=steps,
+                steps_per_canvas=ev.steps_per_canvas,
+                tokens_per_forward=ev.tokens_per_forward,
+                time_to_first_canvas_s=ev.time_to_first_canvas_s,
+                total_time_s=ev.total_time_s,
+                tokens_per_second=ev.completion_tokens / max(1e-9, ev.total_time_s),
+                queue_time_s=ev.queue_time_s,
+            )
+        final = pb.Final(
+            usage=usage,
+            stats=stats,
+            finish_reason=FINISH[reason],
+            text=full,
+            slots=slots,
+            request_id=prepared.engine.request_id,
+        )
+        return pb.GenerateEvent(final=final)
+
+    # -- RPCs --------------------------------------------------------------------------------------------
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator:
+        try:
+            prepared = self._prepare(request, grpc_context)
+            async for event in self._events(prepared):
+                yield event
+        except RequestFailed as e:
+            # Serve applies a streaming call's status only when the generator raises after setting it
+            self._abort(grpc_context, e)
+            raise
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        request.stream_drafts = False  # a unary answer has nowhere to put drafts
+        try:
+            prepared = self._prepare(request, grpc_context)
+            tokens: list[int] = []
+            async for event in self._events(prepared):
+                if event.HasField("canvas"):
+                    tokens.extend(event.canvas.token_ids)
+                elif event.HasField("final"):
+                    f = event.final
+                    ids = tokens if prepared.layout is not None else self._delivered(tokens, f)
+                    return pb.GenerateResponse(
+                        text=f.text,
+                        token_ids=ids,
+                        usage=f.usage,
+                        stats=f.stats,
+                        finish_reason=f.finish_reason,
+                        slots=f.slots,
+                        request_id=f.request_id,
+                    )
+            raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine stream ended without a final event")
+        except RequestFailed as e:
+            self._abort(grpc_context, e)
+            return pb.GenerateResponse()
+
+    @staticmethod
+    def _delivered(tokens: list[int], final: pb.Final) -> list[int]:
+        return tokens[: final.usage.completion_tokens]
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        c, d = self.config, self.settings.defaults
+        return pb.ModelInfoResponse(
+            model_name=self.settings.model_name,
+            architecture="DiffusionGemmaForBlockDiffusion",
+            vocab_size=c.vocab_size,
+            canvas_length=c.canvas_length,
+            max_context=c.max_position_embeddings,
+            num_experts=c.num_experts,
+            top_k_experts=c.top_k,
+            defaults=pb.DefaultSampling(
+                max_new_tokens=d.max_new_tokens,
+                max_denoising_steps=d.max_denoising_steps,
+                entropy_bound=d.entropy_bound,
+                t_min=d.t_min,
+                t_max=d.t_max,
+                stability_threshold=d.stability_threshold,
+                confidence_threshold=d.confidence_threshold,
+            ),
+            max_rows=self.settings.max_rows,
+            execution_mode=self.settings.execution_mode,
+        )
+
+    async def Check(self, request, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            ready = await asyncio.wait_for(self.engine.ready.remote(), self.settings.health_timeout_s)
+            if ready:
+                status = health_pb2.HealthCheckResponse.SERVING
+        except Exception as e:  # any failure to reach a ready engine is "not serving"
+            log.info("health check: engine not ready: %s", e)
+        return health_pb2.HealthCheckResponse(status=status)

@@ -1,0 +1,325 @@
+"""Continuous batching at denoising-step granularity (pure: no Ray, no gRPC, no threads).
+
+Shape legend: R active rows (one canvas each), L canvas, D hidden.
+
+Every `iterate()`:
+  1. drop cancelled sequences and free their rows and KV reservations;
+  2. admit waiting requests while a row is free and their worst-case KV cache fits the memory budget;
+  3. one batched encoder call for all encoder work: prompt prefills of admitted requests and commits of the
+     canvases that finished in the previous iteration;
+  4. start a fresh canvas for every sequence that needs one;
+  5. one batched decoder forward over every active canvas — rows at different steps, with different prefix
+     lengths, temperatures and stopping states — then the sampler step (model/sampler.py);
+  6. emit events: a draft per row that asked for them, a committed canvas per finished row, a final event for
+     finished requests.
+
+A request's tokens do not depend on its batch-mates: each sequence owns its `torch.Generator`, its cache and its
+row state, and the sampler draws per row (see model/sampler.py). The plain loop `model.generate.generate` is the
+reference this scheduler is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import first_eos
+from model.kv_cache import PrefixBatch, SequenceCache
+from model.sampler import CanvasConstraint, RowState, SamplingParams, StepDraws, advance, draw_fast
+from model.transformer import DiffusionGemma, TokenBatch
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the caller should answer RESOURCE_EXHAUSTED."""
+
+
+class RequestTooLarge(ValueError):
+    """A request whose KV cache could never fit the engine's budget."""
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stream_drafts: bool = False
+    constraints: list[CanvasConstraint] | None = None  # one per canvas (templates); None = plain generation
+
+    @property
+    def num_canvases(self) -> int:
+        return len(self.constraints) if self.constraints else -1
+
+
+@dataclass
+class DraftEvent:
+    canvas_index: int
+    step: int
+    token_ids: list[int]
+    accepted: int
+
+
+@dataclass
+class CanvasEvent:
+    canvas_index: int
+    token_ids: list[int]  # committed tokens delivered to the client (trimmed at EOS / max_new_tokens)
+    steps: int
+    last: bool = False  # no canvas follows: the request's final event comes next
+
+
+@dataclass
+class FinalEvent:
+    finish_reason: str  # "length" | "eos" | "template" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    steps_per_canvas: list[int]
+    tokens_per_forward: float
+    time_to_first_canvas_s: float
+    total_time_s: float
+    queue_time_s: float
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+    code: str = "INTERNAL"  # a grpc.StatusCode name: RESOURCE_EXHAUSTED, INVALID_ARGUMENT, INTERNAL
+
+
+Event = DraftEvent | CanvasEvent | FinalEvent | ErrorEvent
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class Sequence:
+    request: EngineRequest
+    sink: Sink
+    cache: SequenceCache
+    generator: torch.Generator
+    reserved_bytes: int
+    submitted: float
+    admitted: float = 0.0
+    first_canvas: float = 0.0
+    canvas_index: int = 0
+    row: RowState | None = None
+    pending_encode: list[int] | None = None  # tokens to encode next iteration (prompt or committed canvas)
+    tokens: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class SchedulerLimits:
+    max_rows: int = 64
+    max_queue: int = 256
+    kv_cache_bytes: int = 2 << 30
+
+
+@dataclass
+class IterationStats:
+    rows: int
+    encoded_rows: int
+    encoded_tokens: int
+    finished_canvases: int
+    seconds: float
+
+
+class Scheduler:
+    def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
+        self.model = model
+        self.limits = limits
+        self.config = model.config
+        self.waiting: deque[Sequence] = deque()
+        self.active: dict[str, Sequence] = {}
+        self.cancelled: set[str] = set()
+        self.reserved = 0
+        self._prefix_key: tuple | None = None
+        self._prefix: PrefixBatch | None = None
+        # running totals for stats / autoscaling
+        self.forwards = 0
+        self.rows_forwarded = 0
+        self.tokens_delivered = 0
+        self.max_rows_seen = 0
+
+    # -- admission ---------------------------------------------------------------------------------------
+    def kv_bytes_needed(self, request: EngineRequest) -> int:
+        cfg = self.config
+        canvases = request.num_canvases
+        if canvases < 0:
+            canvases = math.ceil(request.params.max_new_tokens / cfg.canvas_length)
+        tokens = len(request.prompt_ids) + canvases * cfg.canvas_length
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
+        return tokens * cfg.kv_bytes_per_token(itemsize) + cfg.sliding_kv_bytes(itemsize)
+
+    def submit(self, request: EngineRequest, sink: Sink) -> None:
+        if request.request_id in self.active or any(
+            s.request.request_id == request.request_id for s in self.waiting
+        ):
+            raise ValueError(f"request id {request.request_id!r} is already in flight")
+        need = self.kv_bytes_needed(request)
+        if need > self.limits.kv_cache_bytes:
+            raise RequestTooLarge(
+                f"this request needs {need / 2**20:.1f} MiB of KV cache but the engine has "
+                f"{self.limits.kv_cache_bytes / 2**20:.1f} MiB; shorten the prompt or max_new_tokens"
+            )
+        if len(self.waiting) >= self.limits.max_queue:
+            raise QueueFull(
+                f"the engine queue is full ({self.limits.max_queue} waiting requests); retry later"
+            )
+        gen = torch.Generator().manual_seed(request.seed)
+        seq = Sequence(request, sink, self.model.new_cache(), gen, need, time.monotonic())
+        self.waiting.append(seq)
+
+    def cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def _drop_cancelled(self) -> None:
+        if not self.cancelled:
+            return
+        for seq in [s for s in self.waiting if s.request.request_id in self.cancelled]:
+            self.waiting.remove(seq)
+        for rid in list(self.cancelled):
+            seq = self.active.pop(rid, None)
+            if seq is not None:
+                self.reserved -= seq.reserved_bytes
+        self.cancelled.clear()
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.active) < self.limits.max_rows:
+            seq = self.waiting[0]
+            if self.reserved + seq.reserved_bytes > self.limits.kv_cache_bytes and self.active:
+                break  # wait for memory; an idle engine always admits (submit() checked it fits alone)
+            self.waiting.popleft()
+            self.reserved += seq.reserved_bytes
+            seq.admitted = time.monotonic()
+            seq.pending_encode = list(seq.request.prompt_ids)
+            self.active[seq.request.request_id] = seq
+
+    # -- one iteration -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def iterate(self) -> IterationStats:
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        self._admit()
+        encoded_rows, encoded_tokens = self._encode_pending()
+        self._start_canvases()
+        rows = [s for s in self.active.values() if s.row is not None and not s.row.finished]
+        finished = 0
+        if rows:
+            draws = self._denoise(rows)
+            advance([s.row for s in rows], draws, self.config.vocab_size)
+            finished = self._emit(rows)
+        return IterationStats(len(rows), encoded_rows, encoded_tokens, finished, time.perf_counter() - t0)
+
+    def _encode_pending(self) -> tuple[int, int]:
+        todo = [s for s in self.active.values() if s.pending_encode]
+        if not todo:
+            return 0, 0
+        batch = TokenBatch.from_lists(
+            [s.pending_encode for s in todo], [s.cache.length for s in todo], self.config.pad_token_id
+        )
+        self.model.encode(batch, [s.cache for s in todo])
+        n_tokens = sum(len(s.pending_encode) for s in todo)
+        for s in todo:
+            s.pending_encode = None
+        return len(todo), n_tokens
+
+    def _start_canvases(self) -> None:
+        cfg = self.config
+        for s in self.active.values():
+            if s.row is None and not s.done:
+                cons = s.request.constraints[s.canvas_index] if s.request.constraints else None
+                s.row = RowState.start(s.request.params, cfg.vocab_size, cfg.canvas_length, s.generator, cons)
+
+    def _prefix_for(self, rows: list[Sequence]) -> PrefixBatch:
+        # the prefix of a row is fixed while its canvas is denoised: rebuild only when the batch changes
+        key = tuple((s.request.request_id, s.cache.length) for s in rows)
+        if key != self._prefix_key:
+            self._prefix_key, self._prefix = key, PrefixBatch([s.cache for s in rows])
+        return self._prefix
+
+    def _denoise(self, rows: list[Sequence]) -> StepDraws:
+        canvas = torch.stack([s.row.canvas for s in rows])  # [R, L]
+        soft = None
+        if any(s.row.soft is not None for s in rows):
+            D = self.config.hidden_size
+            zeros = torch.zeros(self.config.canvas_length, D, dtype=self.model.dtype)
+            soft = torch.stack([s.row.soft if s.row.soft is not None else zeros for s in rows])  # [R, L, D]
+        hidden = self.model.denoise(canvas, self._prefix_for(rows), soft)
+        self.forwards += 1
+        self.rows_forwarded += len(rows)
+        self.max_rows_seen = max(self.max_rows_seen, len(rows))
+        return draw_fast(self.model, hidden, [s.row for s in rows])
+
+    def _emit(self, rows: list[Sequence]) -> int:
+        finished = 0
+        for s in rows:
+            row = s.row
+            if s.request.stream_drafts:
+                s.sink(DraftEvent(s.canvas_index, row.steps, row.argmax.tolist(), row.accepted))
+            if row.finished:
+                finished += 1
+                self._finish_canvas(s)
+        return finished
+
+    def _finish_canvas(self, s: Sequence) -> None:
+        cfg = self.config
+        req = s.request
+        committed = s.row.argmax.tolist()
+        s.steps.append(s.row.steps)
+        if not s.first_canvas:
+            s.first_canvas = time.monotonic()
+        if req.constraints:
+            delivered, reason = committed, None
+            if s.canvas_index + 1 == len(req.constraints):
+                reason = "template"
+        else:
+            eos = first_eos(committed, cfg.eos_token_ids)
+            room = req.params.max_new_tokens - len(s.tokens)
+            delivered = committed[: min(room, eos if eos is not None else len(committed))]
+            reason = "eos" if eos is not None and eos <= room else None
+            if reason is None and len(s.tokens) + len(delivered) >= req.params.max_new_tokens:
+                reason = "length"
+        s.tokens.extend(delivered)
+        self.tokens_delivered += len(delivered)
+        s.sink(CanvasEvent(s.canvas_index, delivered, s.row.steps, last=reason is not None))
+        s.row = None
+        s.canvas_index += 1
+        if reason is not None:
+            self._finish(s, reason)
+        else:
+            s.pending_encode = committed  # commit: encode the canvas into the cache next iteration
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        now = time.monotonic()
+        s.done = True
+        self.active.pop(s.request.request_id, None)
+        self.reserved -= s.reserved_bytes
+        s.sink(
+            FinalEvent(
+                finish_reason=reason,
+                prompt_tokens=len(s.request.prompt_ids),
+                completion_tokens=len(s.tokens),
+                steps_per_canvas=list(s.steps),
+                tokens_per_forward=len(s.tokens) / max(1, sum(s.steps)),
+                time_to_first_canvas_s=(s.first_canvas or now) - s.submitted,
+                total_time_s=now - s.submitted,
+                queue_time_s=(s.admitted or now) - s.submitted,
+            )
+        )
+
+    def fail_all(self, message: str) -> None:
+        """Tell every request in flight that the engine failed (their rows are gone)."""
+        for s in list(self.waiting) + list(self.active.values()):
+            s.sink(ErrorEvent(message))
+        self.waiting.clear()
+        self.active.clear()
+        self.reserved = 0

@@ -1,0 +1,84 @@
+"""A real Ray Serve app with real gRPC on loopback, shared by the integration tests of the session."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.env import DEFAULT_MODEL_PATH
+from protos.blockserve.v1 import blockserve_pb2_grpc
+from tests.tiny import served_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until `condition()` is truthy (Ray's wait_for_condition habit); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def served_model_path(tmp_path_factory) -> Path:
+    """The shipped default model when present (it is the one users get), else a random servable checkpoint."""
+    if (DEFAULT_MODEL_PATH / "config.json").exists():
+        return DEFAULT_MODEL_PATH
+    return served_checkpoint(tmp_path_factory.mktemp("served"))
+
+
+class App:
+    def __init__(self, address: str, model_path: Path, config):
+        self.address = address
+        self.model_path = model_path
+        self.config = config
+        self.channel = grpc.insecure_channel(address)
+        self.stub = blockserve_pb2_grpc.BlockDiffusionStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def engine_stats(self) -> dict:
+        from ray import serve
+
+        from cluster.app import APP_NAME
+
+        return serve.get_deployment_handle("Engine", APP_NAME).stats.remote().result()
+
+    def serving(self) -> bool:
+        try:
+            reply = self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="session")
+def app(ray_cluster, tmp_path_factory):
+    from cluster.app import start
+    from cluster.config import ClusterConfig
+
+    model_path = served_model_path(tmp_path_factory)
+    config = ClusterConfig.model_validate(
+        {
+            "model": {"path": str(model_path), "name": "test-model"},
+            "engine": {"max_rows": 8, "max_queue": 32},
+            "server": {"grpc_port": free_port(), "http_port": free_port()},
+        }
+    )
+    start(config)
+    served = App(f"127.0.0.1:{config.server.grpc_port}", model_path, config)
+    wait_for(served.serving, timeout=120, what="health SERVING")
+    yield served
+    served.channel.close()
