@@ -54,7 +54,8 @@ class Tokenizer:
 
     @cached_property
     def special_ids(self) -> frozenset[int]:
-        return frozenset(t.id for t in self.hf.get_added_tokens_decoder().values() if t.special) | frozenset(
+        added = self.hf.get_added_tokens_decoder()  # {id: AddedToken}
+        return frozenset(i for i, t in added.items() if t.special) | frozenset(
             i for i in (self.pad_id, self.eos_id, self.bos_id) if i is not None
         )
 

@@ -1,6 +1,6 @@
 """`ExpertBank` (dispatch -> experts -> combine) against `moe_reference` (the plain per-token loop).
 
-Shape legend: T tokens, K top-k, E experts, D hidden, I expert inner size.
+Shape legend: T tokens, K top-k, E experts, D hidden, INNER expert inner size.
 
 Covers the edges the ExpertShard seam depends on: one token and many, top-k 1 and more, expert ranges that do not
 divide the expert count evenly, a range no token routes to (exactly zero), an empty range, and partial sums of
@@ -14,13 +14,23 @@ import torch
 
 from model.moe import ExpertBank, Router, dispatch, moe_reference
 
-D, I, E = 32, 24, 8
+D, INNER, E = 32, 24, 8
 ATOL, RTOL = 1e-5, 1e-5  # fp32; the bank and the loop add the same terms in a different order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
+    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _bank(first: int, count: int, full: ExpertBank | None = None, seed: int = 0) -> ExpertBank:
     """A bank of experts [first, first + count); a slice of `full` when given, so shards share weights."""
-    bank = ExpertBank(D, I, first, count)
+    bank = ExpertBank(D, INNER, first, count)
     with torch.no_grad():
         if full is not None:
             lo = first - full.first
@@ -28,8 +38,8 @@ def _bank(first: int, count: int, full: ExpertBank | None = None, seed: int = 0)
             bank.down_proj.copy_(full.down_proj[lo : lo + count])
         else:
             g = torch.Generator().manual_seed(seed)
-            bank.gate_up_proj.copy_(torch.randn(count, 2 * I, D, generator=g) * 0.3)
-            bank.down_proj.copy_(torch.randn(count, D, I, generator=g) * 0.3)
+            bank.gate_up_proj.copy_(torch.randn(count, 2 * INNER, D, generator=g) * 0.3)
+            bank.down_proj.copy_(torch.randn(count, D, INNER, generator=g) * 0.3)
     return bank
 
 

@@ -42,6 +42,16 @@ CFG = from_name("tiny-test")  # vocab 512, hidden 64, canvas 16
 V, L, D = CFG.vocab_size, CFG.canvas_length, CFG.hidden_size
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
+    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model() -> DiffusionGemma:
     m = init_random(DiffusionGemma(CFG), seed=0)
@@ -92,8 +102,22 @@ def _pins(positions, ids) -> CanvasConstraint:
 # prompt length, seed, params, steps done alone before joining the batch, constraint
 ROWS = [
     (3, 10, SamplingParams(max_denoising_steps=12, entropy_bound=0.5), 0, None),
-    (21, 11, SamplingParams(max_denoising_steps=6, t_min=0.2, t_max=1.0, entropy_bound=2.0, stability_threshold=2), 3, None),
-    (9, 12, SamplingParams(max_denoising_steps=20, entropy_bound=0.05, confidence_threshold=0.5, stability_threshold=0), 5, None),
+    (
+        21,
+        11,
+        SamplingParams(max_denoising_steps=6, t_min=0.2, t_max=1.0, entropy_bound=2.0, stability_threshold=2),
+        3,
+        None,
+    ),
+    (
+        9,
+        12,
+        SamplingParams(
+            max_denoising_steps=20, entropy_bound=0.05, confidence_threshold=0.5, stability_threshold=0
+        ),
+        5,
+        None,
+    ),
     (14, 13, SamplingParams(max_denoising_steps=9, entropy_bound=1.0), 1, _pins([0, 7, 15], [3, 250, 511])),
     (5, 10, SamplingParams(max_denoising_steps=12, entropy_bound=0.5), 2, None),  # row 0's seed, ahead of it
 ]
@@ -180,7 +204,12 @@ def test_draw_fast_matches_full_vocabulary_computation(model, monkeypatch, chunk
     targets = model.embed_tokens.weight[torch.randint(0, V, (3, L), generator=g)]  # [3, L, D]
     hidden = noise + torch.empty(3, L, 1).uniform_(0, 1.5, generator=g) * targets
     rows = [
-        RowState.start(SamplingParams(max_denoising_steps=10, t_min=t, t_max=t + 0.5), V, L, torch.Generator().manual_seed(i))
+        RowState.start(
+            SamplingParams(max_denoising_steps=10, t_min=t, t_max=t + 0.5),
+            V,
+            L,
+            torch.Generator().manual_seed(i),
+        )
         for i, t in enumerate((0.3, 0.6, 1.0))
     ]
     rows[1].steps = 4
@@ -403,7 +432,9 @@ def test_class_mask_keeps_samples_and_argmax_in_the_allowed_set(model, monkeypat
         both = draw_fast(model, hidden.expand(2, L, D), [row, free])
         draws = draw_fast(model, hidden, [row])
         assert in_set(draws.argmax[0, 2:10]) and in_set(draws.sampled[0, 2:10])
-        assert torch.equal(both.argmax[0], draws.argmax[0])  # a batch-mate without constraints changes nothing
+        assert torch.equal(
+            both.argmax[0], draws.argmax[0]
+        )  # a batch-mate without constraints changes nothing
         # the other positions are untouched by the mask
         torch.testing.assert_close(draws.entropy[0, 10:], both.entropy[1, 10:], atol=1e-6, rtol=0)
         assert torch.equal(draws.argmax[0, 10:], both.argmax[1, 10:])

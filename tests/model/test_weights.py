@@ -29,6 +29,16 @@ E = 8  # experts in the tiny checkpoints
 EXPERT_TENSOR = ".experts."
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
+    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt")
@@ -184,7 +194,10 @@ def _shard(ckpt: Path, dst: Path) -> Path:
     tensors = _tensors(ckpt)
     names = sorted(tensors)
     first = set(names[::2]) | {n for n in names if "layers.0.experts" in n}
-    files = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": set(names) - first}
+    files = {
+        "model-00001-of-00002.safetensors": first,
+        "model-00002-of-00002.safetensors": set(names) - first,
+    }
     dst.mkdir()
     shutil.copy(ckpt / "config.json", dst / "config.json")
     weight_map = {}
@@ -248,7 +261,11 @@ def test_missing_tensor_is_named(ckpt, tmp_path, missing):
     [
         ("model.decoder.layers.0.self_attn.q_proj.weight", (64, 63), [64, 64]),
         ("model.decoder.layers.2.self_attn.k_proj.weight", (64, 64), [32, 64]),  # full layer: 1 kv head of 32
-        ("model.decoder.layers.1.experts.gate_up_proj", (7, 64, 64), [8, 64, 64]),  # fewer experts than config
+        (
+            "model.decoder.layers.1.experts.gate_up_proj",
+            (7, 64, 64),
+            [8, 64, 64],
+        ),  # fewer experts than config
     ],
 )
 def test_shape_mismatch_names_tensor_and_both_shapes(ckpt, tmp_path, name, shape, want):
@@ -306,7 +323,9 @@ def test_save_model_loads_in_transformers_with_matching_logits(tmp_path):
         if name.endswith("_scalar"):
             b.copy_(0.8 + 0.4 * torch.rand(b.shape, generator=g))
     save_model(ours, tmp_path)
-    ref, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path, output_loading_info=True)
+    ref, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
     ref.eval()
     text = {k: [n for n in v if "vision" not in n] for k, v in info.items() if k != "error_msgs"}
     assert text == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}

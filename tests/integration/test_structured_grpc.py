@@ -1,0 +1,122 @@
+"""Infill templates and schema-guaranteed JSON through the real gRPC server."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.structured import Fixed, Slot, Template, layout
+from model.tokenizer import Tokenizer
+from protos.blockserve.v1 import blockserve_pb2 as pb
+from tests.model.test_json_schema import _nested
+
+pytestmark = pytest.mark.slow
+
+STEPS = dict(max_denoising_steps=6)
+
+
+def template_request(parts, prompt="# complete the code\n", seed=3) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(prompt=prompt, seed=seed)
+    for p in parts:
+        if isinstance(p, str):
+            req.template.parts.add(text=p)
+        else:
+            req.template.parts.add(slot=pb.Slot(name=p[0], max_tokens=p[1]))
+    for k, v in STEPS.items():
+        setattr(req.sampling, k, v)
+    return req
+
+
+def _straddling_parts(tok: Tokenizer, canvas: int):
+    """Fixed text long enough that slot 'body' starts a few positions before a canvas boundary."""
+    head = "def add(a, b):\n    return "
+    filler = "# padding line\n"
+    while True:
+        parts = [head, ("body", 8), "\n\nprint(add(1, 2))  # ", ("comment", 5), "\n"]
+        lay = layout(
+            Template((Fixed(parts[0]), Slot("body", 8), Fixed(parts[2]), Slot("comment", 5), Fixed("\n"))),
+            tok,
+            canvas,
+        )
+        start, end = lay.slot_spans["body"]
+        if start // canvas != (end - 1) // canvas:
+            return parts
+        head = filler + head
+
+
+def test_infill_keeps_fixed_text_byte_exact_across_canvas_boundaries(app):
+    tok = Tokenizer.from_dir(app.model_path)
+    canvas = app.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).canvas_length
+    parts = _straddling_parts(tok, canvas)
+    reply = app.stub.Generate(template_request(parts), timeout=120)
+    assert reply.finish_reason == pb.FINISH_REASON_TEMPLATE_DONE
+    slots = {s.name: s for s in reply.slots}
+    assert set(slots) == {"body", "comment"}
+    expected = parts[0] + slots["body"].text + parts[2] + slots["comment"].text + parts[4]
+    assert reply.text == expected
+    assert reply.text.startswith(parts[0])  # the pinned text, byte for byte
+    assert all(len(slots[n].token_ids) <= m for n, m in (("body", 8), ("comment", 5)))
+    assert tok.pad_id not in slots["body"].token_ids  # filler is removed from slot contents
+
+
+def test_infill_stream_reports_the_same_result(app):
+    tok = Tokenizer.from_dir(app.model_path)
+    canvas = app.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30).canvas_length
+    req = template_request(_straddling_parts(tok, canvas))
+    unary = app.stub.Generate(req, timeout=120)
+    events = list(app.stub.GenerateStream(req, timeout=120))
+    final = events[-1].final
+    assert final.text == unary.text
+    assert [(s.name, s.text) for s in final.slots] == [(s.name, s.text) for s in unary.slots]
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(schema=_nested, seed=st.integers(0, 2**31))
+def test_json_schema_outputs_always_parse_and_validate(app, schema, seed):
+    req = pb.GenerateRequest(prompt="Return JSON:\n", json_schema=json.dumps(schema), seed=seed)
+    req.sampling.max_denoising_steps = 4
+    try:
+        reply = app.stub.Generate(req, timeout=120)
+    except grpc.RpcError as e:  # a schema too large for the context is a clear client error, never a crash
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details()
+        return
+    doc = json.loads(reply.text)
+    jsonschema.validate(doc, schema)
+
+
+UNSUPPORTED = {
+    "$ref": {"$ref": "#/definitions/x"},
+    "anyOf": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+    "oneOf": {"oneOf": [{"type": "string"}]},
+    "allOf": {"allOf": [{"type": "string"}]},
+    "pattern": {"type": "string", "pattern": "^a+$"},
+    "format": {"type": "string", "format": "date"},
+    "minimum": {"type": "integer", "minimum": 3},
+    "patternProperties": {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(UNSUPPORTED))
+def test_unsupported_schema_feature_is_invalid_argument_naming_it(app, feature):
+    schema = {"type": "object", "properties": {"a": UNSUPPORTED[feature]}}
+    req = pb.GenerateRequest(prompt="x", json_schema=json.dumps(schema))
+    with pytest.raises(grpc.RpcError) as err:
+        app.stub.Generate(req, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert feature in err.value.details()
+
+
+def test_template_and_json_schema_are_mutually_exclusive_on_the_wire():
+    req = pb.GenerateRequest(prompt="x", json_schema="{}")
+    req.template.parts.add(text="a")
+    assert req.WhichOneof("structure") == "template"  # a oneof: setting one clears the other
+    assert req.json_schema == ""
