@@ -40,7 +40,12 @@ class EngineSection(_Strict):
     max_rows: int = Field(64, ge=1, le=4096, description="Most canvases denoised together in one forward")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache memory budget per Engine, GiB")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads per Engine (0 = torch default)")
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="torch intra-op threads per Engine (0 = torch default). 1 suits CPU hosts shared with Ray "
+        "and the Router: measured 5x faster than 2 threads on a busy 2-core machine",
+    )
     execution_mode: Literal["fused"] = Field("fused", description="fused: experts inside the Engine")
 
 

@@ -7,6 +7,7 @@ Ray and every subprocess a test starts inherit it: nothing a test starts reaches
 import os
 
 import pytest
+import torch
 
 from cluster.env import apply_loopback_env, ray_init_kwargs
 
@@ -15,6 +16,9 @@ TEST_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 
 apply_loopback_env()
 os.environ.update(TEST_ENV)
+# One intra-op thread: on a 2-core machine shared with Ray, a second torch thread spins against the other
+# processes and makes small-model forwards several times slower, not faster.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

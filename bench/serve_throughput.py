@@ -1,0 +1,424 @@
+"""Serving throughput: gRPC through a real local Ray Serve app beside the in-process Scheduler, in one run.
+
+    .venv/bin/python bench/serve_throughput.py [--model PATH] [--requests-per-client K] [--max-new-tokens N]
+        [--torch-threads T] [--timeout-s S]
+
+For each load of 1, 4 and 16 concurrent clients, each client sends K requests one after another (a closed
+loop: a client's next request starts when its previous one has finished), on two paths that do identical work:
+
+  gRPC     `GenerateStream` (no drafts) from a grpc.aio client in this process, through Ray Serve's gRPC
+           proxy, the Router and the Engine replica of an app this script starts (cluster/app.py) on a local
+           Ray cluster bound to loopback (cluster/env.py). Only 127.0.0.1 is targeted.
+  in-proc  the same requests, tokenized and validated by the Router's own `prepare()` before timing, driven
+           straight through `deployments.scheduler.Scheduler` (no Ray, no gRPC, no threads): N requests are
+           kept in flight, and when one finishes its client's next one is submitted before the next iteration.
+
+Every request has a fixed seed and fixed sampling settings (all of them sent explicitly), so both paths
+produce the same tokens; the script checks this per request and prints how many matched.
+
+Columns of the table:
+  clients        concurrent clients (requests in flight)
+  reqs           requests per path at this load (clients x K)
+  agg tok/s      aggregate throughput: completion tokens delivered by all requests / wall time of the load
+  req tok/s      per-request throughput: mean over requests of (its completion tokens / its latency), latency
+                 measured from sending the request to receiving its final event
+  rows/fwd       mean rows per batched decoder forward during the load (gRPC: delta of the Engine's
+                 `stats()`; in-proc: the Scheduler's counters)
+  overhead       serving overhead: in-proc tok/s / gRPC tok/s, aggregate and per-request (1.0 = free)
+  batch gain     batching gain: aggregate tok/s at this load / aggregate tok/s at 1 client, per path
+
+Tokens are completion tokens delivered to the client (canvas events; EOS and max_new_tokens trimming included).
+The machine is shared, so absolute figures are noisy; the ratios within one run are what matter. Torch runs
+one intra-op thread on both paths by default (`--torch-threads 0` leaves torch's default): on a small shared
+machine several OpenMP threads spin against the other processes and swamp every other cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/serve_throughput.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(ROOT))
+
+from cluster.env import DEFAULT_MODEL_PATH, apply_loopback_env, ray_init_kwargs  # noqa: E402
+
+LOADS = (1, 4, 16)
+PROMPTS = (
+    "def fibonacci(n):",
+    "class Point:",
+    "import os\n",
+    "The quick brown fox",
+    "for i in range(10):",
+    "# a helper that",
+    "x = [1, 2, 3]\n",
+    "while True:",
+)
+
+
+@dataclass
+class BenchSettings:
+    model_path: Path | None  # None: the shipped default if present, else a random servable checkpoint
+    requests_per_client: int = 6
+    max_new_tokens: int = 64
+    max_denoising_steps: int = 12
+    torch_threads: int = 1
+    timeout_s: float = 300.0  # whole run, startup included
+
+
+@dataclass
+class RequestResult:
+    tokens: list[int]
+    seconds: float
+
+
+@dataclass
+class PhaseResult:
+    clients: int
+    wall_s: float
+    results: dict[tuple[int, int], RequestResult]
+    rows_per_forward: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.results.values())
+
+    @property
+    def aggregate_tps(self) -> float:
+        return self.completion_tokens / self.wall_s
+
+    @property
+    def per_request_tps(self) -> float:
+        return sum(len(r.tokens) / r.seconds for r in self.results.values()) / len(self.results)
+
+
+@dataclass
+class LoadResult:
+    grpc: PhaseResult
+    inproc: PhaseResult
+    matched: int = field(init=False)
+
+    def __post_init__(self):
+        same = [k for k, r in self.grpc.results.items() if self.inproc.results[k].tokens == r.tokens]
+        self.matched = len(same)
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def remaining(self, what: str) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the benchmark ran past --timeout-s while {what}; raise it or lower -K")
+        return left
+
+
+# -- requests ----------------------------------------------------------------------------------------------
+def make_request(index: int, s: BenchSettings):
+    """Request `index` of a load: fixed prompt, seed and every sampling field (the server defaults play no part)."""
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
+    req = pb.GenerateRequest(
+        prompt=PROMPTS[index % len(PROMPTS)], max_new_tokens=s.max_new_tokens, seed=1000 + index
+    )
+    sampling = dict(
+        max_denoising_steps=s.max_denoising_steps,
+        entropy_bound=0.1,
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+    )
+    for name, value in sampling.items():
+        setattr(req.sampling, name, value)
+    return req
+
+
+def requests_for(clients: int, s: BenchSettings) -> dict[tuple[int, int], object]:
+    k = s.requests_per_client
+    return {(c, i): make_request(c * k + i, s) for c in range(clients) for i in range(k)}
+
+
+# -- the gRPC path -----------------------------------------------------------------------------------------
+async def _stream_one(stub, request, deadline: Deadline) -> RequestResult:
+    t0 = time.perf_counter()
+    tokens: list[int] = []
+    async for event in stub.GenerateStream(request, timeout=deadline.remaining("streaming over gRPC")):
+        kind = event.WhichOneof("event")
+        if kind == "canvas":
+            tokens.extend(event.canvas.token_ids)
+        elif kind == "final":
+            seconds = time.perf_counter() - t0
+            if event.final.usage.completion_tokens != len(tokens):
+                raise RuntimeError(
+                    f"final usage says {event.final.usage.completion_tokens} tokens, canvases carried {len(tokens)}"
+                )
+            return RequestResult(tokens, seconds)
+    raise RuntimeError("a GenerateStream ended without a final event")
+
+
+async def _grpc_phase(address: str, requests: dict, clients: int, k: int, deadline: Deadline):
+    import grpc
+
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+    from protos.blockserve.v1.blockserve_pb2_grpc import BlockDiffusionStub
+
+    results: dict[tuple[int, int], RequestResult] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = BlockDiffusionStub(channel)
+        await stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)  # connect before the clock starts
+
+        async def client(c: int) -> None:
+            for i in range(k):
+                results[(c, i)] = await _stream_one(stub, requests[(c, i)], deadline)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        return time.perf_counter() - t0, results
+
+
+def engine_rows(handle) -> tuple[float, float]:
+    """(forwards, rows forwarded) so far, from the Engine replica's stats."""
+    st = handle.stats.remote().result()
+    return st["forwards"], st["rows_per_forward"] * st["forwards"]
+
+
+def run_grpc(address: str, engine, clients: int, s: BenchSettings, deadline: Deadline) -> PhaseResult:
+    f0, r0 = engine_rows(engine)
+    reqs = requests_for(clients, s)
+    wall, results = asyncio.run(_grpc_phase(address, reqs, clients, s.requests_per_client, deadline))
+    f1, r1 = engine_rows(engine)
+    return PhaseResult(clients, wall, results, (r1 - r0) / max(1.0, f1 - f0))
+
+
+# -- the in-process path -----------------------------------------------------------------------------------
+@dataclass
+class _InFlight:
+    key: tuple[int, int]
+    t0: float
+    tokens: list[int] = field(default_factory=list)
+    seconds: float | None = None
+
+
+def run_inproc(model, limits, prepared: dict, clients: int, s: BenchSettings, deadline: Deadline):
+    from deployments.scheduler import CanvasEvent, ErrorEvent, FinalEvent, Scheduler
+
+    sched = Scheduler(model, limits)
+    k = s.requests_per_client
+    next_i = [0] * clients
+    done: list[_InFlight] = []
+    results: dict[tuple[int, int], RequestResult] = {}
+
+    def submit(c: int) -> None:
+        key = (c, next_i[c])
+        next_i[c] += 1
+        rec = _InFlight(key, time.perf_counter())
+
+        def sink(ev) -> None:
+            if isinstance(ev, CanvasEvent):
+                rec.tokens.extend(ev.token_ids)
+            elif isinstance(ev, FinalEvent):
+                rec.seconds = time.perf_counter() - rec.t0
+                done.append(rec)
+            elif isinstance(ev, ErrorEvent):
+                raise RuntimeError(f"in-process request {key} failed: {ev.code}: {ev.message}")
+
+        sched.submit(
+            dataclasses.replace(prepared[key], request_id=f"bench-{clients}-{key[0]}-{key[1]}"), sink
+        )
+
+    t0 = time.perf_counter()
+    for c in range(clients):
+        submit(c)
+    while sched.has_work:
+        deadline.remaining("iterating the in-process scheduler")
+        sched.iterate()
+        for rec in done:
+            results[rec.key] = RequestResult(rec.tokens, rec.seconds)
+            if next_i[rec.key[0]] < k:
+                submit(rec.key[0])
+        done.clear()
+    wall = time.perf_counter() - t0
+    return PhaseResult(clients, wall, results, sched.rows_forwarded / max(1, sched.forwards))
+
+
+def prepare_all(router, clients: int, s: BenchSettings) -> dict:
+    """EngineRequests exactly as the Router builds them (same tokenization, float32 sampling fields, seeds)."""
+    from deployments.requests import prepare
+
+    st = router.settings
+    return {
+        key: prepare(req, router.tokenizer, router.config, st.defaults, st.limits, "bench").engine
+        for key, req in requests_for(clients, s).items()
+    }
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def format_table(loads: list[LoadResult], s: BenchSettings) -> str:
+    base_g, base_i = loads[0].grpc.aggregate_tps, loads[0].inproc.aggregate_tps
+    head = (
+        f"{'':>7} {'':>4} | {'agg tok/s':^17} | {'req tok/s':^17} | {'rows/fwd':^15} | {'overhead':^13} "
+        f"| {'batch gain':^15}\n"
+        f"{'clients':>7} {'reqs':>4} | {'gRPC':>8} {'in-proc':>8} | {'gRPC':>8} {'in-proc':>8} | "
+        f"{'gRPC':>7} {'in-proc':>7} | {'agg':>6} {'req':>6} | {'gRPC':>7} {'in-proc':>7}"
+    )
+    lines = [head, "-" * len(head.splitlines()[1])]
+    for lr in loads:
+        g, i = lr.grpc, lr.inproc
+        lines.append(
+            f"{g.clients:>7} {len(g.results):>4} | {g.aggregate_tps:>8.1f} {i.aggregate_tps:>8.1f} | "
+            f"{g.per_request_tps:>8.1f} {i.per_request_tps:>8.1f} | "
+            f"{g.rows_per_forward:>7.2f} {i.rows_per_forward:>7.2f} | "
+            f"{i.aggregate_tps / g.aggregate_tps:>6.2f} {i.per_request_tps / g.per_request_tps:>6.2f} | "
+            f"{g.aggregate_tps / base_g:>7.2f} {i.aggregate_tps / base_i:>7.2f}"
+        )
+    lines.append("")
+    for lr in loads:
+        n = len(lr.grpc.results)
+        lines.append(
+            f"clients={lr.grpc.clients:<2}  wall s: gRPC {lr.grpc.wall_s:6.2f}  in-proc {lr.inproc.wall_s:6.2f}  "
+            f"tokens: gRPC {lr.grpc.completion_tokens}  in-proc {lr.inproc.completion_tokens}  "
+            f"identical outputs: {lr.matched}/{n}"
+        )
+    return "\n".join(lines)
+
+
+# -- setup -------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_model(s: BenchSettings, tmp: Path) -> Path:
+    if s.model_path is not None:
+        if not (s.model_path / "config.json").exists():
+            raise SystemExit(f"--model {s.model_path} has no config.json; give a checkpoint directory")
+        return s.model_path
+    if (DEFAULT_MODEL_PATH / "config.json").exists():
+        return DEFAULT_MODEL_PATH
+    from tests.tiny import served_checkpoint
+
+    print(f"{DEFAULT_MODEL_PATH} not built yet (make tiny-model): using a random tests.tiny checkpoint")
+    return served_checkpoint(tmp / "served")
+
+
+def wait_serving(address: str, deadline: Deadline) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            deadline.remaining("waiting for health SERVING")
+            time.sleep(0.3)
+
+
+def parse_args(argv=None) -> BenchSettings:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint directory (default: shipped tiny model)"
+    )
+    p.add_argument("--requests-per-client", "-K", type=int, default=BenchSettings.requests_per_client)
+    p.add_argument("--max-new-tokens", type=int, default=BenchSettings.max_new_tokens)
+    p.add_argument("--torch-threads", type=int, default=BenchSettings.torch_threads, help="0 = torch default")
+    p.add_argument("--timeout-s", type=float, default=BenchSettings.timeout_s, help="whole-run time limit")
+    a = p.parse_args(argv)
+    if a.requests_per_client < 1 or a.max_new_tokens < 1 or a.torch_threads < 0:
+        p.error("--requests-per-client and --max-new-tokens must be >= 1, --torch-threads >= 0")
+    return BenchSettings(a.model, a.requests_per_client, a.max_new_tokens, 12, a.torch_threads, a.timeout_s)
+
+
+def main(argv=None) -> None:
+    s = parse_args(argv)
+    deadline = Deadline(s.timeout_s)
+    apply_loopback_env()  # before Ray is imported, so every Ray process inherits it
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    import ray
+    import torch
+    from ray import serve
+
+    from cluster.app import APP_NAME, start
+    from cluster.config import ClusterConfig
+    from deployments.engine import DTYPES
+    from deployments.router import Router
+    from model.weights import load_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        model_path = resolve_model(s, Path(tmp))
+        config = ClusterConfig.model_validate(
+            {
+                "model": {"path": str(model_path), "name": "bench"},
+                "engine": {"max_rows": max(64, max(LOADS)), "torch_threads": s.torch_threads},
+                "server": {"grpc_port": free_port(), "http_port": free_port()},
+            }
+        )
+        address = f"127.0.0.1:{config.server.grpc_port}"
+        engine_settings = config.to_engine_settings()
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
+        model = load_model(engine_settings.model_path, dtype=DTYPES[engine_settings.dtype])
+        router = Router(None, config.to_router_settings())  # only its tokenizer and config: no engine calls
+        c = model.config
+        print(
+            f"model {model_path} ({c.num_layers} layers, hidden {c.hidden_size}, canvas {c.canvas_length}, "
+            f"vocab {c.vocab_size}); max_new_tokens {s.max_new_tokens}, max_denoising_steps "
+            f"{s.max_denoising_steps}, K={s.requests_per_client} requests/client, torch threads "
+            f"{torch.get_num_threads()}"
+        )
+        try:
+            t0 = time.perf_counter()
+            ray.init(**ray_init_kwargs(), log_to_driver=False)
+            start(config)
+            wait_serving(address, deadline)
+            engine = serve.get_deployment_handle("Engine", APP_NAME)
+            print(f"Ray Serve app up on {address} in {time.perf_counter() - t0:.1f}s", flush=True)
+            warm = dataclasses.replace(s, requests_per_client=1)  # first-call costs out of the figures
+            run_grpc(address, engine, max(LOADS), warm, deadline)
+            run_inproc(
+                model,
+                engine_settings.limits,
+                prepare_all(router, max(LOADS), warm),
+                max(LOADS),
+                warm,
+                deadline,
+            )
+            loads = []
+            for clients in LOADS:
+                g = run_grpc(address, engine, clients, s, deadline)
+                i = run_inproc(
+                    model, engine_settings.limits, prepare_all(router, clients, s), clients, s, deadline
+                )
+                loads.append(LoadResult(g, i))
+                print(f"  {clients:>2} clients: gRPC {g.wall_s:.1f}s, in-proc {i.wall_s:.1f}s", flush=True)
+            overall = engine.stats.remote().result()
+            print()
+            print(format_table(loads, s))
+            print(
+                f"engine stats over the whole run (warm-up included): rows_per_forward "
+                f"{overall['rows_per_forward']:.2f}, max_rows_per_forward {overall['max_rows_per_forward']:.0f}, "
+                f"forwards {overall['forwards']:.0f}"
+            )
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

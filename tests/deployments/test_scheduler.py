@@ -1,0 +1,143 @@
+"""The batched scheduler against the plain single-request loop (model.generate.generate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.scheduler import (
+    CanvasEvent,
+    DraftEvent,
+    EngineRequest,
+    FinalEvent,
+    QueueFull,
+    RequestTooLarge,
+    Scheduler,
+    SchedulerLimits,
+)
+from model.config import from_name
+from model.generate import generate
+from model.sampler import CanvasConstraint, SamplingParams
+from model.transformer import DiffusionGemma
+from model.weights import init_random
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return init_random(DiffusionGemma(from_name("tiny-test")), seed=5).eval()
+
+
+def run(scheduler: Scheduler, requests: list[EngineRequest]) -> dict[str, list]:
+    events = {r.request_id: [] for r in requests}
+    for r in requests:
+        scheduler.submit(r, events[r.request_id].append)
+    for _ in range(10_000):
+        if not scheduler.has_work:
+            break
+        scheduler.iterate()
+    assert not scheduler.has_work
+    return events
+
+
+def tokens(events) -> list[int]:
+    return [t for e in events if isinstance(e, CanvasEvent) for t in e.token_ids]
+
+
+REQUESTS = [  # (prompt length, max_new_tokens, steps, confidence threshold)
+    (4, 20, 5, 0.005),
+    (21, 40, 7, 10.0),  # confident at once: canvases stop early at different steps
+    (9, 16, 3, 0.005),
+    (2, 50, 6, 10.0),
+    (13, 5, 4, 0.005),
+]
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 5])
+def test_batched_requests_match_the_plain_loop(model, max_rows):
+    reqs = [
+        EngineRequest(
+            f"r{i}",
+            list(range(3, 3 + n)),
+            SamplingParams(max_new_tokens=mn, max_denoising_steps=st, confidence_threshold=ct),
+            seed=100 + i,
+        )
+        for i, (n, mn, st, ct) in enumerate(REQUESTS)
+    ]
+    sched = Scheduler(model, SchedulerLimits(max_rows=max_rows))
+    events = run(sched, reqs)
+    for r in reqs:
+        ref = generate(model, r.prompt_ids, r.params, seed=r.seed)
+        final = events[r.request_id][-1]
+        assert isinstance(final, FinalEvent)
+        assert tokens(events[r.request_id]) == ref.token_ids
+        assert final.steps_per_canvas == ref.steps_per_canvas
+        assert final.finish_reason == ref.finish_reason
+        assert final.completion_tokens == len(ref.token_ids)
+    assert sched.max_rows_seen == min(max_rows, len(reqs))
+    assert sched.reserved == 0 and not sched.active
+
+
+def test_drafts_only_for_rows_that_ask(model):
+    p = SamplingParams(max_new_tokens=16, max_denoising_steps=3)
+    a = EngineRequest("a", [5, 6], p, seed=1, stream_drafts=True)
+    b = EngineRequest("b", [5, 6], p, seed=1, stream_drafts=False)
+    events = run(Scheduler(model, SchedulerLimits()), [a, b])
+    drafts = [e for e in events["a"] if isinstance(e, DraftEvent)]
+    assert [d.step for d in drafts] == [1, 2, 3]
+    assert not any(isinstance(e, DraftEvent) for e in events["b"])
+    assert drafts[-1].token_ids == [t for e in events["a"] if isinstance(e, CanvasEvent) for t in e.token_ids]
+
+
+def test_cancel_frees_row_and_reservation(model):
+    sched = Scheduler(model, SchedulerLimits(max_rows=2))
+    p = SamplingParams(max_new_tokens=160, max_denoising_steps=8)
+    got = []
+    sched.submit(EngineRequest("x", [3, 4], p, seed=1), got.append)
+    sched.submit(EngineRequest("y", [3, 4], p, seed=2), got.append)
+    sched.iterate()
+    assert len(sched.active) == 2 and sched.reserved > 0
+    sched.cancel("x")
+    sched.cancel("y")
+    sched.iterate()
+    assert not sched.active and sched.reserved == 0 and not sched.has_work
+
+
+def test_queue_bound_and_oversized_requests(model):
+    sched = Scheduler(model, SchedulerLimits(max_rows=1, max_queue=1, kv_cache_bytes=1 << 20))
+    p = SamplingParams(max_new_tokens=16)
+    sched.submit(EngineRequest("a", [3], p, seed=1), lambda e: None)
+    with pytest.raises(QueueFull, match="queue is full"):
+        sched.submit(EngineRequest("b", [3], p, seed=1), lambda e: None)
+    with pytest.raises(RequestTooLarge, match="KV cache"):
+        sched.submit(EngineRequest("c", [3] * 100, SamplingParams(max_new_tokens=100_000), seed=1), lambda e: None)
+    with pytest.raises(ValueError, match="already in flight"):
+        sched.submit(EngineRequest("a", [3], p, seed=1), lambda e: None)
+
+
+def test_kv_budget_limits_admission(model):
+    p = SamplingParams(max_new_tokens=32, max_denoising_steps=2)
+    probe = Scheduler(model, SchedulerLimits())
+    need = probe.kv_bytes_needed(EngineRequest("p", [3, 4], p, seed=0))
+    sched = Scheduler(model, SchedulerLimits(max_rows=8, kv_cache_bytes=int(need * 2.5)))
+    for i in range(4):
+        sched.submit(EngineRequest(f"r{i}", [3, 4], p, seed=i), lambda e: None)
+    sched.iterate()
+    assert len(sched.active) == 2 and len(sched.waiting) == 2  # memory, not rows, is the limit
+    while sched.has_work:
+        sched.iterate()
+    assert sched.reserved == 0
+
+
+def test_template_constraints_pin_tokens_in_every_canvas(model):
+    L = model.config.canvas_length
+    pins = torch.full((L,), -1)
+    pins[:4] = torch.tensor([7, 8, 9, 10])
+    cons = [CanvasConstraint(pins.clone(), torch.zeros(L, dtype=torch.long)) for _ in range(2)]
+    req = EngineRequest("t", [3, 4, 5], SamplingParams(max_denoising_steps=3), seed=9, constraints=cons)
+    events = run(Scheduler(model, SchedulerLimits()), [req])
+    canvases = [e.token_ids for e in events["t"] if isinstance(e, CanvasEvent)]
+    assert len(canvases) == 2 and all(c[:4] == [7, 8, 9, 10] for c in canvases)
+    assert events["t"][-1].finish_reason == "template"
+    ref = generate(model, [3, 4, 5], SamplingParams(max_denoising_steps=3), seed=9, constraints=cons)
+    assert ref.canvases == canvases
