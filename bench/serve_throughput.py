@@ -1,7 +1,7 @@
 """Serving throughput: gRPC through a real local Ray Serve app beside the in-process Scheduler, in one run.
 
     .venv/bin/python bench/serve_throughput.py [--model PATH] [--requests-per-client K] [--max-new-tokens N]
-        [--torch-threads T] [--timeout-s S]
+        [--torch-threads T] [--stream-drafts] [--timeout-s S]
 
 For each load of 1, 4 and 16 concurrent clients, each client sends K requests one after another (a closed
 loop: a client's next request starts when its previous one has finished), on two paths that do identical work:
@@ -26,6 +26,13 @@ Columns of the table:
                  `stats()`; in-proc: the Scheduler's counters)
   overhead       serving overhead: in-proc tok/s / gRPC tok/s, aggregate and per-request (1.0 = free)
   batch gain     batching gain: aggregate tok/s at this load / aggregate tok/s at 1 client, per path
+Second table (where the time went):
+  wall s         wall time of the load on each path
+  ms/forward     wall time / decoder forwards run during the load (idle gaps between requests included)
+  mean latency   per request, ms: gRPC as the client saw it; engine = the same requests inside the Engine
+                 (Final.stats.total_time_s: submit to final event), so gRPC - engine is the cost of the proxy,
+                 the Router and Ray's transport; in-proc = submit to final event in the bare Scheduler
+  tokens         completion tokens delivered; identical outputs = requests whose tokens matched across paths
 
 Tokens are completion tokens delivered to the client (canvas events; EOS and max_new_tokens trimming included).
 The machine is shared, so absolute figures are noisy; the ratios within one run are what matter. Torch runs
@@ -68,17 +75,19 @@ PROMPTS = (
 @dataclass
 class BenchSettings:
     model_path: Path | None  # None: the shipped default if present, else a random servable checkpoint
-    requests_per_client: int = 6
+    requests_per_client: int = 8
     max_new_tokens: int = 64
     max_denoising_steps: int = 12
     torch_threads: int = 1
+    stream_drafts: bool = False  # both paths: a draft event per denoising step (per-event costs)
     timeout_s: float = 300.0  # whole run, startup included
 
 
 @dataclass
 class RequestResult:
     tokens: list[int]
-    seconds: float
+    seconds: float  # client-observed: request sent -> final event received
+    engine_seconds: float  # inside the engine: submit -> final event (gRPC: Final.stats.total_time_s)
 
 
 @dataclass
@@ -86,6 +95,7 @@ class PhaseResult:
     clients: int
     wall_s: float
     results: dict[tuple[int, int], RequestResult]
+    forwards: int
     rows_per_forward: float
 
     @property
@@ -95,6 +105,13 @@ class PhaseResult:
     @property
     def aggregate_tps(self) -> float:
         return self.completion_tokens / self.wall_s
+
+    def mean_ms(self, engine: bool = False) -> float:
+        return (
+            1e3
+            * sum(r.engine_seconds if engine else r.seconds for r in self.results.values())
+            / len(self.results)
+        )
 
     @property
     def per_request_tps(self) -> float:
@@ -129,7 +146,10 @@ def make_request(index: int, s: BenchSettings):
     from protos.blockserve.v1 import blockserve_pb2 as pb
 
     req = pb.GenerateRequest(
-        prompt=PROMPTS[index % len(PROMPTS)], max_new_tokens=s.max_new_tokens, seed=1000 + index
+        prompt=PROMPTS[index % len(PROMPTS)],
+        max_new_tokens=s.max_new_tokens,
+        seed=1000 + index,
+        stream_drafts=s.stream_drafts,
     )
     sampling = dict(
         max_denoising_steps=s.max_denoising_steps,
@@ -153,18 +173,21 @@ def requests_for(clients: int, s: BenchSettings) -> dict[tuple[int, int], object
 async def _stream_one(stub, request, deadline: Deadline) -> RequestResult:
     t0 = time.perf_counter()
     tokens: list[int] = []
+    result = None
+    # read to the end of the stream (its status), but the clock stops at the final event
     async for event in stub.GenerateStream(request, timeout=deadline.remaining("streaming over gRPC")):
         kind = event.WhichOneof("event")
         if kind == "canvas":
             tokens.extend(event.canvas.token_ids)
         elif kind == "final":
-            seconds = time.perf_counter() - t0
+            result = RequestResult(tokens, time.perf_counter() - t0, event.final.stats.total_time_s)
             if event.final.usage.completion_tokens != len(tokens):
                 raise RuntimeError(
                     f"final usage says {event.final.usage.completion_tokens} tokens, canvases carried {len(tokens)}"
                 )
-            return RequestResult(tokens, seconds)
-    raise RuntimeError("a GenerateStream ended without a final event")
+    if result is None:
+        raise RuntimeError("a GenerateStream ended without a final event")
+    return result
 
 
 async def _grpc_phase(address: str, requests: dict, clients: int, k: int, deadline: Deadline):
@@ -193,12 +216,15 @@ def engine_rows(handle) -> tuple[float, float]:
     return st["forwards"], st["rows_per_forward"] * st["forwards"]
 
 
-def run_grpc(address: str, engine, clients: int, s: BenchSettings, deadline: Deadline) -> PhaseResult:
+def run_grpc(loop, address: str, engine, clients: int, s: BenchSettings, deadline: Deadline) -> PhaseResult:
     f0, r0 = engine_rows(engine)
     reqs = requests_for(clients, s)
-    wall, results = asyncio.run(_grpc_phase(address, reqs, clients, s.requests_per_client, deadline))
+    wall, results = loop.run_until_complete(
+        _grpc_phase(address, reqs, clients, s.requests_per_client, deadline)
+    )
     f1, r1 = engine_rows(engine)
-    return PhaseResult(clients, wall, results, (r1 - r0) / max(1.0, f1 - f0))
+    forwards = round(f1 - f0)
+    return PhaseResult(clients, wall, results, forwards, (r1 - r0) / max(1, forwards))
 
 
 # -- the in-process path -----------------------------------------------------------------------------------
@@ -244,12 +270,12 @@ def run_inproc(model, limits, prepared: dict, clients: int, s: BenchSettings, de
         deadline.remaining("iterating the in-process scheduler")
         sched.iterate()
         for rec in done:
-            results[rec.key] = RequestResult(rec.tokens, rec.seconds)
+            results[rec.key] = RequestResult(rec.tokens, rec.seconds, rec.seconds)
             if next_i[rec.key[0]] < k:
                 submit(rec.key[0])
         done.clear()
     wall = time.perf_counter() - t0
-    return PhaseResult(clients, wall, results, sched.rows_forwarded / max(1, sched.forwards))
+    return PhaseResult(clients, wall, results, sched.forwards, sched.rows_forwarded / max(1, sched.forwards))
 
 
 def prepare_all(router, clients: int, s: BenchSettings) -> dict:
@@ -264,33 +290,82 @@ def prepare_all(router, clients: int, s: BenchSettings) -> dict:
 
 
 # -- report ------------------------------------------------------------------------------------------------
-def format_table(loads: list[LoadResult], s: BenchSettings) -> str:
+def _pair(width: int, *names: str) -> str:
+    return " ".join(f"{n:>{width}}" for n in names)
+
+
+def format_table(loads: list[LoadResult]) -> str:
+    """The side-by-side table (throughput and ratios), then where the time went."""
     base_g, base_i = loads[0].grpc.aggregate_tps, loads[0].inproc.aggregate_tps
-    head = (
-        f"{'':>7} {'':>4} | {'agg tok/s':^17} | {'req tok/s':^17} | {'rows/fwd':^15} | {'overhead':^13} "
-        f"| {'batch gain':^15}\n"
-        f"{'clients':>7} {'reqs':>4} | {'gRPC':>8} {'in-proc':>8} | {'gRPC':>8} {'in-proc':>8} | "
-        f"{'gRPC':>7} {'in-proc':>7} | {'agg':>6} {'req':>6} | {'gRPC':>7} {'in-proc':>7}"
-    )
-    lines = [head, "-" * len(head.splitlines()[1])]
+    paths = _pair(8, "gRPC", "in-proc")
+    head = [
+        f"{'':>12} | {'agg tok/s':^17} | {'req tok/s':^17} | {'rows/fwd':^17} | {'overhead':^17} | "
+        f"{'batch gain':^17}",
+        f"{'clients reqs':>12} | {paths} | {paths} | {paths} | {_pair(8, 'agg', 'req')} | {paths}",
+    ]
+    lines = [*head, "-" * len(head[1])]
+    for lr in loads:
+        g, i = lr.grpc, lr.inproc
+        cells = [
+            (g.aggregate_tps, i.aggregate_tps),
+            (g.per_request_tps, i.per_request_tps),
+            (g.rows_per_forward, i.rows_per_forward),
+            (i.aggregate_tps / g.aggregate_tps, i.per_request_tps / g.per_request_tps),
+            (g.aggregate_tps / base_g, i.aggregate_tps / base_i),
+        ]
+        fmt = [".1f", ".1f", ".2f", ".2f", ".2f"]
+        row = " | ".join(f"{x:>8{f}} {y:>8{f}}" for (x, y), f in zip(cells, fmt, strict=True))
+        lines.append(f"{g.clients:>7} {len(g.results):>4} | {row}")
+    head = [
+        f"{'':>7} | {'wall s':^17} | {'ms/forward':^17} | {'mean latency ms':^26} | {'tokens':^17} | identical",
+        f"{'clients':>7} | {paths} | {paths} | {_pair(8, 'gRPC', 'engine', 'in-proc')} | {paths} | outputs",
+    ]
+    lines += ["", *head, "-" * len(head[1])]
     for lr in loads:
         g, i = lr.grpc, lr.inproc
         lines.append(
-            f"{g.clients:>7} {len(g.results):>4} | {g.aggregate_tps:>8.1f} {i.aggregate_tps:>8.1f} | "
-            f"{g.per_request_tps:>8.1f} {i.per_request_tps:>8.1f} | "
-            f"{g.rows_per_forward:>7.2f} {i.rows_per_forward:>7.2f} | "
-            f"{i.aggregate_tps / g.aggregate_tps:>6.2f} {i.per_request_tps / g.per_request_tps:>6.2f} | "
-            f"{g.aggregate_tps / base_g:>7.2f} {i.aggregate_tps / base_i:>7.2f}"
-        )
-    lines.append("")
-    for lr in loads:
-        n = len(lr.grpc.results)
-        lines.append(
-            f"clients={lr.grpc.clients:<2}  wall s: gRPC {lr.grpc.wall_s:6.2f}  in-proc {lr.inproc.wall_s:6.2f}  "
-            f"tokens: gRPC {lr.grpc.completion_tokens}  in-proc {lr.inproc.completion_tokens}  "
-            f"identical outputs: {lr.matched}/{n}"
+            f"{g.clients:>7} | {g.wall_s:>8.2f} {i.wall_s:>8.2f} | "
+            f"{1e3 * g.wall_s / max(1, g.forwards):>8.1f} {1e3 * i.wall_s / max(1, i.forwards):>8.1f} | "
+            f"{g.mean_ms():>8.1f} {g.mean_ms(engine=True):>8.1f} {i.mean_ms():>8.1f} | "
+            f"{g.completion_tokens:>8} {i.completion_tokens:>8} | {lr.matched}/{len(g.results)}"
         )
     return "\n".join(lines)
+
+
+# -- the run -----------------------------------------------------------------------------------------------
+@dataclass
+class Paths:
+    """What the two paths need: the gRPC client's loop and address, the Engine handle (stats), and the
+    in-process model, scheduler limits and Router (for its tokenizer and validation only)."""
+
+    loop: asyncio.AbstractEventLoop
+    address: str
+    engine: object
+    model: object
+    limits: object
+    router: object
+
+    def grpc(self, clients: int, s: BenchSettings, deadline: Deadline) -> PhaseResult:
+        return run_grpc(self.loop, self.address, self.engine, clients, s, deadline)
+
+    def inproc(self, clients: int, s: BenchSettings, deadline: Deadline) -> PhaseResult:
+        prepared = prepare_all(self.router, clients, s)
+        return run_inproc(self.model, self.limits, prepared, clients, s, deadline)
+
+
+def measure(paths: Paths, s: BenchSettings, deadline: Deadline) -> list[LoadResult]:
+    # One request per client at the top load first, on both paths: first-call costs (Ray's handle and
+    # streaming setup, torch allocations for the largest batch) stay out of the figures.
+    warm = dataclasses.replace(s, requests_per_client=1)
+    paths.grpc(max(LOADS), warm, deadline)
+    paths.inproc(max(LOADS), warm, deadline)
+    loads = []
+    for clients in LOADS:  # the two paths back to back at each load, so machine noise hits both alike
+        g = paths.grpc(clients, s, deadline)
+        i = paths.inproc(clients, s, deadline)
+        loads.append(LoadResult(g, i))
+        print(f"  {clients:>2} clients: gRPC {g.wall_s:.1f}s, in-proc {i.wall_s:.1f}s", flush=True)
+    return loads
 
 
 # -- setup -------------------------------------------------------------------------------------------------
@@ -338,18 +413,20 @@ def parse_args(argv=None) -> BenchSettings:
     p.add_argument("--requests-per-client", "-K", type=int, default=BenchSettings.requests_per_client)
     p.add_argument("--max-new-tokens", type=int, default=BenchSettings.max_new_tokens)
     p.add_argument("--torch-threads", type=int, default=BenchSettings.torch_threads, help="0 = torch default")
+    p.add_argument("--stream-drafts", action="store_true", help="ask both paths for a draft every step")
     p.add_argument("--timeout-s", type=float, default=BenchSettings.timeout_s, help="whole-run time limit")
     a = p.parse_args(argv)
     if a.requests_per_client < 1 or a.max_new_tokens < 1 or a.torch_threads < 0:
         p.error("--requests-per-client and --max-new-tokens must be >= 1, --torch-threads >= 0")
-    return BenchSettings(a.model, a.requests_per_client, a.max_new_tokens, 12, a.torch_threads, a.timeout_s)
+    return BenchSettings(
+        a.model, a.requests_per_client, a.max_new_tokens, 12, a.torch_threads, a.stream_drafts, a.timeout_s
+    )
 
 
 def main(argv=None) -> None:
     s = parse_args(argv)
     deadline = Deadline(s.timeout_s)
     apply_loopback_env()  # before Ray is imported, so every Ray process inherits it
-    logging.getLogger("ray").setLevel(logging.WARNING)
     import ray
     import torch
     from ray import serve
@@ -359,6 +436,9 @@ def main(argv=None) -> None:
     from deployments.engine import DTYPES
     from deployments.router import Router
     from model.weights import load_model
+
+    for name in ("ray", "ray.serve"):  # keep Ray's progress lines out of the figures
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_path = resolve_model(s, Path(tmp))
@@ -380,8 +460,9 @@ def main(argv=None) -> None:
             f"model {model_path} ({c.num_layers} layers, hidden {c.hidden_size}, canvas {c.canvas_length}, "
             f"vocab {c.vocab_size}); max_new_tokens {s.max_new_tokens}, max_denoising_steps "
             f"{s.max_denoising_steps}, K={s.requests_per_client} requests/client, torch threads "
-            f"{torch.get_num_threads()}"
+            f"{torch.get_num_threads()}, stream_drafts {s.stream_drafts}"
         )
+        loop = asyncio.new_event_loop()  # one loop for the run: grpc.aio binds its poller to the first one
         try:
             t0 = time.perf_counter()
             ray.init(**ray_init_kwargs(), log_to_driver=False)
@@ -389,27 +470,11 @@ def main(argv=None) -> None:
             wait_serving(address, deadline)
             engine = serve.get_deployment_handle("Engine", APP_NAME)
             print(f"Ray Serve app up on {address} in {time.perf_counter() - t0:.1f}s", flush=True)
-            warm = dataclasses.replace(s, requests_per_client=1)  # first-call costs out of the figures
-            run_grpc(address, engine, max(LOADS), warm, deadline)
-            run_inproc(
-                model,
-                engine_settings.limits,
-                prepare_all(router, max(LOADS), warm),
-                max(LOADS),
-                warm,
-                deadline,
-            )
-            loads = []
-            for clients in LOADS:
-                g = run_grpc(address, engine, clients, s, deadline)
-                i = run_inproc(
-                    model, engine_settings.limits, prepare_all(router, clients, s), clients, s, deadline
-                )
-                loads.append(LoadResult(g, i))
-                print(f"  {clients:>2} clients: gRPC {g.wall_s:.1f}s, in-proc {i.wall_s:.1f}s", flush=True)
+            paths = Paths(loop, address, engine, model, engine_settings.limits, router)
+            loads = measure(paths, s, deadline)
             overall = engine.stats.remote().result()
             print()
-            print(format_table(loads, s))
+            print(format_table(loads))
             print(
                 f"engine stats over the whole run (warm-up included): rows_per_forward "
                 f"{overall['rows_per_forward']:.2f}, max_rows_per_forward {overall['max_rows_per_forward']:.0f}, "
@@ -418,6 +483,7 @@ def main(argv=None) -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+            loop.close()
 
 
 if __name__ == "__main__":
