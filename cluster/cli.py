@@ -76,6 +76,7 @@ def parse_template(spec: str):
 
     from protos.blockserve.v1 import blockserve_pb2 as pb
 
+    spec = spec.replace("\\n", "\n").replace("\\t", "\t")  # shell-friendly escapes
     template = pb.Template()
     pos = 0
     for m in re.finditer(r"\{\{(\w+):(\d+)\}\}", spec):
