@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,12 @@ import torch
 SLIDING, FULL = "sliding_attention", "full_attention"
 MEMORY_VOCAB, MEMORY_CANVAS, MEMORY_HIDDEN = 262_144, 256, 128
 VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
 )
 
 
@@ -99,44 +105,49 @@ def _bench_speed(workdir: Path, repeats: int) -> dict:
 
     ref = _reference_model(4096, 128, [SLIDING, SLIDING, SLIDING, FULL], canvas=64, seed=0)
     ours = load_model(_save(ref, workdir / "speed"))
-    params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
+    params = SamplingParams(max_new_tokens=64, max_denoising_steps=16)
+    warm = SamplingParams(max_new_tokens=64, max_denoising_steps=2)
     prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    def run_ours(rng: str, seed: int):
-        out = generate(ours, prompt, params, seed=seed, rng=rng)
+    def run_ours(rng: str, seed: int, p: SamplingParams = params):
+        out = generate(ours, prompt, p, seed=seed, rng=rng)
         return out.token_ids, sum(out.steps_per_canvas)
 
     @torch.no_grad()
-    def run_ref(seed: int):
+    def run_ref(seed: int, p: SamplingParams = params):
         torch.manual_seed(seed)
         out = ref.generate(
             torch.tensor([prompt]),
-            max_new_tokens=params.max_new_tokens,
-            max_denoising_steps=params.max_denoising_steps,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=params.entropy_bound),
-            t_min=params.t_min,
-            t_max=params.t_max,
-            stability_threshold=params.stability_threshold,
-            confidence_threshold=params.confidence_threshold,
+            max_new_tokens=p.max_new_tokens,
+            max_denoising_steps=p.max_denoising_steps,
+            sampler_config=EntropyBoundSamplerConfig(entropy_bound=p.entropy_bound),
+            t_min=p.t_min,
+            t_max=p.t_max,
+            stability_threshold=p.stability_threshold,
+            confidence_threshold=p.confidence_threshold,
             eos_token_id=None,
         )
-        return out.sequences[0, len(prompt) :].tolist()[: params.max_new_tokens], None
+        return out.sequences[0, len(prompt) :].tolist()[: p.max_new_tokens], None
 
     runners = {
-        "ours rng=fast": lambda s: run_ours("fast", s),
-        "ours rng=reference": lambda s: run_ours("reference", s),
+        "ours rng=fast": lambda s, p=params: run_ours("fast", s, p),
+        "ours rng=reference": lambda s, p=params: run_ours("reference", s, p),
         "transformers": run_ref,
     }
-    results = {}
+    results, outputs = {}, {}
     for name, fn in runners.items():
-        fn(100)  # warm-up: first-call costs (kernels, caches) are not generation speed
-        rates, steps, tokens = [], None, None
+        fn(100, warm)  # warm-up: first-call costs (kernels, caches) are not generation speed
+        rates, steps = [], None
         for seed in range(repeats):
             start = time.perf_counter()
-            tokens, steps = fn(seed)
-            rates.append(len(tokens) / (time.perf_counter() - start))
-        results[name] = {"tokens_per_s": statistics.median(rates), "tokens": len(tokens), "forwards": steps}
-    same = run_ours("reference", 7)[0] == run_ref(7)[0]
+            outputs[name, seed], steps = fn(seed)
+            rates.append(len(outputs[name, seed]) / (time.perf_counter() - start))
+        results[name] = {
+            "tokens_per_s": statistics.median(rates),
+            "tokens": len(outputs[name, 0]),
+            "forwards": steps,
+        }
+    same = all(outputs["ours rng=reference", s] == outputs["transformers", s] for s in range(repeats))
     return {"results": results, "identical": same, "params": params, "prompt_len": len(prompt)}
 
 
@@ -171,9 +182,13 @@ def _measure(work) -> dict:
 def _sampler_inputs():
     from model.config import from_name
 
-    cfg = from_name("tiny-test", vocab_size=MEMORY_VOCAB, hidden_size=MEMORY_HIDDEN, canvas_length=MEMORY_CANVAS)
+    cfg = from_name(
+        "tiny-test", vocab_size=MEMORY_VOCAB, hidden_size=MEMORY_HIDDEN, canvas_length=MEMORY_CANVAS
+    )
     g = torch.Generator().manual_seed(0)
-    weight = torch.empty(MEMORY_VOCAB, MEMORY_HIDDEN).normal_(0, 0.1, generator=g)  # in place: no transient copy
+    weight = torch.empty(MEMORY_VOCAB, MEMORY_HIDDEN).normal_(
+        0, 0.1, generator=g
+    )  # in place: no transient copy
     hidden = torch.randn(1, MEMORY_CANVAS, MEMORY_HIDDEN, generator=g)
     return cfg, weight, hidden
 
@@ -199,9 +214,13 @@ def _child_sampler_ours() -> dict:
 
     cfg, weight, hidden = _sampler_inputs()
     head = _Head(cfg, weight)
-    row = RowState.start(SamplingParams(), cfg.vocab_size, cfg.canvas_length, torch.Generator().manual_seed(1))
+    row = RowState.start(
+        SamplingParams(), cfg.vocab_size, cfg.canvas_length, torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
-        step(head, hidden[:, :8], [RowState.start(SamplingParams(), cfg.vocab_size, 8, torch.Generator())])  # warm
+        step(
+            head, hidden[:, :8], [RowState.start(SamplingParams(), cfg.vocab_size, 8, torch.Generator())]
+        )  # warm
 
         def work():
             for _ in range(2):
@@ -303,9 +322,15 @@ CHILDREN = {
 }
 
 
+# Every allocation of 1 MiB or more is its own mapping, returned to the OS when freed, so resident memory follows
+# the live tensors. glibc's default (a threshold that adapts upwards) may keep freed tensors in the heap, which
+# adds 0-150 MB of allocator noise to either side.
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def _in_subprocess(name: str, path: Path, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--path", str(path), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     if out.returncode:
         raise RuntimeError(f"memory measurement {name!r} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -336,8 +361,12 @@ def _print_speed(speed: dict, threads: int) -> None:
     print(f"   {'':22}{'tokens/s':>10}{'vs transformers':>17}{'tokens':>8}{'forwards':>10}")
     for name, r in speed["results"].items():
         fwd = "-" if r["forwards"] is None else str(r["forwards"])
-        print(f"   {name:22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>16.2f}x{r['tokens']:>8}{fwd:>10}")
-    print(f"   ours rng=reference token-identical to transformers: {'yes' if speed['identical'] else 'NO'}")
+        print(
+            f"   {name:22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>16.2f}x{r['tokens']:>8}{fwd:>10}"
+        )
+    print(
+        f"   ours rng=reference token-identical to transformers (same seeds): {'yes' if speed['identical'] else 'NO'}"
+    )
 
 
 def _print_memory(mem: dict) -> None:
@@ -362,7 +391,7 @@ def _print_memory(mem: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -373,6 +402,13 @@ def main() -> None:
         print(json.dumps(CHILDREN[args.child](args.path)))
         return
     started = time.perf_counter()
+    load, cpus = os.getloadavg()[0], os.cpu_count()
+    print(f"torch {torch.__version__}, {args.threads} threads, load average {load:.1f} on {cpus} CPUs")
+    if load > cpus - args.threads + 0.5:
+        print(
+            "   note: the machine is busy; with several threads every parallel op waits for a descheduled one, which\n"
+            "   slows many-small-op code (transformers' MoE loop most of all) far more than it would on idle cores"
+        )
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         if not args.skip_speed:
             _print_speed(_bench_speed(Path(tmp), args.repeats), args.threads)

@@ -6,7 +6,8 @@
 For each load of 1, 4 and 16 concurrent clients, each client sends K requests one after another (a closed
 loop: a client's next request starts when its previous one has finished), on two paths that do identical work:
 
-  gRPC     `GenerateStream` (no drafts) from a grpc.aio client in this process, through Ray Serve's gRPC
+  gRPC     `GenerateStream` from a grpc.aio client in this process (drafts only with --stream-drafts, then on
+           both paths: one more event per denoising step, which measures per-event costs), through Ray Serve's gRPC
            proxy, the Router and the Engine replica of an app this script starts (cluster/app.py) on a local
            Ray cluster bound to loopback (cluster/env.py). Only 127.0.0.1 is targeted.
   in-proc  the same requests, tokenized and validated by the Router's own `prepare()` before timing, driven
@@ -35,9 +36,12 @@ Second table (where the time went):
   tokens         completion tokens delivered; identical outputs = requests whose tokens matched across paths
 
 Tokens are completion tokens delivered to the client (canvas events; EOS and max_new_tokens trimming included).
-The machine is shared, so absolute figures are noisy; the ratios within one run are what matter. Torch runs
-one intra-op thread on both paths by default (`--torch-threads 0` leaves torch's default): on a small shared
-machine several OpenMP threads spin against the other processes and swamp every other cost.
+The machine is shared, so absolute figures are noisy; the ratios within one run are what matter.
+
+Torch runs `--torch-threads` intra-op threads on both paths (default 1). One is what an Engine replica gets anyway
+with `engine.torch_threads: 0`: Ray sets OMP_NUM_THREADS=1 in actors that reserve no CPU (`num_cpus: 0`,
+ray/_private/utils.py `set_omp_num_threads_if_unset`), while a plain process would take torch's default (all
+cores). On a 2-core machine shared with other work, two intra-op threads made an iteration 15-60x slower.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ PROMPTS = (
 @dataclass
 class BenchSettings:
     model_path: Path | None  # None: the shipped default if present, else a random servable checkpoint
-    requests_per_client: int = 8
+    requests_per_client: int = 6
     max_new_tokens: int = 64
     max_denoising_steps: int = 12
     torch_threads: int = 1
@@ -412,12 +416,12 @@ def parse_args(argv=None) -> BenchSettings:
     )
     p.add_argument("--requests-per-client", "-K", type=int, default=BenchSettings.requests_per_client)
     p.add_argument("--max-new-tokens", type=int, default=BenchSettings.max_new_tokens)
-    p.add_argument("--torch-threads", type=int, default=BenchSettings.torch_threads, help="0 = torch default")
+    p.add_argument("--torch-threads", type=int, default=BenchSettings.torch_threads, help="on both paths")
     p.add_argument("--stream-drafts", action="store_true", help="ask both paths for a draft every step")
     p.add_argument("--timeout-s", type=float, default=BenchSettings.timeout_s, help="whole-run time limit")
     a = p.parse_args(argv)
-    if a.requests_per_client < 1 or a.max_new_tokens < 1 or a.torch_threads < 0:
-        p.error("--requests-per-client and --max-new-tokens must be >= 1, --torch-threads >= 0")
+    if min(a.requests_per_client, a.max_new_tokens, a.torch_threads) < 1:
+        p.error("--requests-per-client, --max-new-tokens and --torch-threads must be >= 1")
     return BenchSettings(
         a.model, a.requests_per_client, a.max_new_tokens, 12, a.torch_threads, a.stream_drafts, a.timeout_s
     )
@@ -451,9 +455,10 @@ def main(argv=None) -> None:
         )
         address = f"127.0.0.1:{config.server.grpc_port}"
         engine_settings = config.to_engine_settings()
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
-        model = load_model(engine_settings.model_path, dtype=DTYPES[engine_settings.dtype])
+        torch.set_num_threads(s.torch_threads)
+        model = load_model(
+            engine_settings.model_path, dtype=DTYPES[engine_settings.dtype], device=engine_settings.device
+        )
         router = Router(None, config.to_router_settings())  # only its tokenizer and config: no engine calls
         c = model.config
         print(

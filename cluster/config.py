@@ -40,6 +40,7 @@ class EngineSection(_Strict):
     max_rows: int = Field(64, ge=1, le=4096, description="Most canvases denoised together in one forward")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache memory budget per Engine, GiB")
+    prefill_chunk: int = Field(512, ge=1, description="Prompt tokens prefilled per engine iteration")
     torch_threads: int = Field(
         1,
         ge=0,

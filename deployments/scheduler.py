@@ -117,6 +117,9 @@ class SchedulerLimits:
     max_rows: int = 64
     max_queue: int = 256
     kv_cache_bytes: int = 2 << 30
+    # Long prompts are prefilled this many tokens per iteration (chunked prefill), so one long prompt neither
+    # builds a [T, T] attention mask nor stalls every other row's denoising step for its whole length.
+    prefill_chunk: int = 512
 
 
 @dataclass
@@ -223,19 +226,18 @@ class Scheduler:
         todo = [s for s in self.active.values() if s.pending_encode]
         if not todo:
             return 0, 0
-        batch = TokenBatch.from_lists(
-            [s.pending_encode for s in todo], [s.cache.length for s in todo], self.config.pad_token_id
-        )
+        chunk = max(self.limits.prefill_chunk, self.config.canvas_length)  # a commit is never split
+        pieces = [s.pending_encode[:chunk] for s in todo]
+        batch = TokenBatch.from_lists(pieces, [s.cache.length for s in todo], self.config.pad_token_id)
         self.model.encode(batch, [s.cache for s in todo])
-        n_tokens = sum(len(s.pending_encode) for s in todo)
-        for s in todo:
-            s.pending_encode = None
-        return len(todo), n_tokens
+        for s, piece in zip(todo, pieces, strict=True):
+            s.pending_encode = s.pending_encode[len(piece) :] or None
+        return len(todo), sum(len(p) for p in pieces)
 
     def _start_canvases(self) -> None:
         cfg = self.config
         for s in self.active.values():
-            if s.row is None and not s.done:
+            if s.row is None and not s.done and not s.pending_encode:
                 cons = s.request.constraints[s.canvas_index] if s.request.constraints else None
                 s.row = RowState.start(s.request.params, cfg.vocab_size, cfg.canvas_length, s.generator, cons)
 

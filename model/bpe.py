@@ -9,24 +9,20 @@ Design (GPT-2's byte-level BPE, as exposed by `tokenizers`):
   (DiffusionGemma's pad / eos / bos ids), then `<unk>`=3;
 - no post-processor: whether to prepend `<bos>` is the caller's decision (`model/tokenizer.py`).
 
-Determinism: the BPE trainer breaks count ties by token ids, and we train on a single rayon thread, so the
-same texts give a byte-identical `tokenizer.json` (tested in `tests/model/test_corpus_bpe.py`).
+Determinism: the same texts give a byte-identical `tokenizer.json` (the trainer orders merges by count, then
+by pair; tested in `tests/model/test_corpus_bpe.py`; also checked across processes and rayon thread counts).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = range(4)
 DEFAULT_VOCAB_SIZE = 4096
-
-# `tokenizers` reads this when its thread pool first starts; one thread keeps training order fixed.
-os.environ.setdefault("RAYON_NUM_THREADS", "1")
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 
 def new_tokenizer() -> Tokenizer:

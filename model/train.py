@@ -344,6 +344,7 @@ def train(
 ) -> TrainResult:
     """Train `model` in place for `tc.max_steps` steps or until `tc.max_seconds` have passed."""
     train_data.check_matches(model.config)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     g = torch.Generator().manual_seed(tc.seed)
@@ -382,6 +383,7 @@ def train(
     finally:
         if tap is not None:
             tap.close()
+        torch.set_num_threads(threads_before)  # leave the process as we found it (tests share it)
     result.seconds = time.monotonic() - t0
     if heldout is not None and (not result.evals or result.evals[-1]["step"] != result.steps):
         result.evals.append({"step": result.steps, **evaluate(model, heldout, tc)})

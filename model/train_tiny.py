@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint directory")
-    parser.add_argument("--minutes", type=float, default=50.0, help="wall-clock budget for training")
+    parser.add_argument("--minutes", type=float, default=58.0, help="wall-clock budget for training")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=2000, help="steps (the LR schedule spans them)")
+    parser.add_argument("--max-steps", type=int, default=560, help="steps (the LR schedule spans them)")
     parser.add_argument("--vocab-size", type=int, default=bpe.DEFAULT_VOCAB_SIZE)
     parser.add_argument(
         "--anneal-by-time",

@@ -78,6 +78,15 @@ def test_batched_requests_match_the_plain_loop(model, max_rows):
     assert sched.reserved == 0 and not sched.active
 
 
+def test_chunked_prefill_gives_the_same_tokens(model):
+    p = SamplingParams(max_new_tokens=20, max_denoising_steps=4)
+    reqs = [EngineRequest(f"c{i}", list(range(3, 3 + n)), p, seed=i) for i, n in enumerate((37, 5, 21))]
+    sched = Scheduler(model, SchedulerLimits(prefill_chunk=3))  # 37 prompt tokens take several iterations
+    events = run(sched, reqs)
+    for r in reqs:
+        assert tokens(events[r.request_id]) == generate(model, r.prompt_ids, p, seed=r.seed).token_ids
+
+
 def test_drafts_only_for_rows_that_ask(model):
     p = SamplingParams(max_new_tokens=16, max_denoising_steps=3)
     a = EngineRequest("a", [5, 6], p, seed=1, stream_drafts=True)
@@ -110,7 +119,9 @@ def test_queue_bound_and_oversized_requests(model):
     with pytest.raises(QueueFull, match="queue is full"):
         sched.submit(EngineRequest("b", [3], p, seed=1), lambda e: None)
     with pytest.raises(RequestTooLarge, match="KV cache"):
-        sched.submit(EngineRequest("c", [3] * 100, SamplingParams(max_new_tokens=100_000), seed=1), lambda e: None)
+        sched.submit(
+            EngineRequest("c", [3] * 100, SamplingParams(max_new_tokens=100_000), seed=1), lambda e: None
+        )
     with pytest.raises(ValueError, match="already in flight"):
         sched.submit(EngineRequest("a", [3], p, seed=1), lambda e: None)
 

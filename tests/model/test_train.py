@@ -75,7 +75,9 @@ def data(corpus, tokenizer):
 def test_loss_falls_when_training_from_scratch(tokenizer, data):
     config = micro_config(tokenizer.get_vocab_size())
     model = init_random(DiffusionGemma(config), seed=0)
-    tc = TrainConfig(max_steps=30, batch_size=8, window=WINDOW, lr=1e-2, warmup_steps=3, log_every=0, seed=0)
+    tc = TrainConfig(
+        max_steps=30, batch_size=8, window=WINDOW, lr=1e-2, warmup_steps=3, log_every=0, threads=1
+    )
     result = train(model, data, tc, log=lambda _: None)
     assert result.steps == 30 and result.stopped_by == "max_steps"
     first, last = result.first_last_mean("total")  # means of the first 5 and the last 5 steps
@@ -89,7 +91,9 @@ def test_training_is_deterministic_for_a_seed(tokenizer, data):
     runs = []
     for _ in range(2):
         model = init_random(DiffusionGemma(config), seed=3)
-        tc = TrainConfig(max_steps=3, batch_size=4, window=WINDOW, warmup_steps=1, log_every=0, seed=3)
+        tc = TrainConfig(
+            max_steps=3, batch_size=4, window=WINDOW, warmup_steps=1, log_every=0, seed=3, threads=1
+        )
         runs.append([h["total"] for h in train(model, data, tc, log=lambda _: None).history])
     assert runs[0] == runs[1]
 
@@ -133,6 +137,9 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, tc) == pytest.approx(1e-3)
     assert lr_at(50, tc) < lr_at(20, tc)
     assert lr_at(100, tc) == pytest.approx(1e-4)
+    by_time = dataclasses.replace(tc, max_steps=10_000, max_seconds=60.0, anneal_by_time=True)
+    assert lr_at(20, by_time, elapsed=1.0) > 0.99e-3  # far from both ends
+    assert lr_at(20, by_time, elapsed=60.0) == pytest.approx(1e-4)  # the time budget ends first
 
 
 @pytest.mark.parametrize("start", [3, 13])  # prefix shorter and longer than the sliding window (6)
@@ -176,7 +183,12 @@ def test_train_tiny_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_tiny, "tiny_config", lambda vocab: micro_config(vocab, window=16))
     args = ["--out", str(tmp_path), "--max-steps", "2", "--corpus-bytes", "1500000", "--vocab-size", "320"]
-    assert train_tiny.main([*args, "--batch-size", "2", "--window", "40", "--eval-windows", "2"]) == 0
+    assert (
+        train_tiny.main(
+            [*args, "--batch-size", "2", "--window", "40", "--eval-windows", "2", "--threads", "1"]
+        )
+        == 0
+    )
     for name in (*train_tiny.CHECKPOINT_FILES, "corpus_manifest.json", "training_log.json"):
         assert (tmp_path / name).exists(), name
     log = json.loads((tmp_path / "training_log.json").read_text())
