@@ -1,6 +1,6 @@
 """Our DiffusionGemma generation against transformers' reference: speed, and sampler memory per row.
 
-Command (from the repo root; about 1-2 minutes on 2 CPU cores):
+Command (from the repo root; about 2 minutes on a busy 2-core machine):
 
     .venv/bin/python bench/model_vs_reference.py
 
@@ -147,8 +147,14 @@ def _bench_speed(workdir: Path, repeats: int) -> dict:
             "tokens": len(outputs[name, 0]),
             "forwards": steps,
         }
-    same = all(outputs["ours rng=reference", s] == outputs["transformers", s] for s in range(repeats))
-    return {"results": results, "identical": same, "params": params, "prompt_len": len(prompt)}
+    same = sum(outputs["ours rng=reference", s] == outputs["transformers", s] for s in range(repeats))
+    return {
+        "results": results,
+        "identical": same,
+        "repeats": repeats,
+        "params": params,
+        "prompt_len": len(prompt),
+    }
 
 
 # -- part 2: memory (each measurement runs in its own subprocess) -------------------------------------------------
@@ -365,7 +371,8 @@ def _print_speed(speed: dict, threads: int) -> None:
             f"   {name:22}{r['tokens_per_s']:>10.1f}{r['tokens_per_s'] / base:>16.2f}x{r['tokens']:>8}{fwd:>10}"
         )
     print(
-        f"   ours rng=reference token-identical to transformers (same seeds): {'yes' if speed['identical'] else 'NO'}"
+        f"   ours rng=reference token-identical to transformers: {speed['identical']} of {speed['repeats']} seeds "
+        "(fp-level differences can flip a near-tie in MoE top-k routing: expected, not guaranteed)"
     )
 
 
@@ -404,7 +411,7 @@ def main() -> None:
     started = time.perf_counter()
     load, cpus = os.getloadavg()[0], os.cpu_count()
     print(f"torch {torch.__version__}, {args.threads} threads, load average {load:.1f} on {cpus} CPUs")
-    if load > cpus - args.threads + 0.5:
+    if args.threads > 1 and load > cpus - args.threads + 0.5:
         print(
             "   note: the machine is busy; with several threads every parallel op waits for a descheduled one, which\n"
             "   slows many-small-op code (transformers' MoE loop most of all) far more than it would on idle cores"

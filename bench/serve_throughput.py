@@ -111,11 +111,8 @@ class PhaseResult:
         return self.completion_tokens / self.wall_s
 
     def mean_ms(self, engine: bool = False) -> float:
-        return (
-            1e3
-            * sum(r.engine_seconds if engine else r.seconds for r in self.results.values())
-            / len(self.results)
-        )
+        seconds = [r.engine_seconds if engine else r.seconds for r in self.results.values()]
+        return 1e3 * sum(seconds) / len(seconds)
 
     @property
     def per_request_tps(self) -> float:
@@ -126,11 +123,30 @@ class PhaseResult:
 class LoadResult:
     grpc: PhaseResult
     inproc: PhaseResult
-    matched: int = field(init=False)
+    differing: list[tuple[int, int]] = field(init=False)  # (client, k) of requests whose tokens differ
 
     def __post_init__(self):
-        same = [k for k, r in self.grpc.results.items() if self.inproc.results[k].tokens == r.tokens]
-        self.matched = len(same)
+        inproc = self.inproc.results
+        self.differing = sorted(k for k, r in self.grpc.results.items() if inproc[k].tokens != r.tokens)
+
+    @property
+    def matched(self) -> int:
+        return len(self.grpc.results) - len(self.differing)
+
+    def describe_differences(self) -> list[str]:
+        """Where outputs diverged: (client, k), request index, token counts, first differing position."""
+        out = []
+        for key in self.differing:
+            g, i = self.grpc.results[key].tokens, self.inproc.results[key].tokens
+            first = next(
+                (n for n, (x, y) in enumerate(zip(g, i, strict=False)) if x != y), min(len(g), len(i))
+            )
+            index = key[0] * len(self.grpc.results) // self.grpc.clients + key[1]
+            out.append(
+                f"clients={self.grpc.clients} client {key[0]} request {key[1]} (index {index}): gRPC "
+                f"{len(g)} tokens, in-proc {len(i)}, first difference at token {first}"
+            )
+        return out
 
 
 class Deadline:
@@ -333,6 +349,9 @@ def format_table(loads: list[LoadResult]) -> str:
             f"{g.mean_ms():>8.1f} {g.mean_ms(engine=True):>8.1f} {i.mean_ms():>8.1f} | "
             f"{g.completion_tokens:>8} {i.completion_tokens:>8} | {lr.matched}/{len(g.results)}"
         )
+    differences = [line for lr in loads for line in lr.describe_differences()]
+    if differences:  # batch composition differs between the paths; see bench/README_serve.md
+        lines += ["", "outputs that differ between the paths:", *differences]
     return "\n".join(lines)
 
 
@@ -486,8 +505,9 @@ def main(argv=None) -> None:
                 f"forwards {overall['forwards']:.0f}"
             )
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            if ray.is_initialized():  # serve.shutdown() on no cluster would start one to look for Serve
+                serve.shutdown()
+                ray.shutdown()
             loop.close()
 
 

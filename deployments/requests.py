@@ -49,6 +49,7 @@ class Prepared:
     engine: EngineRequest
     stop: list[str] = field(default_factory=list)
     layout: Layout | None = None
+    client_request_id: str = ""
 
 
 def _prompt_ids(

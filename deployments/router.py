@@ -108,14 +108,21 @@ class Router:
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
+        # The answer echoes the client's id (else Serve's); the engine gets a unique one since client ids may repeat.
         rid = request.request_id or (grpc_context.request_id() if grpc_context else None) or uuid.uuid4().hex
-        rid = f"{rid}-{uuid.uuid4().hex[:8]}"  # client ids may repeat; the engine needs unique ones
         try:
-            return prepare(
-                request, self.tokenizer, self.config, self.settings.defaults, self.settings.limits, rid
+            prepared = prepare(
+                request,
+                self.tokenizer,
+                self.config,
+                self.settings.defaults,
+                self.settings.limits,
+                f"{rid}-{uuid.uuid4().hex[:8]}",
             )
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        prepared.client_request_id = rid
+        return prepared
 
     @staticmethod
     def _abort(grpc_context, err: RequestFailed) -> None:
@@ -200,7 +207,7 @@ class Router:
             finish_reason=FINISH[reason],
             text=full,
             slots=slots,
-            request_id=prepared.engine.request_id,
+            request_id=prepared.client_request_id,
         )
         return pb.GenerateEvent(final=final)
 

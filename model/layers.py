@@ -32,6 +32,33 @@ class RMSNorm(nn.Module):
         return out.type_as(x)
 
 
+# CPU GEMM kernels round differently for fewer than 4 rows (measured: n = 1..3 differ from the same rows
+# inside a larger product, n >= 4 match bit for bit). Products are padded to at least this many rows so a
+# token's result never depends on how many other tokens shared its matmul: batch-invariant outputs.
+MIN_GEMM_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T, batch-invariant (see MIN_GEMM_ROWS)."""
+    flat = x.reshape(-1, x.shape[-1])
+    n = flat.shape[0]
+    if n < MIN_GEMM_ROWS:
+        out = F.linear(F.pad(flat, (0, 0, 0, MIN_GEMM_ROWS - n)), weight)[:n]
+    else:
+        out = F.linear(flat, weight)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias whose product is batch-invariant."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -39,9 +66,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -81,10 +108,10 @@ class Attention(nn.Module):
         self.spec = spec
         self.num_heads = config.num_heads
         d, D = spec.head_dim, config.hidden_size
-        self.q_proj = nn.Linear(D, config.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(D, spec.num_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(D, spec.num_kv_heads * d, bias=False) if spec.has_v_proj else None
-        self.o_proj = nn.Linear(config.num_heads * d, D, bias=False)
+        self.q_proj = Linear(D, config.num_heads * d)
+        self.k_proj = Linear(D, spec.num_kv_heads * d)
+        self.v_proj = Linear(D, spec.num_kv_heads * d) if spec.has_v_proj else None
+        self.o_proj = Linear(config.num_heads * d, D)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
@@ -103,16 +130,33 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, H, T, d], k/v [B, G, S, d], mask [B, T, S] bool -> [B, T, H*d] projected to [B, T, D]."""
-        B, _, T, _ = q.shape
+        """q [B, H, T, d], k/v [B, G, S, d], mask [B, T, S] bool -> [B, T, D].
+
+        Rows of a batch are padded to a common length. Each row attends over its own valid queries and keys
+        only — exactly the tensors a batch of one would see — so padding cannot change a row's rounding and a
+        request's output does not depend on its batch-mates (varlen attention does the same on GPUs)."""
+        B, H, T, d = q.shape
+        if B == 1:
+            out = self._sdpa(q, k, v, mask)
+        else:
+            out = q.new_zeros(B, H, T, d)
+            for b in range(B):
+                qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
+                ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
+                sub = mask[b][qi][:, ki][None]
+                out[b, :, qi] = self._sdpa(
+                    q[b : b + 1, :, qi], k[b : b + 1, :, ki], v[b : b + 1, :, ki], sub
+                )[0]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         groups = self.num_heads // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        # Rows that see no key at all (pure padding) would produce NaN; give them one harmless key.
+        # Queries that see no key at all (pure padding) would produce NaN; give them one harmless key.
         mask = mask | ~mask.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
 
 
 def attention_mask(

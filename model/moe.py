@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.layers import RMSNorm, gelu_tanh
+from model.layers import Linear, RMSNorm, gelu_tanh, linear
 
 
 class Router(nn.Module):
@@ -28,7 +28,7 @@ class Router(nn.Module):
         self.top_k = top_k
         self.scalar_root = hidden**-0.5
         self.norm = RMSNorm(hidden, eps, with_scale=False)
-        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.proj = Linear(hidden, num_experts)
         self.scale = nn.Parameter(torch.ones(hidden))
         self.per_expert_scale = nn.Parameter(torch.ones(num_experts))
 
@@ -84,8 +84,8 @@ class ExpertBank(nn.Module):
             tok = d.token[start : start + n]
             slot = d.slot[start : start + n]
             start += n
-            gate, up = (x[tok] @ self.gate_up_proj[e].T).chunk(2, dim=-1)  # [n, I] each
-            y = (gelu_tanh(gate) * up) @ self.down_proj[e].T  # [n, D]
+            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, D]
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
 

@@ -19,7 +19,9 @@ class TokenizerError(ValueError):
 
 def _byte_decoder() -> dict[str, int]:
     """Inverse of the GPT-2 byte-level alphabet (printable bytes map to themselves, others to U+0100+)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    )
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -36,7 +38,9 @@ class Tokenizer:
         self.pad_id, self.eos_id, self.bos_id = pad_id, eos_id, bos_id
 
     @classmethod
-    def from_dir(cls, path: str | Path, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 2) -> Tokenizer:
+    def from_dir(
+        cls, path: str | Path, pad_id: int = 0, eos_id: int = 1, bos_id: int | None = 2
+    ) -> Tokenizer:
         file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
         if not file.exists():
             raise TokenizerError(f"no tokenizer.json at {file}; the checkpoint directory must contain one")

@@ -35,6 +35,13 @@ def test_health_serving_and_model_info(app):
     assert info.defaults.max_denoising_steps == 48 and info.max_rows == 8
 
 
+def test_request_id_is_echoed(app):
+    req = request(max_new=3)
+    req.request_id = "client-42"
+    assert app.stub.Generate(req, timeout=60).request_id == "client-42"
+    assert list(app.stub.GenerateStream(req, timeout=60))[-1].final.request_id == "client-42"
+
+
 def test_unary_returns_exactly_max_new_tokens_unless_eos(app):
     tok = Tokenizer.from_dir(app.model_path)
     for max_new in (1, 17, 40):

@@ -18,16 +18,6 @@ D, INNER, E = 32, 24, 8
 ATOL, RTOL = 1e-5, 1e-5  # fp32; the bank and the loop add the same terms in a different order
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
-    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _bank(first: int, count: int, full: ExpertBank | None = None, seed: int = 0) -> ExpertBank:
     """A bank of experts [first, first + count); a slice of `full` when given, so shards share weights."""
     bank = ExpertBank(D, INNER, first, count)

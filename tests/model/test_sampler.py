@@ -42,16 +42,6 @@ CFG = from_name("tiny-test")  # vocab 512, hidden 64, canvas 16
 V, L, D = CFG.vocab_size, CFG.canvas_length, CFG.hidden_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
-    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> DiffusionGemma:
     m = init_random(DiffusionGemma(CFG), seed=0)

@@ -29,16 +29,6 @@ E = 8  # experts in the tiny checkpoints
 EXPERT_TENSOR = ".experts."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine every parallel region
-    waits for a descheduled thread (~50 ms per op): one thread keeps this file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt")
