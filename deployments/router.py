@@ -141,45 +141,46 @@ class Router:
         all_tokens: list[int] = []
         stream = self.engine.options(stream=True).generate.remote(prepared.engine)
         try:
-            async for ev in stream:
-                if isinstance(ev, DraftEvent):
-                    yield pb.GenerateEvent(
-                        draft=pb.Draft(
-                            canvas_index=ev.canvas_index,
-                            step=ev.step,
-                            token_ids=ev.token_ids,
-                            text=self.tokenizer.decode(ev.token_ids),
-                            accepted=ev.accepted,
-                        )
-                    )
-                elif isinstance(ev, CanvasEvent):
-                    all_tokens.extend(ev.token_ids)
-                    ids = (
-                        [t for t in ev.token_ids if t != self.config.pad_token_id]
-                        if prepared.layout
-                        else ev.token_ids
-                    )
-                    delta = text.add(ids, final=ev.last)
-                    yield pb.GenerateEvent(
-                        canvas=pb.Canvas(
-                            canvas_index=ev.canvas_index,
-                            text_delta=delta,
-                            token_ids=ev.token_ids,
-                            steps=ev.steps,
-                        )
-                    )
-                    if text.stopped:
-                        yield self._final(prepared, text, all_tokens, None, "stop")
+            async for batch in stream:
+                for event in self._translate(batch, prepared, text, all_tokens):
+                    yield event
+                    if event.HasField("final"):
                         return
-                elif isinstance(ev, FinalEvent):
-                    yield self._final(prepared, text, all_tokens, ev, ev.finish_reason)
-                    return
-                elif isinstance(ev, ErrorEvent):
-                    raise RequestFailed(
-                        getattr(grpc.StatusCode, ev.code, grpc.StatusCode.INTERNAL), ev.message
-                    )
         finally:
             stream.cancel()  # no-op when finished; frees the engine row when the client went away
+
+    def _translate(self, batch, prepared: Prepared, text: TextAssembler, all_tokens: list[int]):
+        """One batch of engine events -> GenerateEvents (a final event ends the request)."""
+        for ev in batch:
+            if isinstance(ev, DraftEvent):
+                yield pb.GenerateEvent(draft=self._draft(ev))
+            elif isinstance(ev, CanvasEvent):
+                all_tokens.extend(ev.token_ids)
+                pad = self.config.pad_token_id
+                ids = [t for t in ev.token_ids if t != pad] if prepared.layout else ev.token_ids
+                delta = text.add(ids, final=ev.last)
+                canvas = pb.Canvas(
+                    canvas_index=ev.canvas_index, text_delta=delta, token_ids=ev.token_ids, steps=ev.steps
+                )
+                yield pb.GenerateEvent(canvas=canvas)
+                if text.stopped:
+                    yield self._final(prepared, text, all_tokens, None, "stop")
+                    return
+            elif isinstance(ev, FinalEvent):
+                yield self._final(prepared, text, all_tokens, ev, ev.finish_reason)
+                return
+            elif isinstance(ev, ErrorEvent):
+                code = getattr(grpc.StatusCode, ev.code, grpc.StatusCode.INTERNAL)
+                raise RequestFailed(code, ev.message)
+
+    def _draft(self, ev: DraftEvent) -> pb.Draft:
+        return pb.Draft(
+            canvas_index=ev.canvas_index,
+            step=ev.step,
+            token_ids=ev.token_ids,
+            text=self.tokenizer.decode(ev.token_ids),
+            accepted=ev.accepted,
+        )
 
     def _final(self, prepared: Prepared, text: TextAssembler, all_tokens, ev: FinalEvent | None, reason: str):
         text.add([], final=True)  # flush a held-back tail; Final.text is the authoritative full text

@@ -48,8 +48,13 @@ class TensorSource:
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
             files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
         elif (path / "model.safetensors").exists():
             files, weight_map = ["model.safetensors"], None
         else:

@@ -217,12 +217,6 @@ def test_draw_fast_matches_full_vocabulary_computation(model, monkeypatch, chunk
     assert ((fast.sampled >= 0) & (fast.sampled < V)).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="draw_fast computes entropy as log(s0) + m - s1/s0 with s1 = sum(e * logit): m and s1/s0 are both "
-    "~max|logit/t| and cancel, losing ~max|logit/t| * eps (1e-5 at logits/t ~ 20). Fix: accumulate s1 on logits "
-    "centred on the running max (see the report); then drop this marker.",
-)
 @pytest.mark.parametrize("chunk", [8192, 100])
 @torch.no_grad()
 def test_fast_entropy_is_as_precise_as_the_full_softmax(model, monkeypatch, chunk):

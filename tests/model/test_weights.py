@@ -340,3 +340,18 @@ def test_save_model_loads_in_transformers_with_matching_logits(tmp_path):
 def test_saving_a_shard_is_refused(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="holds a shard"):
         save_model(load_model(ckpt, experts=range(0, 4)), tmp_path)
+
+
+def test_broken_shard_index_is_a_checkpoint_error(tmp_path):
+    from model.transformer import DiffusionGemma
+    from model.weights import CheckpointError, init_random, save_model
+
+    save_model(init_random(DiffusionGemma(from_name("tiny-test")), seed=0), tmp_path)
+    (tmp_path / "model.safetensors").rename(tmp_path / "part-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        load_model(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"model.decoder.norm.weight": "part-2.safetensors"}}))
+    with pytest.raises(CheckpointError, match="part-2.safetensors"):
+        load_model(tmp_path)
