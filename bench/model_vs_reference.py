@@ -42,16 +42,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: repo packages + tests
+
+from model.config import TINY_VISION_CONFIG  # noqa: E402
+from tests.tiny import reference_generate  # noqa: E402
+
 SLIDING, FULL = "sliding_attention", "full_attention"
 MEMORY_VOCAB, MEMORY_CANVAS, MEMORY_HIDDEN = 262_144, 256, 128
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -79,7 +76,7 @@ def _reference_model(vocab: int, hidden: int, layer_types: list[str], canvas: in
             moe_intermediate_size=hidden // 2,
             layer_types=list(layer_types),
         ),
-        vision_config=VISION,
+        vision_config=TINY_VISION_CONFIG,
         canvas_length=canvas,
     )
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
@@ -97,7 +94,6 @@ def _save(model, path: Path) -> Path:
 
 
 def _bench_speed(workdir: Path, repeats: int) -> dict:
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
     from model.generate import generate
     from model.sampler import SamplingParams
@@ -115,19 +111,7 @@ def _bench_speed(workdir: Path, repeats: int) -> dict:
 
     @torch.no_grad()
     def run_ref(seed: int, p: SamplingParams = params):
-        torch.manual_seed(seed)
-        out = ref.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=p.max_new_tokens,
-            max_denoising_steps=p.max_denoising_steps,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=p.entropy_bound),
-            t_min=p.t_min,
-            t_max=p.t_max,
-            stability_threshold=p.stability_threshold,
-            confidence_threshold=p.confidence_threshold,
-            eos_token_id=None,
-        )
-        return out.sequences[0, len(prompt) :].tolist()[: p.max_new_tokens], None
+        return reference_generate(ref, prompt, p, seed, eos=None)[: p.max_new_tokens], None
 
     runners = {
         "ours rng=fast": lambda s, p=params: run_ours("fast", s, p),
@@ -297,23 +281,12 @@ def _child_generate_ours(path: str, rng: str) -> dict:
 
 def _child_generate_reference(path: str) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path).eval()
     params, prompt = _generate_settings()
 
     def work():
-        torch.manual_seed(0)
-        model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=params.max_new_tokens,
-            max_denoising_steps=params.max_denoising_steps,
-            sampler_config=EntropyBoundSamplerConfig(entropy_bound=params.entropy_bound),
-            t_min=params.t_min,
-            t_max=params.t_max,
-            stability_threshold=params.stability_threshold,
-            confidence_threshold=params.confidence_threshold,
-        )
+        reference_generate(model, prompt, params, 0, eos=model.generation_config.eos_token_id)
 
     with torch.no_grad():
         return _measure(work)

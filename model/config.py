@@ -200,12 +200,12 @@ class ModelConfig:
             "canvas_length": self.canvas_length,
             "tie_word_embeddings": True,
             "text_config": text,
-            "vision_config": _TINY_VISION,
+            "vision_config": TINY_VISION_CONFIG,
         }
 
 
 # A minimal vision tower config so transformers can instantiate the class; blockserve serves text and skips it.
-_TINY_VISION = {
+TINY_VISION_CONFIG = {
     "model_type": "gemma4_vision",
     "hidden_size": 32,
     "intermediate_size": 64,

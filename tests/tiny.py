@@ -4,7 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model.config import TINY_VISION_CONFIG
+
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def reference_generate(ref, prompt: list[int], params, seed: int, eos: int | None) -> list[int]:
+    """transformers' `generate` (after `torch.manual_seed(seed)`) with our SamplingParams; the tokens after the
+    prompt (whole canvases, EOS and padding included)."""
+    import torch
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    torch.manual_seed(seed)
+    out = ref.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=params.max_new_tokens,
+        max_denoising_steps=params.max_denoising_steps,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=params.entropy_bound),
+        t_min=params.t_min,
+        t_max=params.t_max,
+        stability_threshold=params.stability_threshold,
+        confidence_threshold=params.confidence_threshold,
+        eos_token_id=eos,
+    )
+    return out.sequences[0, len(prompt) :].tolist()
 
 
 def reference_checkpoint(
@@ -40,14 +63,7 @@ def reference_checkpoint(
             moe_intermediate_size=32,
             layer_types=list(layer_types),
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=16,
-        ),
+        vision_config=TINY_VISION_CONFIG,
         canvas_length=canvas_length,
     )
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()

@@ -11,20 +11,11 @@ import copy
 import pytest
 import torch
 
-from model.config import FULL, SLIDING, ConfigError, ModelConfig, from_name
+from model.config import FULL, SLIDING, TINY_VISION_CONFIG, ConfigError, ModelConfig, from_name
 from model.layers import rope_inv_freq
 from model.transformer import DiffusionGemma
 
 transformers = pytest.importorskip("transformers")
-
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-)
 
 
 def _text(**overrides):
@@ -51,7 +42,7 @@ def _text(**overrides):
 def _hf(text: dict, canvas_length: int = 16):
     """(config.json dict as save_pretrained writes it, the transformers model built from it)."""
     cfg = transformers.DiffusionGemmaConfig(
-        text_config=text, vision_config=VISION, canvas_length=canvas_length
+        text_config=text, vision_config=TINY_VISION_CONFIG, canvas_length=canvas_length
     )
     torch.manual_seed(0)
     return cfg.to_dict(), transformers.DiffusionGemmaForBlockDiffusion(cfg)

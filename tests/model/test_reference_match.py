@@ -12,11 +12,10 @@ from model.kv_cache import PrefixBatch
 from model.sampler import SamplingParams
 from model.transformer import TokenBatch
 from model.weights import load_model
-from tests.tiny import FULL, SLIDING, reference_checkpoint
+from tests.tiny import FULL, SLIDING, reference_checkpoint, reference_generate
 
 transformers = pytest.importorskip("transformers")
 from transformers.cache_utils import DynamicCache  # noqa: E402
-from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # noqa: E402
 
 ATOL = 2e-5
 
@@ -85,19 +84,7 @@ def test_batched_rows_with_different_prefixes_match_single_rows(pair):
 
 
 def _reference_tokens(ref, prompt, params: SamplingParams, seed: int, eos: int | None):
-    torch.manual_seed(seed)
-    out = ref.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=params.max_new_tokens,
-        max_denoising_steps=params.max_denoising_steps,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=params.entropy_bound),
-        t_min=params.t_min,
-        t_max=params.t_max,
-        stability_threshold=params.stability_threshold,
-        confidence_threshold=params.confidence_threshold,
-        eos_token_id=eos,
-    )
-    seq = out.sequences[0, len(prompt) :].tolist()
+    seq = reference_generate(ref, prompt, params, seed, eos)
     if eos is not None and eos in seq:
         return seq[: seq.index(eos)]
     return seq[: params.max_new_tokens]
