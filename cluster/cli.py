@@ -34,7 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     config.model_path()  # fail before starting Ray if there is no checkpoint
     ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
+        signal.signal(sig, lambda *_: stop.set())
     try:
         start(config)
         print(
@@ -121,6 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _print_final(final, seconds: float) -> None:
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
     s = final.stats
     print()
     for slot in final.slots:
@@ -129,7 +132,7 @@ def _print_final(final, seconds: float) -> None:
         f"-- {final.usage.completion_tokens} tokens in {seconds:.2f}s "
         f"({final.usage.completion_tokens / max(seconds, 1e-9):.1f} tokens/s), {s.canvases} canvases, "
         f"steps per canvas {list(s.steps_per_canvas)}, {s.tokens_per_forward:.2f} tokens/forward, "
-        f"finish {final.finish_reason}",
+        f"finish {pb.FinishReason.Name(final.finish_reason).removeprefix('FINISH_REASON_').lower()}",
         file=sys.stderr,
     )
 
