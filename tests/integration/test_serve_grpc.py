@@ -204,3 +204,42 @@ def test_streams_run_concurrently_from_threads(app):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_full_engine_queue_answers_resource_exhausted(app):
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import ClusterConfig
+
+    small = ClusterConfig.model_validate(
+        {"model": {"path": str(app.model_path)}, "engine": {"max_rows": 1, "max_queue": 1}}
+    )
+    serve.run(build_app(small), name="small", route_prefix="/small")
+    meta = (("application", "small"),)
+    long = request(max_new=4000, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9)
+    try:
+        running = app.stub.GenerateStream(long, timeout=120, metadata=meta)
+        next(running)  # holds the only row
+        queued = app.stub.GenerateStream(long, timeout=120, metadata=meta)
+        queued_first = []
+        waiter = threading.Thread(
+            target=lambda: queued_first.append(next(queued))
+        )  # waits in the engine queue
+        waiter.start()
+
+        def rejected():
+            try:
+                app.stub.Generate(request(max_new=5), timeout=30, metadata=meta)
+            except grpc.RpcError as e:
+                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.details()
+            return False
+
+        wait_for(rejected, timeout=30, what="RESOURCE_EXHAUSTED from the full queue")
+        running.cancel()
+        waiter.join(timeout=60)
+        queued.cancel()
+        ok = app.stub.Generate(request(max_new=5), timeout=60, metadata=meta)  # capacity is back
+        assert ok.usage.completion_tokens > 0
+    finally:
+        serve.delete("small")
