@@ -31,7 +31,6 @@ from deployments.scheduler import CanvasEvent, Scheduler, SchedulerLimits  # noq
 from model.config import ModelConfig  # noqa: E402
 from model.sampler import SamplingParams  # noqa: E402
 from model.structured import fill  # noqa: E402
-from model.token_classes import token_classes_for  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.weights import load_model  # noqa: E402
 from protos.blockserve.v1 import blockserve_pb2 as pb  # noqa: E402
