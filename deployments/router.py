@@ -156,9 +156,11 @@ class Router:
                 yield pb.GenerateEvent(draft=self._draft(ev))
             elif isinstance(ev, CanvasEvent):
                 all_tokens.extend(ev.token_ids)
-                pad = self.config.pad_token_id
-                ids = [t for t in ev.token_ids if t != pad] if prepared.layout else ev.token_ids
-                delta = text.add(ids, final=ev.last)
+                if prepared.layout is None:
+                    delta = text.add(ev.token_ids, final=ev.last)
+                else:  # filler removal and normalisation need the whole layout: the text comes at the end
+                    text.tokens.extend(t for t in ev.token_ids if t != self.config.pad_token_id)
+                    delta = self._slots(prepared, all_tokens)[0] if ev.last else ""
                 canvas = pb.Canvas(
                     canvas_index=ev.canvas_index, text_delta=delta, token_ids=ev.token_ids, steps=ev.steps
                 )

@@ -72,6 +72,7 @@ def test_infill_stream_reports_the_same_result(app):
     events = list(app.stub.GenerateStream(req, timeout=120))
     final = events[-1].final
     assert final.text == unary.text
+    assert "".join(e.canvas.text_delta for e in events if e.HasField("canvas")) == final.text
     assert [(s.name, s.text) for s in final.slots] == [(s.name, s.text) for s in unary.slots]
 
 
