@@ -70,6 +70,8 @@ class TextAssembler:
         self.stopped = False
 
     def add(self, ids: list[int], final: bool = False) -> str:
+        if self.stopped:  # the text ends at the stop string; tokens past it are not part of the answer
+            return ""
         self.tokens.extend(ids)
         text = self.tokenizer.decode(self.tokens)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)

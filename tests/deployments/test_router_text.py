@@ -33,6 +33,16 @@ def test_stop_string_truncates_text_and_tokens(tok):
     out = asm.add(ids)
     assert asm.stopped and out == "alpha beta "
     assert tok.decode(asm.tokens) == "alpha beta "
+    assert asm.add(tok.encode(" more"), final=True) == "" and asm.sent == "alpha beta "
+
+
+def test_stop_inside_a_token_keeps_the_text_before_it(tok):
+    ids = tok.encode("x\n    return y")
+    asm = TextAssembler(tok, [" "])  # the stop string starts inside a multi-character token
+    assert asm.add(ids) == "x\n"
+    asm.add([], final=True)  # the final flush must not re-derive the text from whole tokens only
+    assert asm.sent == "x\n"
+    assert len(tok.decode(asm.tokens)) <= len("x\n")
 
 
 def test_special_tokens_have_no_bytes_and_decode_to_nothing(tok):
