@@ -216,28 +216,24 @@ def test_full_engine_queue_answers_resource_exhausted(app):
         {"model": {"path": str(app.model_path)}, "engine": {"max_rows": 1, "max_queue": 1}}
     )
     serve.run(build_app(small), name="small", route_prefix="/small")
+    engine = serve.get_deployment_handle("Engine", "small")
     meta = (("application", "small"),)
     long = request(max_new=4000, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9)
     try:
         running = app.stub.GenerateStream(long, timeout=120, metadata=meta)
         next(running)  # holds the only row
         queued = app.stub.GenerateStream(long, timeout=120, metadata=meta)
-        queued_first = []
-        waiter = threading.Thread(
-            target=lambda: queued_first.append(next(queued))
-        )  # waits in the engine queue
-        waiter.start()
-
-        def rejected():
-            try:
-                app.stub.Generate(request(max_new=5), timeout=30, metadata=meta)
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.details()
-            return False
-
-        wait_for(rejected, timeout=30, what="RESOURCE_EXHAUSTED from the full queue")
+        wait_for(
+            lambda: engine.stats.remote().result()["queued_requests"] == 1,
+            timeout=30,
+            what="a queued request",
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            app.stub.Generate(request(max_new=5), timeout=30, metadata=meta)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in err.value.details()
         running.cancel()
-        waiter.join(timeout=60)
+        assert next(queued)  # the queued request gets the freed row
         queued.cancel()
         ok = app.stub.Generate(request(max_new=5), timeout=60, metadata=meta)  # capacity is back
         assert ok.usage.completion_tokens > 0
