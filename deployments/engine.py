@@ -134,6 +134,12 @@ class Engine:
                 self._inbox.put(("cancel", request.request_id))
                 self._wake.set()
 
+    def cancel(self, request_id: str) -> None:
+        """Free a request's row. The Router calls this explicitly when its client goes away: closing the
+        streaming call alone does not always reach this generator's `finally` promptly."""
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
     def ready(self) -> bool:
         return self._thread.is_alive() and self._error is None
 

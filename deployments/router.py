@@ -142,14 +142,18 @@ class Router:
         text = TextAssembler(self.tokenizer, prepared.stop)
         all_tokens: list[int] = []
         stream = self.engine.options(stream=True).generate.remote(prepared.engine)
+        finished = False
         try:
             async for batch in stream:
                 for event in self._translate(batch, prepared, text, all_tokens):
                     yield event
-                    if event.HasField("final"):
+                    finished = event.HasField("final")
+                    if finished:
                         return
         finally:
-            stream.cancel()  # no-op when finished; frees the engine row when the client went away
+            if not finished:  # client cancelled, deadline passed, or an error: free the engine row now
+                stream.cancel()
+                self.engine.cancel.remote(prepared.engine.request_id)
 
     def _translate(self, batch, prepared: Prepared, text: TextAssembler, all_tokens: list[int]):
         """One batch of engine events -> GenerateEvents (a final event ends the request)."""

@@ -27,6 +27,13 @@ def request(prompt="def add(a, b):", max_new=20, seed=7, drafts=False, **samplin
     return req
 
 
+def long_request(drafts: bool = True) -> pb.GenerateRequest:
+    """Minutes of work that cannot end early: a template slot has no EOS, and no canvas is ever confident."""
+    req = request(max_new=0, drafts=drafts, max_denoising_steps=48, confidence_threshold=1e-9)
+    req.template.parts.add(slot=pb.Slot(name="essay", max_tokens=4000))
+    return req
+
+
 def test_health_serving_and_model_info(app):
     assert app.serving()
     info = app.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
@@ -158,8 +165,7 @@ def test_invalid_request_does_not_disturb_a_stream_in_flight(app):
 
 
 def test_cancelling_a_stream_frees_its_row(app):
-    long = request(max_new=400, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9)
-    stream = app.stub.GenerateStream(long, timeout=300)
+    stream = app.stub.GenerateStream(long_request(), timeout=300)
     next(stream)
     wait_for(lambda: app.engine_stats()["active_rows"] >= 1, timeout=30, what="the row to be active")
     stream.cancel()
@@ -167,9 +173,8 @@ def test_cancelling_a_stream_frees_its_row(app):
 
 
 def test_deadline_frees_the_row(app):
-    long = request(max_new=4000, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9)
     with pytest.raises(grpc.RpcError) as err:
-        for _ in app.stub.GenerateStream(long, timeout=1.5):
+        for _ in app.stub.GenerateStream(long_request(), timeout=1.5):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: app.engine_stats()["active_rows"] == 0, timeout=30, what="the expired row to be freed")
@@ -213,12 +218,15 @@ def test_full_engine_queue_answers_resource_exhausted(app):
     from cluster.config import ClusterConfig
 
     small = ClusterConfig.model_validate(
-        {"model": {"path": str(app.model_path)}, "engine": {"max_rows": 1, "max_queue": 1}}
+        {
+            "model": {"path": str(app.model_path)},
+            "engine": {"max_rows": 1, "max_queue": 1},
+        }
     )
     serve.run(build_app(small), name="small", route_prefix="/small")
     engine = serve.get_deployment_handle("Engine", "small")
     meta = (("application", "small"),)
-    long = request(max_new=4000, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9)
+    long = long_request(drafts=False)
     try:
         running = app.stub.GenerateStream(long, timeout=120, metadata=meta)
         next(running)  # holds the only row
@@ -235,6 +243,12 @@ def test_full_engine_queue_answers_resource_exhausted(app):
         running.cancel()
         assert next(queued)  # the queued request gets the freed row
         queued.cancel()
+        idle = lambda: engine.stats.remote().result()  # noqa: E731
+        wait_for(
+            lambda: idle()["active_rows"] == 0 and idle()["queued_requests"] == 0,
+            timeout=30,
+            what=f"cancelled rows to be freed: {idle()}",
+        )
         ok = app.stub.Generate(request(max_new=5), timeout=60, metadata=meta)  # capacity is back
         assert ok.usage.completion_tokens > 0
     finally:
