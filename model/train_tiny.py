@@ -64,7 +64,7 @@ def tiny_config(vocab_size: int) -> ModelConfig:
             canvas_length=32,
             name=PRESET,
         )
-    # build_config leaves bos unset; the tokenizer's ids are the model's (pad 0, eos 1, bos 2).
+    # The special ids come from the tokenizer (pad 0, eos 1, bos 2), so model and tokenizer cannot disagree.
     return dataclasses.replace(
         config, pad_token_id=bpe.PAD_ID, eos_token_ids=(bpe.EOS_ID,), bos_token_id=bpe.BOS_ID, name=PRESET
     )
