@@ -51,7 +51,7 @@ serve: venv
 	$(VENV)/bin/blockserve serve $(if $(CONFIG),--config $(CONFIG))
 
 tiny-model: venv
-	$(PY) -m model.train_tiny
+	$(PY) -m model.training.train_tiny
 
 # Every bench/*.py script (not _private helpers), in name order; each prints its own figures.
 bench: venv

@@ -29,9 +29,9 @@ from cluster.env import DEFAULT_MODEL_PATH  # noqa: E402
 from deployments.requests import RequestLimits, prepare  # noqa: E402
 from deployments.scheduler import CanvasEvent, Scheduler, SchedulerLimits  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.sampler import SamplingParams  # noqa: E402
-from model.structured import fill  # noqa: E402
-from model.token_classes import token_classes_for  # noqa: E402
+from model.sampling.sampler import SamplingParams  # noqa: E402
+from model.structured.templates import fill  # noqa: E402
+from model.structured.token_classes import token_classes_for  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from model.weights import load_model  # noqa: E402
 from protos.blockserve.v1 import blockserve_pb2 as pb  # noqa: E402

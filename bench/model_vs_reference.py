@@ -17,7 +17,7 @@ Two parts, one run:
    /proc/self/clear_refs after setup) over its resident memory before the measured work. torch's CPU
    allocations are invisible to tracemalloc, hence the OS counter.
    - sampler: two consecutive denoising steps' sampling work for one row, on a decoder output [1, 256, D]
-     and an embedding table [262,144, D] that already exist. Ours: `model.sampler.step` (rng="fast"). The
+     and an embedding table [262,144, D] that already exist. Ours: `model.sampling.sampler.step` (rng="fast"). The
      reference's: the calls of `DiffusionGemmaGenerationMixin._denoising_step` after the decoder forward (LM head
      + soft-cap into [1, 256, V] fp32, temperature processor, softmax, multinomial, argmax,
      `EntropyBoundSampler` accept/renoise, `StableAndConfidentStoppingCriteria`) plus the self-conditioning input the
@@ -95,8 +95,8 @@ def _save(model, path: Path) -> Path:
 
 def _bench_speed(workdir: Path, repeats: int) -> dict:
 
-    from model.generate import generate
-    from model.sampler import SamplingParams
+    from model.sampling.generate import generate
+    from model.sampling.params import SamplingParams
     from model.weights import load_model
 
     ref = _reference_model(4096, 128, [SLIDING, SLIDING, SLIDING, FULL], canvas=64, seed=0)
@@ -200,7 +200,8 @@ class _Head(torch.nn.Module):
 
 
 def _child_sampler_ours() -> dict:
-    from model.sampler import RowState, SamplingParams, step
+    from model.sampling.params import SamplingParams
+    from model.sampling.sampler import RowState, step
 
     cfg, weight, hidden = _sampler_inputs()
     head = _Head(cfg, weight)
@@ -264,13 +265,13 @@ def _child_sampler_reference() -> dict:
 
 
 def _generate_settings():
-    from model.sampler import SamplingParams
+    from model.sampling.params import SamplingParams
 
     return SamplingParams(max_new_tokens=MEMORY_CANVAS, max_denoising_steps=2), [5, 6, 7, 8, 9, 10, 11, 12]
 
 
 def _child_generate_ours(path: str, rng: str) -> dict:
-    from model.generate import generate
+    from model.sampling.generate import generate
     from model.weights import load_model
 
     model = load_model(path)

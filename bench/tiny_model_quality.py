@@ -3,13 +3,13 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/tiny_model_quality.py [--model DIR] [--prompts 12]
 
 Both models share the checkpoint's config and tokenizer; the random one is `model.weights.init_random` with
-`--random-seed` (seed 0 is the trained model's own starting point in `model/train_tiny.py`). Rows:
-- held-out denoising / encoder LM loss: `model.train.evaluate` (the training objective, first decoder pass
+`--random-seed` (seed 0 is the trained model's own starting point in `model/training/train_tiny.py`). Rows:
+- held-out denoising / encoder LM loss: `model.training.train.evaluate` (the training objective, first decoder pass
   without self-conditioning, on fixed windows and noise drawn from its own seed) over the held-out split of
-  `model.corpus.build_corpus()`, with the window size and count the training run logged, so the trained
+  `model.training.corpus.build_corpus()`, with the window size and count the training run logged, so the trained
   column should equal the last held-out figure in `training_log.json` (printed beside it as a check);
 - generation from N held-out prompts (`<bos>` + the first `--prompt-tokens` tokens of each held-out file),
-  `--canvases` canvases each, with `model.generate.generate(rng="fast")` at `SamplingParams()` defaults:
+  `--canvases` canvases each, with `model.sampling.generate.generate(rng="fast")` at `SamplingParams()` defaults:
   tokens per forward (delivered tokens / decoder forwards over all prompts), mean denoising steps per canvas,
   and the early-stop rate (canvases that stopped before `max_denoising_steps`). Two diagnostics say what holds
   canvases back: positions the entropy bound accepts per step (of the canvas length), and the fraction of
@@ -37,12 +37,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.corpus import build_corpus  # noqa: E402
-from model.generate import GenerateResult, generate  # noqa: E402
-from model.sampler import SamplingParams  # noqa: E402
+from model.sampling.generate import GenerateResult, generate  # noqa: E402
+from model.sampling.sampler import SamplingParams  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from model.train import TokenData, TrainConfig, evaluate  # noqa: E402
-from model.train_tiny import DEFAULT_OUT  # noqa: E402
+from model.training.corpus import build_corpus  # noqa: E402
+from model.training.train import TokenData, TrainConfig, evaluate  # noqa: E402
+from model.training.train_tiny import DEFAULT_OUT  # noqa: E402
 from model.transformer import DiffusionGemma  # noqa: E402
 from model.weights import init_random, load_model  # noqa: E402
 
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint {args.model}: {counts['total']:,} params, vocab {config.vocab_size}{trained_for}")
     print(
         f"held-out: {len(corpus.heldout_texts)} files, {heldout.num_tokens:,} tokens; losses from "
-        f"model.train.evaluate on {tc.eval_windows} windows x {tc.window} tokens"
+        f"model.training.train.evaluate on {tc.eval_windows} windows x {tc.window} tokens"
     )
     print(
         f"generation: {len(prompts)} prompts (<bos> + first {args.prompt_tokens} tokens of a held-out file), "

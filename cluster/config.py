@@ -17,7 +17,7 @@ from deployments.engine import EngineSettings
 from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
 from deployments.scheduler import SchedulerLimits
-from model.sampler import SamplingParams
+from model.sampling.params import SamplingParams
 
 
 class _Strict(BaseModel):

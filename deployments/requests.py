@@ -13,10 +13,16 @@ from dataclasses import dataclass, field
 
 from deployments.scheduler import EngineRequest
 from model.config import ModelConfig
-from model.json_schema import InvalidSchemaError, SchemaLimits, UnsupportedSchemaError, compile_schema
-from model.sampler import CanvasConstraint, SamplingParams
-from model.structured import Fixed, Layout, Slot, Template, TemplateError, TemplateLimits, layout
-from model.token_classes import token_classes_for
+from model.sampling.params import SamplingParams
+from model.sampling.sampler import CanvasConstraint
+from model.structured.json_schema import (
+    InvalidSchemaError,
+    SchemaLimits,
+    UnsupportedSchemaError,
+    compile_schema,
+)
+from model.structured.templates import Fixed, Layout, Slot, Template, TemplateError, TemplateLimits, layout
+from model.structured.token_classes import token_classes_for
 from model.tokenizer import Tokenizer
 from protos.blockserve.v1 import blockserve_pb2 as pb
 

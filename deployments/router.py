@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2
 from deployments.requests import InvalidRequest, Prepared, RequestLimits, prepare
 from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent
 from model.config import ModelConfig
-from model.sampler import SamplingParams
-from model.structured import fill
+from model.sampling.params import SamplingParams
+from model.structured.templates import fill
 from model.tokenizer import Tokenizer
 from protos.blockserve.v1 import blockserve_pb2 as pb
 

@@ -9,12 +9,12 @@ Every `iterate()`:
      canvases that finished in the previous iteration;
   4. start a fresh canvas for every sequence that needs one;
   5. one batched decoder forward over every active canvas — rows at different steps, with different prefix
-     lengths, temperatures and stopping states — then the sampler step (model/sampler.py);
+     lengths, temperatures and stopping states — then the sampler step (model/sampling/sampler.py);
   6. emit events: a draft per row that asked for them, a committed canvas per finished row, a final event for
      finished requests.
 
 A request's tokens do not depend on its batch-mates: each sequence owns its `torch.Generator`, its cache and its
-row state, and the sampler draws per row (see model/sampler.py). The plain loop `model.generate.generate` is the
+row state, and the sampler draws per row (see model/sampling/sampler.py). The plain loop `model.sampling.generate.generate` is the
 reference this scheduler is tested against.
 """
 
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.generate import first_eos
 from model.kv_cache import PrefixBatch, SequenceCache
-from model.sampler import CanvasConstraint, RowState, SamplingParams, StepDraws, advance, draw_fast
+from model.sampling.generate import first_eos
+from model.sampling.params import SamplingParams
+from model.sampling.sampler import CanvasConstraint, RowState, StepDraws, advance, draw_fast
 from model.transformer import DiffusionGemma, TokenBatch
 
 

@@ -6,7 +6,7 @@ Shape legend: B rows, T new tokens, L canvas, S cached tokens, D hidden, V vocab
   `SequenceCache`. Used for prompt prefill and to commit every finished canvas.
 - `denoise` (decoder mode): bidirectional attention over [cached prefix | canvas]; reads the cache, never
   writes it. Self-conditioning enters as soft embeddings [B, L, D] (softmax(previous logits) @ embeddings),
-  never as [B, L, V] logits — see model/sampler.py for how they are produced in vocabulary chunks.
+  never as [B, L, V] logits — see model/sampling/sampler.py for how they are produced in vocabulary chunks.
 
 Rows in one call may have different prefix lengths and (in encoder mode) different numbers of new tokens: the
 masks are built from absolute positions (model/layers.py). Each layer is attention + dense MLP + MoE, summed,
@@ -181,7 +181,7 @@ class DiffusionGemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full soft-capped logits [..., V] in fp32. For tests and the reference path only: the serving
-        sampler works through the vocabulary in chunks (model/sampler.py)."""
+        sampler works through the vocabulary in chunks (model/sampling/sampler.py)."""
         return softcap(hidden @ self.embed_tokens.weight.T, self.config.final_logit_softcapping)
 
 

@@ -83,8 +83,8 @@ def served_checkpoint(path: Path, *, canvas_length: int = 16, seed: int = 0) -> 
     byte-level BPE trained here: what integration tests serve when the trained default model is not used."""
     import dataclasses
 
-    from model import bpe
     from model.config import from_name
+    from model.training import bpe
     from model.transformer import DiffusionGemma
     from model.weights import init_random, save_model
 

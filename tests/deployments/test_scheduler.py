@@ -1,4 +1,4 @@
-"""The batched scheduler against the plain single-request loop (model.generate.generate)."""
+"""The batched scheduler against the plain single-request loop (model.sampling.generate.generate)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from deployments.scheduler import (
     SchedulerLimits,
 )
 from model.config import from_name
-from model.generate import generate
-from model.sampler import CanvasConstraint, SamplingParams
+from model.sampling.generate import generate
+from model.sampling.params import SamplingParams
+from model.sampling.sampler import CanvasConstraint
 from model.transformer import DiffusionGemma
 from model.weights import init_random
 

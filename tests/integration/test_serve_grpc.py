@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from model.generate import generate
-from model.sampler import SamplingParams
+from model.sampling.generate import generate
+from model.sampling.params import SamplingParams
 from model.tokenizer import Tokenizer
 from model.weights import load_model
 from protos.blockserve.v1 import blockserve_pb2 as pb

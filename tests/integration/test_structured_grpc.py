@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.structured import Fixed, Slot, Template, layout
+from model.structured.templates import Fixed, Slot, Template, layout
 from model.tokenizer import Tokenizer
 from protos.blockserve.v1 import blockserve_pb2 as pb
 from tests.model.test_json_schema import _nested

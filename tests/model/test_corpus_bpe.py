@@ -1,4 +1,4 @@
-"""Tests for the offline stdlib corpus (model/corpus.py) and the byte-level BPE tokenizer (model/bpe.py)."""
+"""Tests for the offline stdlib corpus (model/training/corpus.py) and the byte-level BPE tokenizer (model/training/bpe.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import platform
 
 import pytest
 
-from model import bpe
-from model.corpus import build_corpus, is_heldout, list_source_files, stdlib_root
+from model.training import bpe
+from model.training.corpus import build_corpus, is_heldout, list_source_files, stdlib_root
 
 SMALL = 200_000  # bytes: enough text for a few hundred merges, fast to train on
 

@@ -18,7 +18,7 @@ import torch
 
 from model.config import ModelConfig
 from model.kv_cache import PrefixBatch
-from model.train_tiny import CHECKPOINT_FILES, DEFAULT_OUT, MAX_CHECKPOINT_BYTES
+from model.training.train_tiny import CHECKPOINT_FILES, DEFAULT_OUT, MAX_CHECKPOINT_BYTES
 from model.transformer import TokenBatch
 from model.weights import load_model
 

@@ -1,4 +1,4 @@
-"""Tests for model/json_schema.py: for random schemas within the supported subset, EVERY choice of
+"""Tests for model/structured/json_schema.py: for random schemas within the supported subset, EVERY choice of
 tokens from each position's allowed set (filler included) fills to JSON that parses and validates;
 unsupported features and malformed schemas are refused with their JSON pointer."""
 
@@ -13,8 +13,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model.json_schema import InvalidSchemaError, SchemaLimits, UnsupportedSchemaError, compile_schema
-from model.structured import Slot, fill, layout
+from model.structured.json_schema import (
+    InvalidSchemaError,
+    SchemaLimits,
+    UnsupportedSchemaError,
+    compile_schema,
+)
+from model.structured.templates import Slot, fill, layout
 from tests.model.test_structured import random_ids, tiny_tokenizer
 
 SMALL = SchemaLimits(

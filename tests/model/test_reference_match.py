@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from model.generate import generate
 from model.kv_cache import PrefixBatch
-from model.sampler import SamplingParams
+from model.sampling.generate import generate
+from model.sampling.params import SamplingParams
 from model.transformer import TokenBatch
 from model.weights import load_model
 from tests.tiny import FULL, SLIDING, reference_checkpoint, reference_generate

@@ -22,13 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from model import sampler as sampler_mod
 from model.config import from_name
 from model.kv_cache import PrefixBatch
-from model.sampler import (
+from model.sampling import sampler as sampler_mod
+from model.sampling.params import SamplingParams
+from model.sampling.sampler import (
     CanvasConstraint,
     RowState,
-    SamplingParams,
     accept_mask,
     advance,
     draw_fast,

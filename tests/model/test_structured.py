@@ -1,4 +1,4 @@
-"""Tests for model/structured.py and model/token_classes.py: layout byte-exactness, canvas
+"""Tests for model/structured/templates.py and model/structured/token_classes.py: layout byte-exactness, canvas
 straddling, filler removal, normalisation and allowed-token masks.
 
 `tiny_tokenizer()` (also used by test_json_schema.py) trains a ~600-token byte-level BPE with HF
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.structured import (
+from model.structured.templates import (
     Fixed,
     Layout,
     Slot,
@@ -26,7 +26,7 @@ from model.structured import (
     layout,
     resolve_choice,
 )
-from model.token_classes import (
+from model.structured.token_classes import (
     TokenClass,
     TokenClasses,
     byte_level_token_bytes,

@@ -1,4 +1,4 @@
-"""Tests for the training objective (model/train.py) and the `make tiny-model` entry point (model/train_tiny.py).
+"""Tests for the training objective (model/training/train.py) and the `make tiny-model` entry point (model/training/train_tiny.py).
 
 The CI smoke test trains a tiny config from scratch for 30 steps and checks the loss falls; the others hold the
 training-time decoder view (prefix cut from the encoder's window K/V) to the serving path (SequenceCache).
@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from model import bpe
 from model.config import FULL, SLIDING, build_config
-from model.corpus import build_corpus
 from model.kv_cache import PrefixBatch
-from model.train import (
+from model.training import bpe
+from model.training.corpus import build_corpus
+from model.training.train import (
     CanvasPrefix,
     TokenData,
     TrainConfig,
@@ -179,7 +179,7 @@ def test_zero_self_conditioning_equals_none():
 
 
 def test_train_tiny_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
-    from model import train_tiny
+    from model.training import train_tiny
 
     monkeypatch.setattr(train_tiny, "tiny_config", lambda vocab: micro_config(vocab, window=16))
     args = ["--out", str(tmp_path), "--max-steps", "2", "--corpus-bytes", "1500000", "--vocab-size", "320"]

@@ -86,7 +86,7 @@ class TokenData:
         specials = [tokenizer.token_to_id(t) for t in ("<bos>", "<eos>", "<pad>")]
         if None in specials:
             raise ValueError(
-                "the tokenizer must define <bos>, <eos> and <pad> (model/bpe.py trains one that does)"
+                "the tokenizer must define <bos>, <eos> and <pad> (model/training/bpe.py trains one that does)"
             )
         encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
         files = [torch.tensor(e.ids, dtype=torch.long) for e in encoded if len(e.ids) >= 2]

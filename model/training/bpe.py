@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer for the tiny DiffusionGemma, trained with HF `tokenizers` on `model.corpus`.
+"""Byte-level BPE tokenizer for the tiny DiffusionGemma, trained with HF `tokenizers` on `model.training.corpus`.
 
 Design (GPT-2's byte-level BPE, as exposed by `tokenizers`):
 - the ByteLevel pre-tokenizer maps every byte to a printable character, so any text is encodable with no

@@ -1,7 +1,7 @@
 """Single-process generation: prompt -> canvases -> tokens.
 
 The plain loop the CLI and tests use, and the reference the engine's batched scheduler is held to. Per canvas:
-start from uniform noise, denoise until the row stops (model/sampler.py), commit the argmax canvas, encode it
+start from uniform noise, denoise until the row stops (model/sampling/sampler.py), commit the argmax canvas, encode it
 into the KV cache (transformers' `DiffusionGemmaGenerationMixin.generate`, batch of one). It returns exactly
 `max_new_tokens` tokens (the last canvas trimmed) unless an EOS token comes first: generation stops there and the
 EOS is not part of `token_ids`.
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model.kv_cache import PrefixBatch
-from model.sampler import CanvasConstraint, RowState, SamplingParams, step
+from model.sampling.params import SamplingParams
+from model.sampling.sampler import CanvasConstraint, RowState, step
 from model.transformer import DiffusionGemma, TokenBatch
 
 

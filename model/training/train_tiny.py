@@ -1,10 +1,10 @@
 """`make tiny-model`: train the small DiffusionGemma that `make serve` and `blockserve generate` use by default.
 
-    python -m model.train_tiny [--out DIR] [--minutes M] [--seed S] [--max-steps N]
+    python -m model.training.train_tiny [--out DIR] [--minutes M] [--seed S] [--max-steps N]
 
-Steps: build the stdlib corpus (model/corpus.py), train a byte-level BPE tokenizer on its training split
-(model/bpe.py), build a tiny config of the real architecture (both attention kinds, GQA, keys-as-values, partial
-RoPE, MoE), train it with model/train.py, and write a checkpoint in the published layout: `config.json`,
+Steps: build the stdlib corpus (model/training/corpus.py), train a byte-level BPE tokenizer on its training split
+(model/training/bpe.py), build a tiny config of the real architecture (both attention kinds, GQA, keys-as-values, partial
+RoPE, MoE), train it with model/training/train.py, and write a checkpoint in the published layout: `config.json`,
 `model.safetensors`, `generation_config.json` (model/weights.py), `tokenizer.json`, plus `corpus_manifest.json`
 (source, licence, size) and `training_log.json` (loss curve, held-out losses, steps, seconds, seed).
 
@@ -29,14 +29,14 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from model import bpe  # noqa: E402
 from model.config import FULL, PRESETS, SLIDING, ModelConfig, build_config  # noqa: E402
-from model.corpus import build_corpus  # noqa: E402
-from model.train import TokenData, TrainConfig, TrainResult, train  # noqa: E402
+from model.training import bpe  # noqa: E402
+from model.training.corpus import build_corpus  # noqa: E402
+from model.training.train import TokenData, TrainConfig, TrainResult, train  # noqa: E402
 from model.transformer import DiffusionGemma  # noqa: E402
 from model.weights import init_random, save_model  # noqa: E402
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / "tiny-diffusiongemma"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny-diffusiongemma"
 PRESET = "tiny-trained"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")

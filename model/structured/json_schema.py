@@ -1,7 +1,7 @@
 """JSON Schema -> `Template` compiler: schema-guaranteed JSON from a block-diffusion canvas.
 
 The schema becomes fixed JSON structure (braces, keys, commas, quotes: pinned tokens) and typed
-slots (`model/structured.py` SLOT_KINDS) whose per-position allowed-token sets make every
+slots (`model/structured/templates.py` SLOT_KINDS) whose per-position allowed-token sets make every
 possible output valid. Outlines/XGrammar-style constrained decoding walks a grammar left to right;
 a diffusion canvas has no order, so here each position gets an *independent* allowed set and the
 guarantee must hold for every combination of choices.
@@ -50,7 +50,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from model.structured import Fixed, Slot, Template, Tokenizer
+from model.structured.templates import Fixed, Slot, Template, Tokenizer
 
 TYPES = ("object", "array", "string", "integer", "number", "boolean", "null")
 ANNOTATIONS = frozenset(

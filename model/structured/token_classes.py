@@ -1,6 +1,6 @@
 """Allowed-token masks ("token classes") computed from a tokenizer's vocabulary bytes.
 
-Structured generation (infill, schema-guaranteed JSON; see `model/structured.py` and
+Structured generation (infill, schema-guaranteed JSON; see `model/structured/templates.py` and
 docs/STRUCTURED.md) constrains each canvas position to a set of vocabulary ids. Every set is
 derived from what each token *spells* — its raw bytes — so the guarantees hold for any vocabulary
 (byte-level BPE, SentencePiece with byte fallback, ...) as long as the tokenizer reports

@@ -2,7 +2,7 @@
 
 Block diffusion denoises a canvas of L positions in parallel, so structure can be fixed in place
 and the model fills the gaps with context from both sides (infill; schema-guaranteed JSON via
-`model/json_schema.py`). This module is the pure layer around the sampler:
+`model/structured/json_schema.py`). This module is the pure layer around the sampler:
 
     Template --layout()--> Layout: per position a PINNED id or an ALLOWED-TOKEN class
     generated ids --fill()--> FilledTemplate: the text plus each slot's content
@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from model.token_classes import TokenClass, TokenClasses, token_classes_for
+from model.structured.token_classes import TokenClass, TokenClasses, token_classes_for
 
 # kind -> what a position allows (besides the filler) and how the slot's text is normalised.
 SLOT_KINDS = {

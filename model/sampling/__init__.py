@@ -1,0 +1,1 @@
+"""Sampling: decoding settings, the entropy-bound sampler and the plain reference loop."""
