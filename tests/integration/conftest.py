@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -55,6 +57,36 @@ class App:
         from cluster.app import APP_NAME
 
         return serve.get_deployment_handle("Engine", APP_NAME).stats.remote().result()
+
+    def redeploy(self, config) -> None:
+        """Deploy `config` as the app (same name, same proxy ports) and wait until health says SERVING."""
+        from cluster.app import start
+
+        start(config)
+        wait_for(self.serving, timeout=120, what="health SERVING")
+
+    @contextmanager
+    def reconfigured(self, **sections) -> Iterator[App]:
+        """Serve a variant of the session config inside a with-block, then the session config again.
+
+        `sections` update top-level ClusterConfig sections (`engine={"max_rows": 2}`); the proxy's ports are fixed
+        when Serve first starts, so `server` ports are kept. The suite shares one Ray cluster and one Serve
+        instance, and one app at a time keeps gRPC clients free of `application` metadata."""
+        from cluster.config import ClusterConfig
+
+        data = self.config.model_dump()
+        for name, values in sections.items():
+            data[name] = {**data.get(name, {}), **values}
+        data["server"] = self.config.server.model_dump()
+        variant = ClusterConfig.model_validate(data)
+        original = self.config
+        self.redeploy(variant)
+        self.config = variant
+        try:
+            yield self
+        finally:
+            self.config = original
+            self.redeploy(original)
 
     def serving(self) -> bool:
         try:

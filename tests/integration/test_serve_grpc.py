@@ -213,37 +213,20 @@ def test_streams_run_concurrently_from_threads(app):
 
 
 def test_full_engine_queue_answers_resource_exhausted(app):
-    from ray import serve
-
-    from cluster.app import build_app
-    from cluster.config import ClusterConfig
-
-    small = ClusterConfig.model_validate(
-        {
-            "model": {"path": str(app.model_path)},
-            "engine": {"max_rows": 1, "max_queue": 1},
-        }
-    )
-    serve.run(build_app(small), name="small", route_prefix="/small")
-    engine = serve.get_deployment_handle("Engine", "small")
-    meta = (("application", "small"),)
     long = long_request(drafts=False)
     streams = []
-    try:
-        running = app.stub.GenerateStream(long, timeout=120, metadata=meta)
-        streams.append(running)
-        next(running)  # holds the only row
-        streams.append(app.stub.GenerateStream(long, timeout=120, metadata=meta))  # waits in the engine queue
-        wait_for(
-            lambda: engine.stats.remote().result()["queued_requests"] == 1,
-            timeout=30,
-            what="a queued request",
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            app.stub.Generate(request(max_new=5), timeout=30, metadata=meta)
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue is full" in err.value.details()
-    finally:
-        for stream in streams:
-            stream.cancel()
-        serve.delete("small")
+    with app.reconfigured(engine={"max_rows": 1, "max_queue": 1}):
+        try:
+            running = app.stub.GenerateStream(long, timeout=120)
+            streams.append(running)
+            next(running)  # holds the only row
+            streams.append(app.stub.GenerateStream(long, timeout=120))  # waits in the engine queue
+            wait_for(lambda: app.engine_stats()["queued_requests"] == 1, timeout=30, what="a queued request")
+            with pytest.raises(grpc.RpcError) as err:
+                app.stub.Generate(request(max_new=5), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue is full" in err.value.details()
+        finally:
+            for stream in streams:
+                stream.cancel()
+    assert app.engine_stats()["kv_budget_bytes"] == app.config.engine.kv_cache_gib * 2**30
