@@ -1,17 +1,23 @@
 """The app builder: `serve.deployment(...).bind(...)` from a `ClusterConfig` (Ray Serve LLM's builder habit).
 
 Deployments are plain classes (deployments/); Ray is applied here, at the edge. Replicas ask for no logical
-CPUs (`num_cpus: 0`) so a small machine can host several; GPU placement comes with the GPU work.
+CPUs (`num_cpus: 0`) so a small machine can host several. In `disaggregated` mode one `ExpertShard<i>`
+deployment per expert range is bound into the Engine, so Serve deploys, health-checks and scales them with
+the app.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster.config import ClusterConfig
+from cluster.shards import ExpertShardReplica
 from deployments.engine import Engine
 from deployments.router import Router
+from deployments.shard_client import ShardRoute, worker_prefix
 
 APP_NAME = "blockserve"
 ROUTE_PREFIX = "/blockserve"  # gRPC ignores it, but an app without one is unreachable (RAY_NOTES.md)
@@ -25,8 +31,39 @@ def grpc_options(config: ClusterConfig) -> gRPCOptions:
     return gRPCOptions(port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
 
 
+def shard_deployment_name(index: int) -> str:
+    return f"ExpertShard{index}"
+
+
+def build_shards(config: ClusterConfig) -> tuple[list, list[ShardRoute]]:
+    """One bound ExpertShard deployment per expert range, and the routes the Engine uses to reach them."""
+    x = config.experts
+    actor = x.transport == "actor"
+    bound, routes = [], []
+    for s in config.to_shard_settings():
+        prefix = worker_prefix(APP_NAME, s)
+        routes.append(ShardRoute(s.first, s.stop, prefix))
+        bound.append(
+            serve.deployment(
+                ExpertShardReplica,
+                name=shard_deployment_name(s.shard),
+                num_replicas=x.replicas_per_shard,
+                # with the actor transport the GPU belongs to the worker the replica starts, not the replica
+                ray_actor_options={"num_cpus": 0, "num_gpus": 0 if actor else x.num_gpus},
+                max_ongoing_requests=64,
+                health_check_period_s=5,
+            ).bind(s, x.transport, prefix, x.num_gpus if actor else 0.0)
+        )
+    return bound, routes
+
+
 def build_app(config: ClusterConfig):
     e = config.engine
+    settings = config.to_engine_settings()
+    shards: list = []
+    if e.execution_mode == "disaggregated":
+        shards, routes = build_shards(config)
+        settings = dataclasses.replace(settings, shards=routes)
     engine = serve.deployment(
         Engine,
         name="Engine",
@@ -35,7 +72,7 @@ def build_app(config: ClusterConfig):
         # every streaming request stays "ongoing" until it finishes: admit all rows plus the engine queue
         max_ongoing_requests=e.max_rows + e.max_queue + 8,
         health_check_period_s=5,
-    ).bind(config.to_engine_settings())
+    ).bind(settings, shards)
     router = serve.deployment(
         Router,
         name="Router",

@@ -32,6 +32,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         config.server.grpc_port = args.port
     config.model_path()  # fail before starting Ray if there is no checkpoint
+    if config.engine.execution_mode == "disaggregated":
+        config.expert_ranges()  # and if the expert split does not fit the checkpoint
     ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
@@ -137,15 +139,43 @@ def _print_final(final, seconds: float) -> None:
     )
 
 
+def parse_bytes(text: str) -> float:
+    """'80GB' / '141G' / '24GiB' / '8e10' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--gpu-mem={text!r}: write a size such as 80GB or 141GiB")
+    base = 1024 if m.group(3) else 1000
+    return float(m.group(1)) * base ** "_KMGT".index((m.group(2) or "_").upper())
+
+
 def _plan(args: argparse.Namespace) -> int:
+    from cluster.placement import Hardware, Workload, format_plan, plan
     from model.config import from_name
 
-    cfg = from_name(args.preset)
+    cfg = from_name(args.preset_flag or args.preset)
     counts = cfg.parameter_counts()
     out = {k: f"{v / 1e9:.2f}B" for k, v in counts.items()}
     out["kv_bytes_per_token_bf16"] = cfg.kv_bytes_per_token(2)
     out["sliding_kv_bytes_per_sequence_bf16"] = cfg.sliding_kv_bytes(2)
     print(json.dumps(out, indent=2))
+    if args.gpus:
+        hw = Hardware(
+            gpus=args.gpus,
+            gpu_mem_bytes=parse_bytes(args.gpu_mem),
+            hbm_bytes_per_s=args.hbm_tbps * 1e12,
+            flops_per_s=args.tflops * 1e12,
+            link_bytes_per_s=args.link_gbps * 1e9,
+            hop_latency_s=args.hop_us * 1e-6,
+        )
+        work = Workload(
+            rows=args.rows,
+            weight_bytes=1.0 if args.weights == "fp8" else 2.0,
+            kv_reserve_bytes=parse_bytes(args.kv_reserve),
+        )
+        print()
+        print(format_plan(plan(cfg, hw, work)))
     return 0
 
 
@@ -173,8 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json-schema", help="file holding a JSON Schema the output must satisfy")
     g.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     g.set_defaults(fn=_generate)
-    p = sub.add_parser("plan", help="parameter and KV-cache sizes of a preset")
+    p = sub.add_parser(
+        "plan", help="parameter and KV-cache sizes of a preset; with --gpus, expert placement and step time"
+    )
     p.add_argument("preset", nargs="?", default="diffusiongemma-26b-a4b")
+    p.add_argument("--preset", dest="preset_flag", help="model preset (same as the positional argument)")
+    p.add_argument("--gpus", type=int, help="GPUs to place the Engine and the expert shards on")
+    p.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 141GB")
+    p.add_argument("--rows", type=int, default=1, help="canvases denoised together per step")
+    p.add_argument("--weights", choices=["bf16", "fp8"], default="bf16", help="weight format")
+    p.add_argument("--kv-reserve", default="16GB", help="memory kept for KV cache and activations on the Engine GPU")
+    p.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM: 3.35)")
+    p.add_argument("--tflops", type=float, default=989.0, help="dense bf16 TFLOP/s (H100 SXM: 989)")
+    p.add_argument("--link-gbps", type=float, default=450.0, help="GPU-to-GPU bandwidth one way, GB/s")
+    p.add_argument("--hop-us", type=float, default=20.0, help="latency of one GPU-to-GPU message, microseconds")
     p.set_defaults(fn=_plan)
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster import env
 from deployments.engine import EngineSettings
+from deployments.experts import ExpertShardSettings
 from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
 from deployments.scheduler import SchedulerLimits
@@ -47,7 +48,76 @@ class EngineSection(_Strict):
         description="torch intra-op threads per Engine (0 = torch default). 1 suits CPU hosts shared with Ray "
         "and the Router: measured 5x faster than 2 threads on a busy 2-core machine",
     )
-    execution_mode: Literal["fused"] = Field("fused", description="fused: experts inside the Engine")
+    execution_mode: Literal["fused", "disaggregated"] = Field(
+        "fused",
+        description="fused: every expert inside the Engine. disaggregated: the Engine holds attention, dense MLP "
+        "and routers; experts live on ExpertShard deployments (the `experts` section), called per layer",
+    )
+    micro_batches: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="disaggregated mode: micro-batches of rows in flight per denoising step, so the Engine "
+        "computes attention for one while the shards compute experts for another",
+    )
+
+
+class ExpertsSection(_Strict):
+    """Where the experts live in `disaggregated` mode: contiguous ranges [a, b) of every layer, one per shard."""
+
+    shards: int = Field(2, ge=1, description="ExpertShard deployments; experts are split evenly unless `split` is set")
+    split: list[int] | None = Field(
+        None,
+        description="Experts per shard, in order (uneven splits allowed); must sum to the model's expert count. "
+        "Overrides `shards`",
+    )
+    replicas_per_shard: int = Field(
+        1, ge=1, description="Replicas of each shard; requests load-balance over them and retry on another"
+    )
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per shard replica (fractional shares one GPU between shards; 0 on CPU)"
+    )
+    transport: Literal["actor", "serve"] = Field(
+        "actor",
+        description="Engine -> shard data path per layer: `actor` calls each replica's expert worker as a plain "
+        "Ray actor (measured the fastest hop, see bench/disaggregated.py); `serve` goes through a Serve "
+        "DeploymentHandle",
+    )
+    call_timeout_s: float = Field(
+        30.0, gt=0, description="Seconds one shard call may take before it is retried on another replica"
+    )
+    unavailable_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a shard may go without a live replica (while Serve replaces one) before the "
+        "requests in flight fail with UNAVAILABLE",
+    )
+    torch_threads: int = Field(1, ge=0, description="torch intra-op threads per shard replica (0 = torch default)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.split is not None:
+            if any(n < 1 for n in self.split):
+                raise ValueError(f"experts.split={self.split}: every shard needs at least one expert")
+            if "shards" in self.model_fields_set and self.shards != len(self.split):
+                raise ValueError(
+                    f"experts.shards={self.shards} but experts.split has {len(self.split)} entries; "
+                    "drop `shards` or make them agree"
+                )
+        return self
+
+    def sizes(self, num_experts: int) -> list[int]:
+        """Experts per shard for a model with `num_experts` (a clear error when the split does not fit)."""
+        from cluster.placement import even_split
+
+        if self.split is None:
+            return even_split(num_experts, self.shards)
+        if sum(self.split) != num_experts:
+            raise ConfigFileError(
+                f"experts.split={self.split} sums to {sum(self.split)} but the model has {num_experts} experts; "
+                f"make the entries sum to {num_experts}"
+            )
+        return list(self.split)
 
 
 class SamplingSection(_Strict):
@@ -87,6 +157,7 @@ class ServerSection(_Strict):
 class ClusterConfig(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
+    experts: ExpertsSection = Field(default_factory=ExpertsSection)
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     server: ServerSection = Field(default_factory=ServerSection)
@@ -122,6 +193,31 @@ class ClusterConfig(_Strict):
             )
         return str(path.resolve())
 
+    def expert_ranges(self) -> list[range]:
+        """Experts [a, b) of each shard, checked against the checkpoint's expert count (ConfigFileError)."""
+        from cluster.placement import PlacementError, ranges
+        from model.config import ModelConfig
+
+        num_experts = ModelConfig.from_file(self.model_path()).num_experts
+        try:
+            return ranges(self.experts.sizes(num_experts))
+        except PlacementError as e:
+            raise ConfigFileError(str(e)) from None
+
+    def to_shard_settings(self) -> list[ExpertShardSettings]:
+        return [
+            ExpertShardSettings(
+                model_path=self.model_path(),
+                first=r.start,
+                stop=r.stop,
+                shard=i,
+                dtype=self.model.dtype,
+                device=self.model.device,
+                torch_threads=self.experts.torch_threads,
+            )
+            for i, r in enumerate(self.expert_ranges())
+        ]
+
     def to_engine_settings(self) -> EngineSettings:
         e = self.engine
         return EngineSettings(
@@ -132,6 +228,11 @@ class ClusterConfig(_Strict):
                 max_rows=e.max_rows, max_queue=e.max_queue, kv_cache_bytes=int(e.kv_cache_gib * 2**30)
             ),
             torch_threads=e.torch_threads,
+            execution_mode=e.execution_mode,
+            micro_batches=e.micro_batches,
+            transport=self.experts.transport,
+            shard_timeout_s=self.experts.call_timeout_s,
+            shard_wait_s=self.experts.unavailable_after_s,
         )
 
     def to_router_settings(self) -> RouterSettings:

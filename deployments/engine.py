@@ -32,6 +32,8 @@ from deployments.scheduler import (
     Scheduler,
     SchedulerLimits,
 )
+from deployments.experts import ShardedExperts, ShardsUnavailable, micro_batched
+from deployments.shard_client import ActorShardClient, ServeShardClient, ShardRoute
 from model.weights import load_model
 
 log = logging.getLogger("blockserve.engine")
@@ -47,22 +49,52 @@ class EngineSettings:
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     torch_threads: int = 0  # 0: leave torch's default
     stats_window_s: float = 10.0
+    execution_mode: str = "fused"  # "disaggregated": experts on ExpertShard deployments (`shards`)
+    micro_batches: int = 2  # disaggregated: micro-batches of rows in flight per denoising step
+    shards: list[ShardRoute] = field(default_factory=list)
+    transport: str = "actor"  # "actor" | "serve" (deployments/shard_client.py)
+    shard_timeout_s: float = 30.0  # one shard call, before it is retried on another replica
+    shard_wait_s: float = 60.0  # how long a shard may have no live replica before requests fail UNAVAILABLE
+
+
+def remote_experts(settings: EngineSettings, handles: list | None, num_layers: int) -> ShardedExperts:
+    """The disaggregated MoE backend: one client per shard over the configured transport."""
+    s = settings
+    if s.transport == "serve":
+        if not handles or len(handles) != len(s.shards):
+            raise ValueError("the serve transport needs one DeploymentHandle per expert shard")
+        clients = [ServeShardClient(h, s.shard_timeout_s, s.shard_wait_s) for h in handles]
+    else:
+        clients = [ActorShardClient(r, s.shard_timeout_s, s.shard_wait_s) for r in s.shards]
+    return ShardedExperts([range(r.first, r.stop) for r in s.shards], clients, num_layers)
 
 
 class Engine:
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, settings: EngineSettings, shards: list | None = None):
+        """`shards`: the ExpertShard deployments' handles (disaggregated mode with the serve transport)."""
         if settings.dtype not in DTYPES:
             raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.model = load_model(settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device)
+        self.experts: ShardedExperts | None = None
+        if settings.execution_mode == "disaggregated":
+            # attention, dense MLP and routers only: not one expert byte is read here
+            self.model = load_model(
+                settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device, experts=range(0)
+            )
+            self.experts = remote_experts(settings, shards, self.model.config.num_layers)
+            self.model.moe_backend = self.experts
+            micro_batched(self.model, settings.micro_batches)
+        else:
+            self.model = load_model(settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device)
         self.scheduler = Scheduler(self.model, settings.limits)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._error: str | None = None
         self._window: deque[tuple[float, int, int]] = deque()  # (time, tokens delivered, rows) per iteration
+        self._busy_s = 0.0  # seconds spent in iterations (the per-step time split of bench/disaggregated.py)
         self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
         self._thread.start()
 
@@ -95,6 +127,10 @@ class Engine:
                 before = self.scheduler.tokens_delivered
                 stats = self.scheduler.iterate()
                 self._record(self.scheduler.tokens_delivered - before, stats.rows)
+                self._busy_s += stats.seconds
+            except ShardsUnavailable as e:  # not the Engine's fault: fail what is in flight, keep serving
+                log.error("expert shards unavailable: %s", e)
+                self.scheduler.fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")
             except Exception as e:  # a failed forward must not hang every client: fail them all loudly
                 log.exception("engine iteration failed")
                 self._error = f"engine iteration failed: {type(e).__name__}: {e}"
@@ -141,7 +177,8 @@ class Engine:
         self._wake.set()
 
     def ready(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        alive = self._thread.is_alive() and self._error is None
+        return alive and (self.experts is None or all(c.ready() for c in self.experts.clients))
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a dead scheduler thread takes the replica out of rotation."""
@@ -163,7 +200,13 @@ class Engine:
             "tokens_per_second": tokens / span if span else 0.0,
             "kv_reserved_bytes": float(s.reserved),
             "kv_budget_bytes": float(s.limits.kv_cache_bytes),
+            "busy_s": self._busy_s,
         }
+
+    def expert_stats(self) -> dict:
+        """Disaggregated mode: tokens routed to each expert of each layer (`expert_load[layer][expert]`) and the
+        MoE time split (dispatch, expert compute, transfer, combine). Empty in fused mode."""
+        return self.experts.stats() if self.experts is not None else {}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         st = self.stats()

@@ -319,10 +319,10 @@ class Scheduler:
             )
         )
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, code: str = "INTERNAL") -> None:
         """Tell every request in flight that the engine failed (their rows are gone)."""
         for s in list(self.waiting) + list(self.active.values()):
-            s.sink(ErrorEvent(message))
+            s.sink(ErrorEvent(message, code))
         self.waiting.clear()
         self.active.clear()
         self.reserved = 0
