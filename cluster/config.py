@@ -62,10 +62,18 @@ class EngineSection(_Strict):
     )
 
 
+DEFAULT_SHARDS = 2
+
+
 class ExpertsSection(_Strict):
     """Where the experts live in `disaggregated` mode: contiguous ranges [a, b) of every layer, one per shard."""
 
-    shards: int = Field(2, ge=1, description="ExpertShard deployments; experts are split evenly unless `split` is set")
+    shards: int | None = Field(
+        None,
+        ge=1,
+        description=f"ExpertShard deployments, experts split evenly ({DEFAULT_SHARDS} when neither `shards` nor "
+        "`split` is set)",
+    )
     split: list[int] | None = Field(
         None,
         description="Experts per shard, in order (uneven splits allowed); must sum to the model's expert count. "
@@ -99,7 +107,7 @@ class ExpertsSection(_Strict):
         if self.split is not None:
             if any(n < 1 for n in self.split):
                 raise ValueError(f"experts.split={self.split}: every shard needs at least one expert")
-            if "shards" in self.model_fields_set and self.shards != len(self.split):
+            if self.shards is not None and self.shards != len(self.split):
                 raise ValueError(
                     f"experts.shards={self.shards} but experts.split has {len(self.split)} entries; "
                     "drop `shards` or make them agree"
@@ -111,7 +119,7 @@ class ExpertsSection(_Strict):
         from cluster.placement import even_split
 
         if self.split is None:
-            return even_split(num_experts, self.shards)
+            return even_split(num_experts, self.shards or DEFAULT_SHARDS)
         if sum(self.split) != num_experts:
             raise ConfigFileError(
                 f"experts.split={self.split} sums to {sum(self.split)} but the model has {num_experts} experts; "

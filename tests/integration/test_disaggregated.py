@@ -43,25 +43,21 @@ def engine_expert_stats(app) -> dict:
     return serve.get_deployment_handle("Engine", APP_NAME).expert_stats.remote().result()
 
 
-@pytest.mark.parametrize(
-    "experts",
-    [
-        {"shards": 2},  # even: experts [0, 4) and [4, 8)
-        {"split": [1, 4, 3]},  # three shards, uneven
-    ],
-    ids=["2-even", "3-uneven"],
-)
-def test_disaggregated_output_equals_fused_token_for_token(app, experts):
+def check_matches_fused(app, requests, fused) -> None:
+    info = app.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
+    assert info.execution_mode == "disaggregated"
+    assert generate_all(app, requests) == fused
+    stats = engine_expert_stats(app)
+    load = stats["expert_load"]  # [layers][experts]: every layer routed top_k choices per token
+    assert len(load) > 0 and len({sum(layer) for layer in load}) == 1 and sum(load[0]) > 0
+    assert stats["shard_hops"] >= stats["moe_calls"] > 0
+
+
+def test_three_uneven_shards_match_fused_token_for_token(app):
     requests = [request(seed) for seed in (1, 2, 3, 4)]
     fused = generate_all(app, requests)
-    with app.reconfigured(engine=DISAGGREGATED, experts=experts):
-        info = app.stub.ModelInfo(pb.ModelInfoRequest(), timeout=30)
-        assert info.execution_mode == "disaggregated"
-        assert generate_all(app, requests) == fused
-        stats = engine_expert_stats(app)
-        load = stats["expert_load"]  # [layers][experts]: every layer routed top_k choices per token
-        assert len(load) > 0 and len({sum(layer) for layer in load}) == 1 and sum(load[0]) > 0
-        assert stats["shard_hops"] >= stats["moe_calls"] > 0
+    with app.reconfigured(engine=DISAGGREGATED, experts={"split": [1, 4, 3]}):
+        check_matches_fused(app, requests, fused)
 
 
 def _replicas(deployment: str) -> list[str]:
@@ -83,15 +79,18 @@ def _running_replicas(deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def test_killed_shard_replica_is_survived(app):
-    """Kill one replica of a shard while requests are mid-flight: they finish with the right tokens (retried on
-    the other replica) or fail UNAVAILABLE; Serve replaces the replica; later requests succeed."""
+def test_two_even_shards_match_fused_and_survive_a_killed_replica(app):
+    """Two shards of two replicas each: the same tokens as fused mode for concurrent requests. Then one replica
+    of a shard is killed while requests are mid-flight: they finish with the right tokens (retried on the other
+    replica) or fail UNAVAILABLE; Serve replaces the replica; later requests succeed."""
     import ray
 
-    long = [request(seed, max_new=96, steps=24, confidence_threshold=1e-9) for seed in (11, 12, 13)]
-    fused = generate_all(app, long)
-    later = generate_all(app, [request(21)])
+    requests = [request(seed) for seed in (1, 2, 3, 4)]
+    fused = generate_all(app, requests)
+    long = [request(seed, max_new=64, steps=16, confidence_threshold=1e-9) for seed in (11, 12, 13)]
+    fused_long = generate_all(app, long)
     with app.reconfigured(engine=DISAGGREGATED, experts={"shards": 2, "replicas_per_shard": 2}):
+        check_matches_fused(app, requests, fused)
         wait_for(lambda: len(_replicas("ExpertShard0")) == 2, what="two replicas of shard 0")
         results: list = [None] * len(long)
 
@@ -109,10 +108,10 @@ def test_killed_shard_replica_is_survived(app):
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         for t in threads:
             t.join(timeout=300)
-        for got, want in zip(results, fused, strict=True):
+        for got, want in zip(results, fused_long, strict=True):
             assert got == want or got == grpc.StatusCode.UNAVAILABLE, got
-        assert any(r == w for r, w in zip(results, fused, strict=True))  # retries carried at least one through
+        assert any(r == w for r, w in zip(results, fused_long, strict=True))  # retries carried one through
         wait_for(lambda: victim not in _replicas("ExpertShard0"), what="the killed replica to be gone")
         wait_for(lambda: _running_replicas("ExpertShard0") == 2, timeout=120, what="Serve to replace it")
-        assert generate_all(app, [request(21)]) == later  # and serving goes on, with the right tokens
+        assert generate_all(app, requests[:2]) == fused[:2]  # and serving goes on, with the right tokens
         assert app.serving()
