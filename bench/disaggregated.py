@@ -98,8 +98,12 @@ def measure_hops(config, tokens: list[int], n: int) -> list[tuple[str, int, floa
     rows = []
     try:
         for T in tokens:
-            args = (0, np.random.rand(T, D).astype(np.float32), np.random.rand(T, K).astype(np.float32),
-                    np.zeros((T, K), dtype=np.int32))
+            args = (
+                0,
+                np.random.rand(T, D).astype(np.float32),
+                np.random.rand(T, K).astype(np.float32),
+                np.zeros((T, K), dtype=np.int32),
+            )
             for name, call in (
                 ("in-process", lambda a=args: local.forward(*a)),
                 ("ray actor", lambda a=args: ray.get(actor.forward.remote(*a))),
@@ -237,7 +241,9 @@ def print_throughput(fused: ModeResult, dis: ModeResult, transport: str) -> None
 
 def print_split(splits: list[dict]) -> None:
     cols = ("step", "attention", "dispatch", "experts", "transfer", "combine", "hops")
-    print("\nper-step time split, disaggregated, 16 clients (ms per decoder step; hops: shard calls per step)")
+    print(
+        "\nper-step time split, disaggregated, 16 clients (ms per decoder step; hops: shard calls per step)"
+    )
     print(f"{'micro-batches':>13}" + "".join(f"{c:>11}" for c in cols))
     for sp in splits:
         print(f"{sp['micro_batches']:>13}" + "".join(f"{sp[c]:>11.2f}" for c in cols))
@@ -251,7 +257,9 @@ def free_port() -> int:
 
 def parse_args(argv=None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: shipped tiny model)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="checkpoint directory (default: shipped tiny model)"
+    )
     p.add_argument("--shards", type=int, default=Settings.shards)
     p.add_argument("--transport", choices=["actor", "serve"], default=Settings.transport)
     p.add_argument("--requests-per-client", "-K", type=int, default=Settings.requests_per_client)
@@ -261,7 +269,14 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--timeout-s", type=float, default=Settings.timeout_s)
     a = p.parse_args(argv)
     return Settings(
-        a.model, a.shards, a.transport, a.requests_per_client, a.max_new_tokens, 12, a.hops, a.skip_split,
+        a.model,
+        a.shards,
+        a.transport,
+        a.requests_per_client,
+        a.max_new_tokens,
+        12,
+        a.hops,
+        a.skip_split,
         a.timeout_s,
     )
 
@@ -295,7 +310,14 @@ def main(argv=None) -> None:
 
         def disagg(micro_batches: int):
             return ClusterConfig.model_validate(
-                {**base, "engine": {**base["engine"], "execution_mode": "disaggregated", "micro_batches": micro_batches}}
+                {
+                    **base,
+                    "engine": {
+                        **base["engine"],
+                        "execution_mode": "disaggregated",
+                        "micro_batches": micro_batches,
+                    },
+                }
             )
 
         print(
@@ -307,7 +329,9 @@ def main(argv=None) -> None:
         loop = asyncio.new_event_loop()
         try:
             ray.init(**ray_init_kwargs(num_cpus=32), log_to_driver=False)
-            serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(fused_cfg))
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(fused_cfg)
+            )
             hops = measure_hops(mc, [1, mc.canvas_length * 8 // s.shards], s.hops)
             print_hops(hops)
             print("\nthroughput runs:", flush=True)
@@ -315,7 +339,9 @@ def main(argv=None) -> None:
             dis = run_mode("disaggregated", loop, disagg(2), s, split_at=16)
             splits = [dis.split]
             if not s.skip_split:
-                splits.insert(0, run_mode("disaggregated, 1 micro-batch", loop, disagg(1), s, (16,), 16).split)
+                splits.insert(
+                    0, run_mode("disaggregated, 1 micro-batch", loop, disagg(1), s, (16,), 16).split
+                )
             print_hops(hops)
             print_throughput(fused, dis, s.transport)
             print_split(splits)

@@ -212,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB, 141GB")
     p.add_argument("--rows", type=int, default=1, help="canvases denoised together per step")
     p.add_argument("--weights", choices=["bf16", "fp8"], default="bf16", help="weight format")
-    p.add_argument("--kv-reserve", default="16GB", help="memory kept for KV cache and activations on the Engine GPU")
+    p.add_argument(
+        "--kv-reserve", default="16GB", help="memory kept for KV cache and activations on the Engine GPU"
+    )
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM: 3.35)")
     p.add_argument("--tflops", type=float, default=989.0, help="dense bf16 TFLOP/s (H100 SXM: 989)")
     p.add_argument("--link-gbps", type=float, default=450.0, help="GPU-to-GPU bandwidth one way, GB/s")
-    p.add_argument("--hop-us", type=float, default=20.0, help="latency of one GPU-to-GPU message, microseconds")
+    p.add_argument(
+        "--hop-us", type=float, default=20.0, help="latency of one GPU-to-GPU message, microseconds"
+    )
     p.set_defaults(fn=_plan)
     args = parser.parse_args(argv)
     try:

@@ -100,7 +100,9 @@ class ExpertsSection(_Strict):
         description="Seconds a shard may go without a live replica (while Serve replaces one) before the "
         "requests in flight fail with UNAVAILABLE",
     )
-    torch_threads: int = Field(1, ge=0, description="torch intra-op threads per shard replica (0 = torch default)")
+    torch_threads: int = Field(
+        1, ge=0, description="torch intra-op threads per shard replica (0 = torch default)"
+    )
 
     @model_validator(mode="after")
     def _check(self):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.scheduler import (
     EngineRequest,
     ErrorEvent,
@@ -32,7 +33,6 @@ from deployments.scheduler import (
     Scheduler,
     SchedulerLimits,
 )
-from deployments.experts import ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.shard_client import ActorShardClient, ServeShardClient, ShardRoute
 from model.weights import load_model
 
@@ -77,7 +77,7 @@ class Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.experts: ShardedExperts | None = None
+        self.experts: ShardedExperts | LocalExperts
         if settings.execution_mode == "disaggregated":
             # attention, dense MLP and routers only: not one expert byte is read here
             self.model = load_model(
@@ -88,6 +88,8 @@ class Engine:
             micro_batched(self.model, settings.micro_batches)
         else:
             self.model = load_model(settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device)
+            self.experts = LocalExperts(self.model)
+            self.model.moe_backend = self.experts
         self.scheduler = Scheduler(self.model, settings.limits)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -178,7 +180,8 @@ class Engine:
 
     def ready(self) -> bool:
         alive = self._thread.is_alive() and self._error is None
-        return alive and (self.experts is None or all(c.ready() for c in self.experts.clients))
+        clients = getattr(self.experts, "clients", [])
+        return alive and all(c.ready() for c in clients)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a dead scheduler thread takes the replica out of rotation."""
@@ -204,9 +207,9 @@ class Engine:
         }
 
     def expert_stats(self) -> dict:
-        """Disaggregated mode: tokens routed to each expert of each layer (`expert_load[layer][expert]`) and the
-        MoE time split (dispatch, expert compute, transfer, combine). Empty in fused mode."""
-        return self.experts.stats() if self.experts is not None else {}
+        """Tokens routed to each expert of each layer (`expert_load[layer][expert]`, padding tokens included);
+        in disaggregated mode also the MoE time split (dispatch, expert compute, transfer, combine)."""
+        return self.experts.stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         st = self.stats()

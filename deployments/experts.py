@@ -71,7 +71,9 @@ class ExpertShard:
         self._lock = threading.Lock()
 
     @torch.no_grad()
-    def forward(self, layer: int, x: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, float]:
+    def forward(
+        self, layer: int, x: np.ndarray, weights: np.ndarray, ids: np.ndarray
+    ) -> tuple[np.ndarray, float]:
         """Partial MoE output [T_s, D] of this shard's experts for normed tokens x [T_s, D] with routing
         weights / global expert ids [T_s, K]; also the seconds spent computing (for the step-time split)."""
         t0 = time.perf_counter()
@@ -195,6 +197,27 @@ class ShardedExperts:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {**self.times.as_dict(), "expert_load": self.load.tolist()}
+
+
+class LocalExperts:
+    """Fused mode's MoE backend: the model's own expert banks, plus the same per-expert load counts the
+    disaggregated backend keeps (so expert load is observable in both modes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.banks = [layer.experts for layer in model.layers]
+        E = model.config.num_experts
+        self.load = torch.zeros(len(self.banks), E, dtype=torch.long)  # [layers, E]
+        self._lock = threading.Lock()
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(ids.reshape(-1), minlength=self.load.shape[1]).cpu()
+        with self._lock:
+            self.load[layer] += counts
+        return self.banks[layer](x, weights, ids)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"expert_load": self.load.tolist()}
 
 
 class _MicroBatches:

@@ -116,7 +116,9 @@ class ActorShardClient:
                 return ray.get(call.ref, timeout=self.timeout_s)
             except (RayActorError, GetTimeoutError) as e:
                 name = call.target[0]
-                log.warning("expert worker %s failed (%s); retrying on another replica", name, type(e).__name__)
+                log.warning(
+                    "expert worker %s failed (%s); retrying on another replica", name, type(e).__name__
+                )
                 self._drop(name)
                 if time.monotonic() > deadline:
                     raise ShardsUnavailable(f"expert shard {self.route.prefix} failed: {e}") from e

@@ -45,9 +45,19 @@ def _config(path, **experts) -> ClusterConfig:
 
 
 def test_split_is_checked_against_the_checkpoint_before_anything_starts(checkpoint):
-    assert [(r.start, r.stop) for r in _config(checkpoint, split=[1, 4, 3]).expert_ranges()] == [(0, 1), (1, 5), (5, 8)]
-    assert [(s.first, s.stop) for s in _config(checkpoint, shards=3).to_shard_settings()] == [(0, 3), (3, 6), (6, 8)]
-    with pytest.raises(ConfigFileError, match=r"sums to 7 but the model has 8 experts; make the entries sum to 8"):
+    assert [(r.start, r.stop) for r in _config(checkpoint, split=[1, 4, 3]).expert_ranges()] == [
+        (0, 1),
+        (1, 5),
+        (5, 8),
+    ]
+    assert [(s.first, s.stop) for s in _config(checkpoint, shards=3).to_shard_settings()] == [
+        (0, 3),
+        (3, 6),
+        (6, 8),
+    ]
+    with pytest.raises(
+        ConfigFileError, match=r"sums to 7 but the model has 8 experts; make the entries sum to 8"
+    ):
         _config(checkpoint, split=[3, 4]).expert_ranges()
     with pytest.raises(ConfigFileError, match="at most 8"):
         _config(checkpoint, shards=9).expert_ranges()

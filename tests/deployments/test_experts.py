@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cluster.placement import ranges
-from deployments.experts import ExpertShard, ExpertShardSettings, ShardedExperts, micro_batched
+from deployments.experts import ExpertShard, ExpertShardSettings, LocalExperts, ShardedExperts, micro_batched
 from model.config import from_name
 from model.kv_cache import PrefixBatch
 from model.transformer import DiffusionGemma, TokenBatch
@@ -38,7 +38,8 @@ def checkpoint(tmp_path_factory):
 def _disaggregated(path, sizes, parts=1):
     model = load_model(path, experts=range(0))
     shards = [
-        ExpertShard(ExpertShardSettings(str(path), r.start, r.stop, shard=i)) for i, r in enumerate(ranges(sizes))
+        ExpertShard(ExpertShardSettings(str(path), r.start, r.stop, shard=i))
+        for i, r in enumerate(ranges(sizes))
     ]
     backend = ShardedExperts(ranges(sizes), [DirectClient(s) for s in shards], model.config.num_layers)
     model.moe_backend = backend
@@ -56,7 +57,9 @@ def _prefix(model, rows: int, seed: int = 0) -> PrefixBatch:
     return PrefixBatch(caches)
 
 
-@pytest.mark.parametrize(("sizes", "parts"), [([8], 1), ([4, 4], 1), ([3, 5], 2), ([2, 3, 3], 2), ([1, 6, 1], 3)])
+@pytest.mark.parametrize(
+    ("sizes", "parts"), [([8], 1), ([4, 4], 1), ([3, 5], 2), ([2, 3, 3], 2), ([1, 6, 1], 3)]
+)
 def test_disaggregated_forward_equals_fused_bit_for_bit(checkpoint, sizes, parts):
     fused = load_model(checkpoint)
     model, backend, _ = _disaggregated(checkpoint, sizes, parts)
@@ -94,3 +97,18 @@ def test_shard_receives_only_tokens_routed_to_it(checkpoint):
     T = model.config.canvas_length + 3
     per_shard = [s.stats()["tokens"] for s in shards]
     assert all(0 < n < T * model.config.num_layers for n in per_shard)  # a subset, never all tokens
+
+
+def test_fused_backend_counts_load_and_changes_nothing(checkpoint):
+    plain, counted = load_model(checkpoint), load_model(checkpoint)
+    backend = LocalExperts(counted)
+    counted.moe_backend = backend
+    rows = 3
+    canvas = torch.randint(3, 100, (rows, plain.config.canvas_length))
+    with torch.no_grad():
+        want = plain.denoise(canvas, _prefix(plain, rows))
+        got = counted.denoise(canvas, _prefix(counted, rows))
+    assert torch.equal(got, want)
+    load = torch.tensor(backend.stats()["expert_load"])
+    tokens = rows * plain.config.canvas_length + rows * (3 + 5 * (rows - 1))
+    assert load.sum(1).tolist() == [tokens * plain.config.top_k] * plain.config.num_layers

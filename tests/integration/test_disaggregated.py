@@ -54,9 +54,10 @@ def check_matches_fused(app, requests, fused) -> None:
 
 
 def test_three_uneven_shards_match_fused_token_for_token(app):
+    """Also the `serve` transport (Serve handle calls); the other test runs the default `actor` transport."""
     requests = [request(seed) for seed in (1, 2, 3, 4)]
     fused = generate_all(app, requests)
-    with app.reconfigured(engine=DISAGGREGATED, experts={"split": [1, 4, 3]}):
+    with app.reconfigured(engine=DISAGGREGATED, experts={"split": [1, 4, 3], "transport": "serve"}):
         check_matches_fused(app, requests, fused)
 
 
