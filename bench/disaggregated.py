@@ -57,7 +57,7 @@ class Settings:
     requests_per_client: int = 2
     max_new_tokens: int = 64
     max_denoising_steps: int = 12
-    hops: int = 200
+    hops: int = 100
     skip_split: bool = False
     timeout_s: float = 600.0
 
@@ -330,7 +330,8 @@ def main(argv=None) -> None:
         try:
             ray.init(**ray_init_kwargs(num_cpus=32), log_to_driver=False)
             serve.start(
-                http_options={"host": "127.0.0.1", "port": free_port()}, grpc_options=grpc_options(fused_cfg)
+                http_options={"host": "127.0.0.1", "port": fused_cfg.server.http_port},
+                grpc_options=grpc_options(fused_cfg),
             )
             hops = measure_hops(mc, [1, mc.canvas_length * 8 // s.shards], s.hops)
             print_hops(hops)

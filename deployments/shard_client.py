@@ -30,6 +30,9 @@ from deployments.experts import ExpertShardSettings, ShardsUnavailable
 log = logging.getLogger("blockserve.experts")
 
 WORKER_NAMESPACE = "blockserve-experts"
+# How often the actor transport looks for new replicas (Serve scaled a shard up or replaced a replica) when
+# nothing failed; one listing of named actors costs about a millisecond.
+REFRESH_S = 5.0
 
 
 def worker_prefix(app: str, settings: ExpertShardSettings) -> str:
@@ -62,6 +65,7 @@ class ActorShardClient:
         self.route, self.timeout_s, self.wait_s = route, timeout_s, wait_s
         self._workers: list[tuple[str, Any]] = []
         self._next = 0
+        self._refreshed = 0.0
         self._lock = threading.Lock()
 
     def refresh(self) -> int:
@@ -80,10 +84,13 @@ class ActorShardClient:
                 continue
         with self._lock:
             self._workers = workers
+            self._refreshed = time.monotonic()
         return len(workers)
 
     def _pick(self, avoid: str | None = None) -> tuple[str, Any]:
         deadline = time.monotonic() + self.wait_s
+        if time.monotonic() - self._refreshed > REFRESH_S:
+            self.refresh()
         while True:
             with self._lock:
                 live = [w for w in self._workers if w[0] != avoid] or list(self._workers)
