@@ -120,6 +120,8 @@ class ShardClient(Protocol):
 
     def result(self, call: Any) -> tuple[np.ndarray, float]: ...
 
+    def ready(self) -> bool: ...
+
 
 class ShardsUnavailable(RuntimeError):
     """No replica of a shard answered in time; requests in flight should fail with UNAVAILABLE."""

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from cluster.placement import ranges
-from deployments.experts import ExpertShard, ExpertShardSettings, LocalExperts, ShardedExperts, micro_batched
+from deployments.experts import (
+    ExpertShard,
+    ExpertShardSettings,
+    LocalExperts,
+    ShardedExperts,
+    ShardsUnavailable,
+    micro_batched,
+)
 from model.config import from_name
 from model.kv_cache import PrefixBatch
 from model.transformer import DiffusionGemma, TokenBatch
@@ -26,6 +33,9 @@ class DirectClient:
 
     def result(self, call):
         return self.shard.forward(*call)
+
+    def ready(self):
+        return True
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +122,47 @@ def test_fused_backend_counts_load_and_changes_nothing(checkpoint):
     load = torch.tensor(backend.stats()["expert_load"])
     tokens = rows * plain.config.canvas_length + rows * (3 + 5 * (rows - 1))
     assert load.sum(1).tolist() == [tokens * plain.config.top_k] * plain.config.num_layers
+
+
+class FlakyClient(DirectClient):
+    """Fails the first `failures` calls as a transport does when no replica of the shard answers."""
+
+    def __init__(self, shard: ExpertShard, failures: int):
+        super().__init__(shard)
+        self.failures = failures
+
+    def result(self, call):
+        if self.failures > 0:
+            self.failures -= 1
+            raise ShardsUnavailable("no replica of expert shard 1 answered within 0s")
+        return super().result(call)
+
+
+def test_engine_fails_requests_unavailable_when_a_shard_is_gone_and_keeps_serving(checkpoint):
+    import asyncio
+
+    from deployments.engine import Engine, EngineSettings
+    from deployments.scheduler import EngineRequest, ErrorEvent, FinalEvent
+    from model.sampling.params import SamplingParams
+
+    engine = Engine(EngineSettings(str(checkpoint)))
+    try:
+        ranges_ = ranges([4, 4])
+        shards = [
+            ExpertShard(ExpertShardSettings(str(checkpoint), r.start, r.stop, shard=i))
+            for i, r in enumerate(ranges_)
+        ]
+        clients = [DirectClient(shards[0]), FlakyClient(shards[1], failures=1)]
+        engine.experts = ShardedExperts(ranges_, clients, engine.model.config.num_layers)
+        engine.model.moe_backend = engine.experts
+
+        async def run(seed):
+            req = EngineRequest("", [5, 6, 7], SamplingParams(max_new_tokens=4, max_denoising_steps=2), seed)
+            return [e async for batch in engine.generate(req) for e in batch][-1]
+
+        first = asyncio.run(run(1))
+        assert isinstance(first, ErrorEvent) and first.code == "UNAVAILABLE"
+        assert engine.ready()  # not an Engine failure: it keeps serving
+        assert isinstance(asyncio.run(run(1)), FinalEvent)
+    finally:
+        engine.shutdown()
