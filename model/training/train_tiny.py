@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from model.config import FULL, PRESETS, SLIDING, ModelConfig, build_config  # noqa: E402
 from model.training import bpe  # noqa: E402
+from model.training.chat_tokens import write_chat_files  # noqa: E402
 from model.training.corpus import build_corpus  # noqa: E402
 from model.training.train import TokenData, TrainConfig, TrainResult, train  # noqa: E402
 from model.transformer import DiffusionGemma  # noqa: E402
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     save_model(model.eval(), out)
     bpe.save(tokenizer, out / "tokenizer.json")
+    write_chat_files(out)  # turn markers, chat_template.jinja, tokenizer_config.json
     corpus.write_manifest(out / "corpus_manifest.json")
     extra = {"train_tokens": train_data.num_tokens, "heldout_tokens": heldout.num_tokens if heldout else 0}
     write_log(out, result, tc, config, extra)

@@ -1,0 +1,281 @@
+"""Chat: render a checkpoint's own chat template exactly as transformers' `apply_chat_template` does, and split a
+model reply into reasoning, content and tool calls.
+
+Rendering: the template comes from the checkpoint (`chat_template.jinja`, else `tokenizer_config.json`'s
+`chat_template`) and runs in jinja2's `ImmutableSandboxedEnvironment` with the settings and globals transformers
+gives it (`trim_blocks`, `lstrip_blocks`, the `loopcontrols` extension, `raise_exception`, `strftime_now`, a `tojson`
+filter that does not HTML-escape, a restricted `dict` and `namespace`), and the same variables: `messages`, `tools`,
+`documents`, `add_generation_prompt`, the special-token names from `tokenizer_config.json` (`bos_token`, ...) and
+any extra template kwargs (`enable_thinking`). Messages are normalised as transformers does (keys whose value is
+None dropped; `reasoning_content` / `thinking` / `reasoning` aliased), so the rendered text is identical
+(tests/deployments/test_chat.py holds the two together).
+
+Parsing: the markers a reply uses (thought block, tool-call block, end of turn) are model-specific, like vLLM's
+named reasoning and tool-call parsers; `ChatFormat` names them, and its defaults are those of the shipped tiny
+model's template. A tool call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatError(ValueError):
+    """A conversation the template refuses (its `raise_exception`), or a template that does not render."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """The markers a model's replies use. Defaults: the shipped tiny model's template (model/assets)."""
+
+    reasoning_start: str = "<think>"
+    reasoning_end: str = "</think>"
+    tool_call_start: str = "<tool_call>"
+    tool_call_end: str = "</tool_call>"
+    end_of_turn: str = "<end_of_turn>"
+
+    def call_prefix(self, name: str | None) -> str:
+        """The text of a tool call up to its arguments (up to its name when `name` is None)."""
+        head = self.tool_call_start + '{"name": '
+        return head if name is None else head + json.dumps(name) + ', "arguments": '
+
+
+# -- rendering -----------------------------------------------------------------------------------------------
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson HTML-escapes; chat templates expect plain JSON
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _Dict:
+    """`dict(...)` for templates, without the class object itself (no attribute access to type internals)."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's namespace, refusing underscore-prefixed attributes (no reach into Python internals)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"templates cannot set the attribute {name!r} on a namespace")
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_Dict(), namespace=_Namespace
+    )
+    return env.from_string(source)
+
+
+def _plain(value: Any) -> Any:
+    """Only JSON-shaped data reaches the sandbox (no objects with methods it does not know to be unsafe)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float):
+        return type(value).__mro__[-2](value)  # str / int / float subclasses back to the base type
+    return f"<{type(value).__name__}>"
+
+
+def _normalise(messages: list[dict]) -> list[dict]:
+    out = []
+    for message in messages:
+        message = {k: v for k, v in _plain(message).items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+class ChatTemplate:
+    """A checkpoint's chat template plus the special-token names it may refer to."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        try:
+            _compile(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ChatError(f"the chat template does not parse: {e}") from None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ChatTemplate | None:
+        """`chat_template.jinja` (else `tokenizer_config.json`'s `chat_template`); None if the checkpoint has none."""
+        path = Path(path)
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        source = None
+        if (path / "chat_template.jinja").exists():
+            source = (path / "chat_template.jinja").read_text()
+        elif isinstance(config.get("chat_template"), str):
+            source = config["chat_template"]
+        if source is None:
+            return None
+        special = {}
+        for key in SPECIAL_TOKEN_KEYS:
+            value = config.get(key)
+            if isinstance(value, dict):  # AddedToken form
+                value = value.get("content")
+            if isinstance(value, str):
+                special[key] = value
+        return cls(source, special)
+
+    def render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs,
+    ) -> str:
+        if not messages:
+            raise ChatError("messages is empty: send at least one message")
+        variables = _plain({**self.special_tokens, **kwargs})
+        try:
+            return _compile(self.source).render(
+                messages=_normalise(messages),
+                tools=_plain(tools),
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatError(f"the chat template refused the conversation: {e}") from None
+
+
+# -- parsing -------------------------------------------------------------------------------------------------
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI's API carries it
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+
+@dataclass
+class Reply:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def _held_back(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could be the start of a marker (kept back while streaming)."""
+    best = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), best, -1):
+            if marker.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def parse_reply(text: str, fmt: ChatFormat, final: bool = True) -> Reply:
+    """Split a reply into reasoning, content and tool calls. With `final=False` (streaming), an unterminated thought
+    block counts as reasoning so far, an unterminated tool call is withheld, and a tail that may be the start of a
+    marker is held back."""
+    reply = Reply()
+    start, end = fmt.reasoning_start, fmt.reasoning_end
+    if text.lstrip().startswith(start) or (start in text and end in text.split(start, 1)[1]):
+        before, rest = text.split(start, 1)
+        thought, sep, after = rest.partition(end)
+        if not sep and not final:
+            reply.reasoning = thought[: len(thought) - _held_back(thought, (end,))]
+            return reply
+        reply.reasoning = thought
+        text = before + after
+    elif end in text and start not in text:  # the template opened the thought block in the prompt
+        reply.reasoning, _, text = text.partition(end)
+    if not final:
+        text = text[: len(text) - _held_back(text, (start, fmt.tool_call_start))]
+    pattern = re.compile(re.escape(fmt.tool_call_start) + r"(.*?)" + re.escape(fmt.tool_call_end), re.S)
+    kept = []
+    last = 0
+    for m in pattern.finditer(text):
+        call = _tool_call(m.group(1))
+        if call is None:
+            continue  # not a well-formed call: leave it in the content
+        kept.append(text[last : m.start()])
+        reply.tool_calls.append(call)
+        last = m.end()
+    kept.append(text[last:])
+    content = "".join(kept)
+    if not final and fmt.tool_call_start in content:  # a call still being written
+        content = content.split(fmt.tool_call_start, 1)[0]
+    reply.content = content
+    return reply
+
+
+def _tool_call(body: str) -> ToolCall | None:
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return None
+    args = data.get("arguments", {})
+    return ToolCall(name=data["name"], arguments=args if isinstance(args, str) else json.dumps(args))
+
+
+class ReplyStream:
+    """Incremental `parse_reply`: feed the reply text so far, get the reasoning and content not yet sent."""
+
+    def __init__(self, fmt: ChatFormat):
+        self.fmt = fmt
+        self.sent = Reply()
+
+    def update(self, text: str, final: bool = False) -> tuple[str, str]:
+        now = parse_reply(text, self.fmt, final=final)
+        deltas = []
+        for name in ("reasoning", "content"):
+            old, new = getattr(self.sent, name), getattr(now, name)
+            if new.startswith(old) and len(new) > len(old):
+                deltas.append(new[len(old) :])
+                setattr(self.sent, name, new)
+            else:
+                deltas.append("")
+        return deltas[0], deltas[1]
