@@ -4,6 +4,11 @@ Deployments are plain classes (deployments/); Ray is applied here, at the edge. 
 CPUs (`num_cpus: 0`) so a small machine can host several. In `disaggregated` mode one `ExpertShard<i>`
 deployment per expert range is bound into the Engine, so Serve deploys, health-checks and scales them with
 the app.
+
+The Router is the app's one ingress for both proxies: Serve's gRPC proxy calls its RPC methods by name, and its
+HTTP proxy (`server.http_port`) hands it HTTP requests through `serve.ingress`, which serves the FastAPI app the
+class builds per replica (the OpenAI-compatible API). The app's route prefix is "/" so that API answers at
+/v1/... on the HTTP port (gRPC ignores the prefix, but needs one to be set).
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from ray.serve.config import gRPCOptions
 from cluster.config import ClusterConfig
 from cluster.shards import ExpertShardReplica
 from deployments.engine import Engine
-from deployments.router import Router
+from deployments.openai_api import OpenAIRouter
 from deployments.shard_client import ShardRoute, worker_prefix
 
 APP_NAME = "blockserve"
-ROUTE_PREFIX = "/blockserve"  # gRPC ignores it, but an app without one is unreachable (RAY_NOTES.md)
+# The OpenAI-compatible API lives at /v1/...; gRPC ignores the prefix, but an app without one is unreachable.
+ROUTE_PREFIX = "/"
 GRPC_SERVICERS = [
     "protos.blockserve.v1.blockserve_pb2_grpc.add_BlockDiffusionServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
@@ -74,7 +80,7 @@ def build_app(config: ClusterConfig):
         health_check_period_s=5,
     ).bind(settings, shards)
     router = serve.deployment(
-        Router,
+        serve.ingress()(OpenAIRouter),  # HTTP: the class's FastAPI app; gRPC: its RPC methods
         name="Router",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=(e.max_rows + e.max_queue) * e.replicas + 8,

@@ -31,7 +31,15 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
@@ -96,12 +104,16 @@ class _Namespace(jinja2.utils.Namespace):
     @staticmethod
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"templates cannot set the attribute {name!r} on a namespace")
+            raise jinja2.exceptions.SecurityError(
+                f"templates cannot set the attribute {name!r} on a namespace"
+            )
 
 
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals.update(
         raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_Dict(), namespace=_Namespace
@@ -214,7 +226,7 @@ def _held_back(text: str, markers: tuple[str, ...]) -> int:
     return best
 
 
-def parse_reply(text: str, fmt: ChatFormat, final: bool = True) -> Reply:
+def parse_reply(text: str, fmt: ChatFormat, final: bool = True, tools: bool = True) -> Reply:
     """Split a reply into reasoning, content and tool calls. With `final=False` (streaming), an unterminated thought
     block counts as reasoning so far, an unterminated tool call is withheld, and a tail that may be the start of a
     marker is held back."""
@@ -231,7 +243,10 @@ def parse_reply(text: str, fmt: ChatFormat, final: bool = True) -> Reply:
     elif end in text and start not in text:  # the template opened the thought block in the prompt
         reply.reasoning, _, text = text.partition(end)
     if not final:
-        text = text[: len(text) - _held_back(text, (start, fmt.tool_call_start))]
+        text = text[: len(text) - _held_back(text, (start, fmt.tool_call_start) if tools else (start,))]
+    if not tools:  # tool_choice none: calls the model wrote anyway stay in the content
+        reply.content = text
+        return reply
     pattern = re.compile(re.escape(fmt.tool_call_start) + r"(.*?)" + re.escape(fmt.tool_call_end), re.S)
     kept = []
     last = 0
@@ -264,12 +279,12 @@ def _tool_call(body: str) -> ToolCall | None:
 class ReplyStream:
     """Incremental `parse_reply`: feed the reply text so far, get the reasoning and content not yet sent."""
 
-    def __init__(self, fmt: ChatFormat):
-        self.fmt = fmt
+    def __init__(self, fmt: ChatFormat, tools: bool = True):
+        self.fmt, self.tools = fmt, tools
         self.sent = Reply()
 
     def update(self, text: str, final: bool = False) -> tuple[str, str]:
-        now = parse_reply(text, self.fmt, final=final)
+        now = parse_reply(text, self.fmt, final=final, tools=self.tools)
         deltas = []
         for name in ("reasoning", "content"):
             old, new = getattr(self.sent, name), getattr(now, name)

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 
+from google.protobuf.json_format import MessageToDict
+
+from deployments.chat import ChatError, ChatFormat, ChatTemplate
 from deployments.scheduler import EngineRequest
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
@@ -51,11 +55,31 @@ class RequestLimits:
 
 
 @dataclass
+class ChatSupport:
+    """What chat requests need from the served checkpoint: its template (None = it has none) and reply markers."""
+
+    template: ChatTemplate | None
+    format: ChatFormat = field(default_factory=ChatFormat)
+
+
+@dataclass
+class ChatPlan:
+    """How the Router answers a chat request."""
+
+    format: ChatFormat
+    stop_ids: frozenset[int] = frozenset()  # the end-of-turn token: the reply ends there
+    parse_tools: bool = True  # tool_choice NONE: the reply is all content
+    forced_tool: str | None = None  # the reply is this tool's arguments (generated under its schema)
+    choose_tool: bool = False  # REQUIRED with several tools: this request only picks the tool's name
+
+
+@dataclass
 class Prepared:
     engine: EngineRequest
     stop: list[str] = field(default_factory=list)
     layout: Layout | None = None
     client_request_id: str = ""
+    chat: ChatPlan | None = None
 
 
 def _prompt_ids(
@@ -63,7 +87,9 @@ def _prompt_ids(
 ):
     which = req.WhichOneof("prompt_input")
     if which is None:
-        errors.append("set either prompt (text) or prompt_token_ids")
+        errors.append("set one of prompt (text), prompt_token_ids or chat")
+        return []
+    if which == "chat":  # rendered by _chat
         return []
     if which == "prompt":
         if not req.prompt:
@@ -167,16 +193,26 @@ def prepare(
     defaults: SamplingParams,
     limits: RequestLimits,
     request_id: str,
+    chat: ChatSupport | None = None,
 ) -> Prepared:
     errors: list[str] = []
     prompt = _prompt_ids(req, tokenizer, cfg, limits, errors)
+    plan = None
+    if req.WhichOneof("prompt_input") == "chat":
+        req, prompt, plan = _chat_request(req, tokenizer, chat, limits, errors)
     params = _sampling(req, defaults, limits, errors)
     stop = _stop(req, limits, errors)
     if len(req.request_id) > limits.max_request_id_chars:
         errors.append(
             f"request_id has {len(req.request_id)} characters; the limit is {limits.max_request_id_chars}"
         )
+    before = len(errors)
     template = _template(req, tokenizer, limits, errors)
+    if plan is not None and (
+        plan.forced_tool or plan.choose_tool
+    ):  # the schema came from the tool, not the client
+        where = f"chat.tools[{plan.forced_tool!r}].parameters" if plan.forced_tool else "chat.tools names"
+        errors[before:] = [e.replace("json_schema", where, 1) for e in errors[before:]]
     lay = None
     if template is not None:
         try:
@@ -205,4 +241,157 @@ def prepare(
         stream_drafts=req.stream_drafts,
         constraints=_constraints(lay) if lay else None,
     )
-    return Prepared(engine, stop, lay)
+    return Prepared(engine, stop, lay, chat=plan)
+
+
+# -- chat ------------------------------------------------------------------------------------------------------
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TEMPLATE_BOUND = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+def _chat_request(req: pb.GenerateRequest, tokenizer: Tokenizer, support, limits: RequestLimits, errors):
+    """(the request to generate, prompt ids, plan): a forced tool call becomes a json_schema request."""
+    prompt, plan, schema = _chat(req, tokenizer, support, limits, errors)
+    if schema is None:
+        return req, prompt, plan
+    if req.WhichOneof("structure") is not None:
+        errors.append(
+            "a forced tool call (chat.tool_choice REQUIRED / chat.tool_name) cannot be combined with template or "
+            "json_schema: the call's arguments already follow the tool's schema"
+        )
+        return req, prompt, plan
+    forced = pb.GenerateRequest()
+    forced.CopyFrom(req)
+    forced.json_schema = json.dumps(schema)
+    return forced, prompt, plan
+
+
+def _chat_messages(chat: pb.Chat, limits: RequestLimits, errors) -> list[dict]:
+    messages, chars = [], 0
+    if not chat.messages:
+        errors.append("chat.messages is empty: send at least one message")
+    for i, m in enumerate(chat.messages):
+        if m.role not in ("system", "user", "assistant", "tool"):
+            errors.append(f"chat.messages[{i}].role must be system, user, assistant or tool (got {m.role!r})")
+        message: dict = {"role": m.role, "content": m.content}
+        if m.reasoning_content:
+            message["reasoning_content"] = m.reasoning_content
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = []
+            for j, call in enumerate(m.tool_calls):
+                args = _json_object(
+                    call.arguments or "{}", f"chat.messages[{i}].tool_calls[{j}].arguments", errors
+                )
+                message["tool_calls"].append(
+                    {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": args}}
+                )
+        chars += len(m.content) + len(m.reasoning_content)
+        messages.append(message)
+    if chars > limits.max_prompt_chars:
+        errors.append(f"chat.messages have {chars} characters; the limit is {limits.max_prompt_chars}")
+    return messages
+
+
+def _json_object(text: str, where: str, errors) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        errors.append(f"{where} is not valid JSON: {e}")
+        return {}
+    if not isinstance(value, dict):
+        errors.append(f"{where} must be a JSON object")
+        return {}
+    return value
+
+
+def _chat_tools(chat: pb.Chat, limits: RequestLimits, errors) -> tuple[list[dict], dict[str, dict]]:
+    tools, schemas = [], {}
+    for i, tool in enumerate(chat.tools):
+        if not TOOL_NAME.match(tool.name):
+            errors.append(
+                f"chat.tools[{i}].name must be 1-64 letters, digits, '_' or '-' (got {tool.name!r})"
+            )
+        elif tool.name in schemas:
+            errors.append(f"chat.tools[{i}].name {tool.name!r} is used twice")
+        if len(tool.parameters) > limits.max_schema_chars:
+            errors.append(
+                f"chat.tools[{i}].parameters has {len(tool.parameters)} characters; "
+                f"the limit is {limits.max_schema_chars}"
+            )
+            continue
+        params = _json_object(
+            tool.parameters or '{"type": "object", "properties": {}}', f"chat.tools[{i}].parameters", errors
+        )
+        schemas[tool.name] = params
+        function = {"name": tool.name, "parameters": params}
+        if tool.description:
+            function["description"] = tool.description
+        tools.append({"type": "function", "function": function})
+    return tools, schemas
+
+
+def _forced(chat: pb.Chat, schemas: dict[str, dict], errors) -> tuple[str | None, bool]:
+    """(the tool whose call is forced, whether the tool must first be chosen among several)."""
+    if chat.tool_name:
+        if chat.tool_name not in schemas:
+            errors.append(f"chat.tool_name {chat.tool_name!r} is not one of chat.tools ({sorted(schemas)})")
+        return chat.tool_name, False
+    if chat.tool_choice == pb.TOOL_CHOICE_REQUIRED:
+        if not schemas:
+            errors.append("chat.tool_choice is REQUIRED but chat.tools is empty: give at least one tool")
+            return None, False
+        if len(schemas) == 1:
+            return next(iter(schemas)), False
+        return None, True
+    return None, False
+
+
+def _chat(
+    req: pb.GenerateRequest, tokenizer: Tokenizer, support: ChatSupport | None, limits: RequestLimits, errors
+) -> tuple[list[int], ChatPlan | None, dict | None]:
+    """Render the conversation: (prompt ids, plan, schema the reply must follow when a tool call is forced)."""
+    if support is None or support.template is None:
+        errors.append(
+            "chat: the served model has no chat template (chat_template.jinja); send prompt instead"
+        )
+        return [], None, None
+    chat, fmt = req.chat, support.format
+    messages = _chat_messages(chat, limits, errors)
+    tools, schemas = _chat_tools(chat, limits, errors)
+    kwargs = MessageToDict(chat.template_kwargs) if chat.HasField("template_kwargs") else {}
+    clash = sorted(
+        TEMPLATE_BOUND.intersection(kwargs) | set(support.template.special_tokens).intersection(kwargs)
+    )
+    if clash:
+        errors.append(f"chat.template_kwargs may not set {clash}: the server binds them")
+    forced, choose = _forced(chat, schemas, errors)
+    if errors:
+        return [], None, None
+    add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    try:
+        text = support.template.render(
+            messages, tools=tools or None, add_generation_prompt=add_prompt, **kwargs
+        )
+    except ChatError as e:
+        errors.append(f"chat: {e}")
+        return [], None, None
+    schema = None
+    if forced is not None:
+        text += fmt.call_prefix(forced)
+        schema = schemas.get(forced, {})
+    elif choose:
+        text += fmt.call_prefix(None)
+        schema = {"enum": list(schemas)}
+    end = tokenizer.hf.token_to_id(fmt.end_of_turn)
+    plan = ChatPlan(
+        format=fmt,
+        stop_ids=frozenset({end}) if end is not None else frozenset(),
+        parse_tools=chat.tool_choice != pb.TOOL_CHOICE_NONE,
+        forced_tool=forced,
+        choose_tool=choose,
+    )
+    return tokenizer.encode(text), plan, schema

@@ -13,6 +13,7 @@ deployment's `GenerateStream` method (RAY_NOTES.md). The Engine is injected as a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
-from deployments.requests import InvalidRequest, Prepared, RequestLimits, prepare
+from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
+from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
 from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
@@ -48,6 +50,7 @@ class RouterSettings:
     max_rows: int = 64
     execution_mode: str = "fused"
     health_timeout_s: float = 2.0
+    chat_format: ChatFormat = field(default_factory=ChatFormat)
 
 
 class RequestFailed(Exception):
@@ -63,8 +66,8 @@ class TextAssembler:
     """Committed tokens -> text, with stop strings. Holds back a trailing U+FFFD (a UTF-8 character split
     across canvases) until the next canvas completes it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: frozenset[int] = frozenset()):
+        self.tokenizer, self.stop, self.stop_ids = tokenizer, stop, stop_ids
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -72,6 +75,9 @@ class TextAssembler:
     def add(self, ids: list[int], final: bool = False) -> str:
         if self.stopped:  # the text ends at the stop string; tokens past it are not part of the answer
             return ""
+        at = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        if at is not None:  # a stop token (chat: end of turn) ends the reply; it is not part of it
+            ids, final, self.stopped = ids[:at], True, True
         self.tokens.extend(ids)
         text = self.tokenizer.decode(self.tokens)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
@@ -107,6 +113,7 @@ class Router:
             eos_id=self.config.eos_token_ids[0] if self.config.eos_token_ids else -1,
             bos_id=self.config.bos_token_id,
         )
+        self.chat = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
@@ -120,6 +127,7 @@ class Router:
                 self.settings.defaults,
                 self.settings.limits,
                 f"{rid}-{uuid.uuid4().hex[:8]}",
+                self.chat,
             )
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
@@ -139,13 +147,15 @@ class Router:
 
     async def _events(self, prepared: Prepared) -> AsyncIterator[pb.GenerateEvent]:
         """Engine events -> GenerateEvents. Cancels the engine request when the consumer stops early."""
-        text = TextAssembler(self.tokenizer, prepared.stop)
+        plan = prepared.chat
+        text = TextAssembler(self.tokenizer, prepared.stop, plan.stop_ids if plan else frozenset())
+        reply = ReplyStream(plan.format, plan.parse_tools) if plan and prepared.layout is None else None
         all_tokens: list[int] = []
         stream = self.engine.options(stream=True).generate.remote(prepared.engine)
         finished = False
         try:
             async for batch in stream:
-                for event in self._translate(batch, prepared, text, all_tokens):
+                for event in self._translate(batch, prepared, text, all_tokens, reply):
                     yield event
                     finished = event.HasField("final")
                     if finished:
@@ -155,7 +165,7 @@ class Router:
                 stream.cancel()
                 self.engine.cancel.remote(prepared.engine.request_id)
 
-    def _translate(self, batch, prepared: Prepared, text: TextAssembler, all_tokens: list[int]):
+    def _translate(self, batch, prepared: Prepared, text: TextAssembler, all_tokens: list[int], reply=None):
         """One batch of engine events -> GenerateEvents (a final event ends the request)."""
         for ev in batch:
             if isinstance(ev, DraftEvent):
@@ -170,6 +180,8 @@ class Router:
                 canvas = pb.Canvas(
                     canvas_index=ev.canvas_index, text_delta=delta, token_ids=ev.token_ids, steps=ev.steps
                 )
+                if prepared.chat is not None:
+                    canvas.chat.CopyFrom(self._chat_delta(prepared, text, reply, delta, ev.last))
                 yield pb.GenerateEvent(canvas=canvas)
                 if text.stopped:
                     yield self._final(prepared, text, all_tokens, None, "stop")
@@ -180,6 +192,42 @@ class Router:
             elif isinstance(ev, ErrorEvent):
                 code = getattr(grpc.StatusCode, ev.code, grpc.StatusCode.INTERNAL)
                 raise RequestFailed(code, ev.message)
+
+    @staticmethod
+    def _chat_delta(prepared: Prepared, text: TextAssembler, reply, delta: str, last: bool) -> pb.ChatDelta:
+        if reply is None:  # json_schema: the JSON is the content; a forced call's arguments go to Final.chat
+            return pb.ChatDelta(content="" if prepared.chat.forced_tool else delta)
+        reasoning, content = reply.update(text.sent, final=last or text.stopped)
+        return pb.ChatDelta(content=content, reasoning_content=reasoning)
+
+    @staticmethod
+    def _chat_reply(prepared: Prepared, full: str) -> pb.ChatReply:
+        plan = prepared.chat
+        if plan.forced_tool:
+            call = pb.ToolCall(id="call_" + uuid.uuid4().hex[:24], name=plan.forced_tool, arguments=full)
+            return pb.ChatReply(tool_calls=[call])
+        if prepared.layout is not None:
+            return pb.ChatReply(content=full)
+        parsed = parse_reply(full, plan.format, tools=plan.parse_tools)
+        calls = [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in parsed.tool_calls]
+        return pb.ChatReply(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls)
+
+    async def _with_chosen_tool(
+        self, request: pb.GenerateRequest, prepared: Prepared, grpc_context
+    ) -> Prepared:
+        """tool_choice REQUIRED among several tools: first generate the tool's name (constrained to the names),
+        then prepare the request again with that tool forced."""
+        if prepared.chat is None or not prepared.chat.choose_tool:
+            return prepared
+        prepared.engine.stream_drafts = False
+        name = None
+        async for event in self._events(prepared):
+            if event.HasField("final"):
+                name = json.loads(event.final.text)
+        forced = pb.GenerateRequest()
+        forced.CopyFrom(request)
+        forced.chat.tool_name = name
+        return self._prepare(forced, grpc_context)
 
     def _draft(self, ev: DraftEvent) -> pb.Draft:
         return pb.Draft(
@@ -218,12 +266,15 @@ class Router:
             slots=slots,
             request_id=prepared.client_request_id,
         )
+        if prepared.chat is not None:
+            final.chat.CopyFrom(self._chat_reply(prepared, full))
         return pb.GenerateEvent(final=final)
 
     # -- RPCs --------------------------------------------------------------------------------------------
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator:
         try:
             prepared = self._prepare(request, grpc_context)
+            prepared = await self._with_chosen_tool(request, prepared, grpc_context)
             async for event in self._events(prepared):
                 yield event
         except RequestFailed as e:
@@ -235,6 +286,7 @@ class Router:
         request.stream_drafts = False  # a unary answer has nowhere to put drafts
         try:
             prepared = self._prepare(request, grpc_context)
+            prepared = await self._with_chosen_tool(request, prepared, grpc_context)
             tokens: list[int] = []
             async for event in self._events(prepared):
                 if event.HasField("canvas"):
@@ -250,6 +302,7 @@ class Router:
                         finish_reason=f.finish_reason,
                         slots=f.slots,
                         request_id=f.request_id,
+                        chat=f.chat if f.HasField("chat") else None,
                     )
             raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine stream ended without a final event")
         except RequestFailed as e:

@@ -57,7 +57,7 @@ TOOLS = [
 ]
 
 CONVERSATIONS = {
-    "one user turn": [{"role": "user", "content": "Hello <there> & \"you\""}],
+    "one user turn": [{"role": "user", "content": 'Hello <there> & "you"'}],
     "system and turns": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -70,12 +70,18 @@ CONVERSATIONS = {
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'},
     ],
-    "content parts": [{"role": "user", "content": [{"type": "text", "text": "part one "}, {"type": "text", "text": "two"}]}],
+    "content parts": [
+        {"role": "user", "content": [{"type": "text", "text": "part one "}, {"type": "text", "text": "two"}]}
+    ],
 }
 
 
@@ -117,7 +123,10 @@ def test_renders_what_transformers_renders(hf_tokenizer, name, thinking, with_to
         assert got == expected
     # and the ids the server prefills are the ids transformers would feed the model
     ours = Tokenizer.from_dir(path).encode(got)
-    assert ours == tok.apply_chat_template(messages, tools=tools, add_generation_prompt=False, **kwargs)["input_ids"]
+    assert (
+        ours
+        == tok.apply_chat_template(messages, tools=tools, add_generation_prompt=False, **kwargs)["input_ids"]
+    )
 
 
 def test_thinking_switch_changes_the_generation_prompt(hf_tokenizer):
@@ -179,7 +188,9 @@ def test_reply_with_reasoning_content_and_a_tool_call():
     text = '<think>need weather</think>Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
     reply = parse_reply(text, FMT)
     assert reply.reasoning == "need weather" and reply.content == "Checking."
-    assert [(c.name, json.loads(c.arguments)) for c in reply.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert [(c.name, json.loads(c.arguments)) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
 
 
 def test_reply_without_markers_is_all_content_and_bad_calls_stay_text():
@@ -192,7 +203,7 @@ def test_reply_without_markers_is_all_content_and_bad_calls_stay_text():
 
 
 def test_streaming_deltas_add_up_and_hold_back_partial_markers():
-    text = "<think>abc</think>Hello <b> world<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"
+    text = '<think>abc</think>Hello <b> world<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     stream, reasoning, content = ReplyStream(FMT), "", ""
     for cut in range(1, len(text) + 1):
         r, c = stream.update(text[:cut])

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class BlockDiffusionStub:
     """Block-diffusion text generation.
+
+    Chat is not a separate RPC: a GenerateRequest whose input is `chat` (messages, tools) is rendered with the
+    checkpoint's own chat template, generated like any other request (same sampling, stop, seed, structure and
+    limits), and answered with the reply split into reasoning, content and tool calls (GenerateResponse.chat,
+    Canvas.chat, Final.chat).
     """
 
     def __init__(self, channel):
@@ -54,6 +59,11 @@ class BlockDiffusionStub:
 
 class BlockDiffusionServicer:
     """Block-diffusion text generation.
+
+    Chat is not a separate RPC: a GenerateRequest whose input is `chat` (messages, tools) is rendered with the
+    checkpoint's own chat template, generated like any other request (same sampling, stop, seed, structure and
+    limits), and answered with the reply split into reasoning, content and tool calls (GenerateResponse.chat,
+    Canvas.chat, Final.chat).
     """
 
     def Generate(self, request, context):
@@ -106,6 +116,11 @@ def add_BlockDiffusionServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BlockDiffusion:
     """Block-diffusion text generation.
+
+    Chat is not a separate RPC: a GenerateRequest whose input is `chat` (messages, tools) is rendered with the
+    checkpoint's own chat template, generated like any other request (same sampling, stop, seed, structure and
+    limits), and answered with the reply split into reasoning, content and tool calls (GenerateResponse.chat,
+    Canvas.chat, Final.chat).
     """
 
     @staticmethod
