@@ -113,7 +113,7 @@ class Router:
             eos_id=self.config.eos_token_ids[0] if self.config.eos_token_ids else -1,
             bos_id=self.config.bos_token_id,
         )
-        self.chat = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
+        self.chat_support = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
@@ -127,7 +127,7 @@ class Router:
                 self.settings.defaults,
                 self.settings.limits,
                 f"{rid}-{uuid.uuid4().hex[:8]}",
-                self.chat,
+                self.chat_support,
             )
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
