@@ -41,7 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         start(config)
         print(
-            f"blockserve: serving {config.model.name} on 127.0.0.1:{config.server.grpc_port} (Ctrl-C to stop)"
+            f"blockserve: serving {config.model.name} on 127.0.0.1:{config.server.grpc_port} (gRPC) and "
+            f"http://127.0.0.1:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop)"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):

@@ -158,7 +158,9 @@ class LimitsSection(_Strict):
 
 class ServerSection(_Strict):
     grpc_port: int = Field(default_factory=lambda: int(env.BLOCKSERVE_GRPC_PORT), ge=1, le=65535)
-    http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve HTTP proxy port (unused by the API)")
+    http_port: int = Field(
+        8000, ge=1, le=65535, description="Ray Serve HTTP proxy port: the OpenAI-compatible API (/v1/...)"
+    )
     host: str = Field("127.0.0.1", description="Address Ray and the HTTP proxy bind")
     max_queued_requests: int = Field(1024, ge=1, description="Router queue bound at the proxy")
     ray_num_cpus: int = Field(32, ge=1, description="Logical CPUs of a local Ray head started by `serve`")

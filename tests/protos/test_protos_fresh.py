@@ -5,6 +5,7 @@ bytes, so an edited .proto without `make protos` (or a hand edit of the output) 
 """
 
 from concurrent import futures
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,12 @@ GENERATED = ["blockserve_pb2.py", "blockserve_pb2_grpc.py", "blockserve_pb2.pyi"
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("protos")
-    # Same flags as the Makefile's `protos` target: -I <repo root> keeps the imports package-absolute.
-    args = ["protoc", f"-I{REPO}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"]
+    # Same flags as the Makefile's `protos` target: -I <repo root> keeps the imports package-absolute. The
+    # well-known types (google/protobuf/struct.proto) ship inside grpc_tools; `python -m grpc_tools.protoc`
+    # adds their directory itself, protoc.main() does not.
+    well_known = resources.files("grpc_tools") / "_proto"
+    args = ["protoc", f"-I{REPO}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}"]
+    args.append(f"--grpc_python_out={out}")
     assert protoc.main([*args, str(REPO / PROTO)]) == 0, "grpc_tools.protoc failed on " + PROTO
     return out / "protos" / "blockserve" / "v1"
 
