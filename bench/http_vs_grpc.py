@@ -8,7 +8,7 @@ previous one has finished), the same requests go two ways to the same app (clust
 local Ray cluster bound to loopback, only 127.0.0.1 targeted):
 
   gRPC   `GenerateStream` (grpc.aio) through Serve's gRPC proxy to the Router replica;
-  HTTP   `POST /v1/completions` with `stream: true` (httpx, server-sent events) through Serve's HTTP proxy to the
+  HTTP   `POST /v1/completions` with `stream: true` (httpx2, server-sent events) through Serve's HTTP proxy to the
          same Router replica's FastAPI app.
 
 Every request has a fixed prompt, seed, max_tokens and denoising-step limit, so both ways produce the same text;
@@ -133,7 +133,7 @@ def figures(wall: float, results: dict) -> dict:
 
 async def measure(grpc_address: str, http_base: str, s: Settings) -> list[tuple[int, dict, dict, int, int]]:
     import grpc
-    import httpx
+    import httpx2 as httpx  # the HTTP client the `openai` package (a test dependency) installs
 
     from protos.blockserve.v1 import blockserve_pb2 as pb
     from protos.blockserve.v1.blockserve_pb2_grpc import BlockDiffusionStub
