@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster import env
+from deployments.chat import ChatFormat
 from deployments.engine import EngineSettings
 from deployments.experts import ExpertShardSettings
 from deployments.requests import RequestLimits
@@ -156,6 +157,24 @@ class LimitsSection(_Strict):
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request")
 
 
+_MARKERS = (
+    ChatFormat()
+)  # the defaults live on ChatFormat (deployments/chat.py): the shipped template's markers
+
+
+class ChatSection(_Strict):
+    """How the served model's chat replies are marked (like vLLM's reasoning / tool-call parser choice)."""
+
+    reasoning_start: str = Field(_MARKERS.reasoning_start, min_length=1, description="Opens a thought block")
+    reasoning_end: str = Field(_MARKERS.reasoning_end, min_length=1, description="Closes a thought block")
+    tool_call_start: str = Field(_MARKERS.tool_call_start, min_length=1, description="Opens a tool call")
+    tool_call_end: str = Field(_MARKERS.tool_call_end, min_length=1, description="Closes a tool call")
+    end_of_turn: str = Field(_MARKERS.end_of_turn, min_length=1, description="Token that ends the reply")
+
+    def to_format(self) -> ChatFormat:
+        return ChatFormat(**self.model_dump())
+
+
 class ServerSection(_Strict):
     grpc_port: int = Field(default_factory=lambda: int(env.BLOCKSERVE_GRPC_PORT), ge=1, le=65535)
     http_port: int = Field(
@@ -173,6 +192,7 @@ class ClusterConfig(_Strict):
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     server: ServerSection = Field(default_factory=ServerSection)
+    chat: ChatSection = Field(default_factory=ChatSection)
 
     @model_validator(mode="after")
     def _check(self):
@@ -260,6 +280,7 @@ class ClusterConfig(_Strict):
             ),
             max_rows=self.engine.max_rows,
             execution_mode=self.engine.execution_mode,
+            chat_format=self.chat.to_format(),
         )
 
 

@@ -68,6 +68,7 @@ class ChatPlan:
 
     format: ChatFormat
     stop_ids: frozenset[int] = frozenset()  # the end-of-turn token: the reply ends there
+    marker_ids: frozenset[int] = frozenset()  # reasoning / tool-call markers that are single (special) tokens
     parse_tools: bool = True  # tool_choice NONE: the reply is all content
     forced_tool: str | None = None  # the reply is this tool's arguments (generated under its schema)
     choose_tool: bool = False  # REQUIRED with several tools: this request only picks the tool's name
@@ -387,9 +388,11 @@ def _chat(
         text += fmt.call_prefix(None)
         schema = {"enum": list(schemas)}
     end = tokenizer.hf.token_to_id(fmt.end_of_turn)
+    markers = (fmt.reasoning_start, fmt.reasoning_end, fmt.tool_call_start, fmt.tool_call_end)
     plan = ChatPlan(
         format=fmt,
         stop_ids=frozenset({end}) if end is not None else frozenset(),
+        marker_ids=frozenset(i for i in map(tokenizer.hf.token_to_id, markers) if i is not None),
         parse_tools=chat.tool_choice != pb.TOOL_CHOICE_NONE,
         forced_tool=forced,
         choose_tool=choose,

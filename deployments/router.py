@@ -66,8 +66,15 @@ class TextAssembler:
     """Committed tokens -> text, with stop strings. Holds back a trailing U+FFFD (a UTF-8 character split
     across canvases) until the next canvas completes it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], stop_ids: frozenset[int] = frozenset()):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: list[str],
+        stop_ids: frozenset[int] = frozenset(),
+        keep_ids: frozenset[int] = frozenset(),
+    ):
         self.tokenizer, self.stop, self.stop_ids = tokenizer, stop, stop_ids
+        self.keep_ids = keep_ids  # special tokens that are text here (chat markers the reply parser reads)
         self.tokens: list[int] = []
         self.sent = ""
         self.stopped = False
@@ -79,7 +86,7 @@ class TextAssembler:
         if at is not None:  # a stop token (chat: end of turn) ends the reply; it is not part of it
             ids, final, self.stopped = ids[:at], True, True
         self.tokens.extend(ids)
-        text = self.tokenizer.decode(self.tokens)
+        text = self._decode(self.tokens)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, self.stopped = text[:cut], True
@@ -90,12 +97,18 @@ class TextAssembler:
         self.sent = text if (cut >= 0 or final or len(text) >= len(self.sent)) else self.sent
         return delta
 
+    def _decode(self, ids: list[int]) -> str:
+        if not self.keep_ids:
+            return self.tokenizer.decode(ids)
+        drop = self.tokenizer.special_ids - self.keep_ids
+        return self.tokenizer.hf.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
     def _tokens_within(self, n_chars: int) -> list[int]:
         """The longest token prefix whose text fits in the first n_chars characters."""
         lo, hi = 0, len(self.tokens)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if len(self.tokenizer.decode(self.tokens[:mid])) <= n_chars:
+            if len(self._decode(self.tokens[:mid])) <= n_chars:
                 lo = mid
             else:
                 hi = mid - 1
@@ -148,7 +161,12 @@ class Router:
     async def _events(self, prepared: Prepared) -> AsyncIterator[pb.GenerateEvent]:
         """Engine events -> GenerateEvents. Cancels the engine request when the consumer stops early."""
         plan = prepared.chat
-        text = TextAssembler(self.tokenizer, prepared.stop, plan.stop_ids if plan else frozenset())
+        text = TextAssembler(
+            self.tokenizer,
+            prepared.stop,
+            plan.stop_ids if plan else frozenset(),
+            plan.marker_ids if plan else frozenset(),
+        )
         reply = ReplyStream(plan.format, plan.parse_tools) if plan and prepared.layout is None else None
         all_tokens: list[int] = []
         stream = self.engine.options(stream=True).generate.remote(prepared.engine)

@@ -213,3 +213,22 @@ def test_streaming_deltas_add_up_and_hold_back_partial_markers():
     r, c = stream.update(text, final=True)
     reasoning, content = reasoning + r, content + c
     assert (reasoning, content) == ("abc", "Hello <b> world")
+
+
+def test_marker_tokens_reach_the_parser_and_end_of_turn_ends_the_reply():
+    """A model whose thought markers are special tokens: the Router keeps them as text for the parser, drops other
+    special tokens, and cuts the reply at the end-of-turn token."""
+    from deployments.router import TextAssembler
+    from model.training import bpe
+
+    raw = bpe.train_bpe(["hmm ok junk " * 30], vocab_size=280)
+    raw.add_special_tokens(["<think>", "</think>", END_OF_TURN])
+    tok = Tokenizer(raw, pad_id=0, eos_id=1, bos_id=2)
+    think, unthink, eot = (raw.token_to_id(t) for t in ("<think>", "</think>", END_OF_TURN))
+    ids = [think, *tok.encode("hmm"), unthink, 2, *tok.encode("ok"), eot, *tok.encode("junk")]
+    asm = TextAssembler(tok, [], stop_ids=frozenset({eot}), keep_ids=frozenset({think, unthink}))
+    asm.add(ids[:3])
+    asm.add(ids[3:])
+    assert asm.stopped and asm.sent == "<think>hmm</think>ok"  # <bos> (special, not a marker) is dropped
+    reply = parse_reply(asm.sent, FMT)
+    assert (reply.reasoning, reply.content) == ("hmm", "ok")
