@@ -61,11 +61,13 @@ def model(client) -> str:
 
 
 def test_completion_honours_max_tokens_exactly_and_reports_usage(client, model):
+    reasons = []
     for max_tokens in (5, 40):  # inside one canvas, and across two
         out = client.completions.create(
             model=model, prompt="import os\n", max_tokens=max_tokens, seed=3, extra_body=FAST
         )
         choice = out.choices[0]
+        reasons.append(choice.finish_reason)
         assert out.usage.completion_tokens <= max_tokens
         if choice.finish_reason == "length":
             assert out.usage.completion_tokens == max_tokens
@@ -74,6 +76,7 @@ def test_completion_honours_max_tokens_exactly_and_reports_usage(client, model):
             out.usage.prompt_tokens > 0
             and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
         )
+    assert "length" in reasons  # the exact-count branch really ran
 
 
 def test_chat_answers_and_thinking_switch_reaches_the_template(app, client, model):
@@ -135,6 +138,17 @@ def test_streams_chunk_per_canvas_and_per_step_with_drafts(client, model):
         c.model_extra["blockserve"]["draft"] for c in drafted if (c.model_extra or {}).get("blockserve")
     ]
     assert 1 <= len(drafts) <= steps and [d["step"] for d in drafts] == list(range(1, len(drafts) + 1))
+    streamed = "".join(c.choices[0].delta.content or "" for c in drafted if c.choices)
+    unary = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=20,
+        seed=2,
+        extra_body={"blockserve": {"sampling": {"max_denoising_steps": steps}}},
+    )
+    assert (
+        streamed == unary.choices[0].message.content
+    )  # drafts change nothing; the deltas add up to the reply
     assert (
         drafted[0].choices[0].delta.role == "assistant" and drafted[-1].choices[0].finish_reason is not None
     )
