@@ -200,6 +200,48 @@ class ChatTemplate:
             raise ChatError(f"the chat template refused the conversation: {e}") from None
 
 
+# -- user text stays text ------------------------------------------------------------------------------------
+# Private-use code points wrap the control tokens found in what the client sent, so that after rendering they are
+# encoded as plain text while the template's own markers stay control tokens: a user cannot forge a turn
+# (transformers offers the same as `apply_chat_template(..., sanitize_control_tokens=True)`; here it is always on).
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
+
+
+def control_pattern(tokens: list[str]) -> re.Pattern:
+    """Matches any of `tokens` (longest first, so a token wins over the tokens inside it)."""
+    ordered = sorted(tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered)) or "(?!)")
+
+
+def mark_control_tokens(value: Any, pattern: re.Pattern) -> Any:
+    """`value` (messages, tools, kwargs) with every control token in its strings wrapped in the markers."""
+    if isinstance(value, str):
+        value = value.replace(MARK_OPEN, "").replace(MARK_CLOSE, "")  # no forged markers
+        return pattern.sub(lambda m: MARK_OPEN + m.group(0) + MARK_CLOSE, value)
+    if isinstance(value, dict):
+        return {k: mark_control_tokens(v, pattern) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mark_control_tokens(v, pattern) for v in value]
+    return value
+
+
+def encode_marked(hf_tokenizer, text: str, pattern: re.Pattern) -> list[int]:
+    """Encode a rendered chat: wrapped control tokens as text, everything else normally. A lone marker (a template
+    string operation split a pair) is dropped, but still separates the text on either side."""
+    pieces = re.split(f"{MARK_OPEN}({pattern.pattern}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]", text)
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):
+        if not piece:
+            continue
+        as_text = i % 2 == 1  # split() puts the captured (wrapped) token at odd positions
+        hf_tokenizer.encode_special_tokens = as_text
+        try:
+            ids += hf_tokenizer.encode(piece, add_special_tokens=False).ids
+        finally:
+            hf_tokenizer.encode_special_tokens = False
+    return ids
+
+
 # -- parsing -------------------------------------------------------------------------------------------------
 @dataclass
 class ToolCall:

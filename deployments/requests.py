@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 from google.protobuf.json_format import MessageToDict
 
-from deployments.chat import ChatError, ChatFormat, ChatTemplate
+from deployments.chat import (
+    ChatError,
+    ChatFormat,
+    ChatTemplate,
+    control_pattern,
+    encode_marked,
+    mark_control_tokens,
+)
 from deployments.scheduler import EngineRequest
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
@@ -373,6 +380,8 @@ def _chat(
     if errors:
         return [], None, None
     add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    control = control_pattern([tokenizer.hf.id_to_token(i) for i in sorted(tokenizer.special_ids) if i >= 0])
+    messages, tools, kwargs = (mark_control_tokens(v, control) for v in (messages, tools, kwargs))
     try:
         text = support.template.render(
             messages, tools=tools or None, add_generation_prompt=add_prompt, **kwargs
@@ -397,4 +406,4 @@ def _chat(
         forced_tool=forced,
         choose_tool=choose,
     )
-    return tokenizer.encode(text), plan, schema
+    return encode_marked(tokenizer.hf, text, control), plan, schema
