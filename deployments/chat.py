@@ -10,6 +10,10 @@ any extra template kwargs (`enable_thinking`). Messages are normalised as transf
 None dropped; `reasoning_content` / `thinking` / `reasoning` aliased), so the rendered text is identical
 (tests/deployments/test_chat.py holds the two together).
 
+Encoding: control tokens inside client-supplied strings are wrapped before rendering and encoded as plain text
+afterwards (`mark_control_tokens`, `encode_marked`), so a message cannot forge a turn; the ids equal transformers'
+`apply_chat_template(..., sanitize_control_tokens=True)`.
+
 Parsing: the markers a reply uses (thought block, tool-call block, end of turn) are model-specific, like vLLM's
 named reasoning and tool-call parsers; `ChatFormat` names them, and its defaults are those of the shipped tiny
 model's template. A tool call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
