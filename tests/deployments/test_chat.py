@@ -251,3 +251,26 @@ def test_control_tokens_in_user_text_stay_text(hf_tokenizer):
     end = ours.hf.token_to_id(END_OF_TURN)
     assert ids.count(end) == 1  # the template's own; the forged one became text
     assert ours.hf.decode(ids, skip_special_tokens=False) == _ours(path).render(messages)
+
+
+def test_shipped_tiny_model_renders_as_transformers_loads_it():
+    from transformers import AutoTokenizer
+
+    from cluster.env import DEFAULT_MODEL_PATH
+
+    hf = AutoTokenizer.from_pretrained(DEFAULT_MODEL_PATH)
+    ours = ChatTemplate.from_dir(DEFAULT_MODEL_PATH)
+    messages = [{"role": "system", "content": "Be brief."}, *CONVERSATIONS["tool round trip"]]
+    for thinking in (False, True):
+        expected = hf.apply_chat_template(
+            messages, tools=TOOLS, add_generation_prompt=True, enable_thinking=thinking
+        )["input_ids"]
+        text = ours.render(messages, tools=TOOLS, enable_thinking=thinking)
+        assert Tokenizer.from_dir(DEFAULT_MODEL_PATH).encode(text) == expected
+
+
+def test_template_from_tokenizer_config_when_there_is_no_jinja_file(tmp_path):
+    config = {"chat_template": "{{ bos_token }}{{ messages[0].content }}", "bos_token": {"content": "<s>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert ChatTemplate.from_dir(tmp_path).render([{"role": "user", "content": "x"}]) == "<s>x"
+    assert ChatTemplate.from_dir(tmp_path / "missing") is None
