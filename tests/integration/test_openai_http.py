@@ -77,6 +77,15 @@ def test_completion_honours_max_tokens_exactly_and_reports_usage(client, model):
             and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
         )
     assert "length" in reasons  # the exact-count branch really ran
+    long = client.completions.create(
+        model=model, prompt="import os\n", max_tokens=40, seed=3, extra_body=FAST
+    )
+    cut = client.completions.create(
+        model=model, prompt="import os\n", max_tokens=40, seed=3, stop=["\n"], extra_body=FAST
+    )
+    if "\n" in long.choices[0].text:  # same seed, same tokens: the stop string cuts where the newline was
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].text == long.choices[0].text.split("\n")[0]
 
 
 def test_chat_answers_and_thinking_switch_reaches_the_template(app, client, model):
