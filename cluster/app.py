@@ -18,6 +18,8 @@ import dataclasses
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from cluster import env
+from cluster.autoscaling import engine_autoscaling_config
 from cluster.config import ClusterConfig
 from cluster.shards import ExpertShardReplica
 from deployments.engine import Engine
@@ -63,6 +65,15 @@ def build_shards(config: ClusterConfig) -> tuple[list, list[ShardRoute]]:
     return bound, routes
 
 
+def engine_scaling(config: ClusterConfig) -> dict:
+    """A fixed replica count, or the SLO autoscaler's config when `engine.autoscaling` is set."""
+    e = config.engine
+    if e.autoscaling is None:
+        return {"num_replicas": e.replicas}
+    push_s = env.ray_metric_push_interval_s()
+    return {"autoscaling_config": engine_autoscaling_config(e.autoscaling, config.slo, push_s)}
+
+
 def build_app(config: ClusterConfig):
     e = config.engine
     settings = config.to_engine_settings()
@@ -73,7 +84,7 @@ def build_app(config: ClusterConfig):
     engine = serve.deployment(
         Engine,
         name="Engine",
-        num_replicas=e.replicas,
+        **engine_scaling(config),
         ray_actor_options={"num_cpus": 0},
         # every streaming request stays "ongoing" until it finishes: admit all rows plus the engine queue
         max_ongoing_requests=e.max_rows + e.max_queue + 8,
@@ -83,7 +94,7 @@ def build_app(config: ClusterConfig):
         serve.ingress()(OpenAIRouter),  # HTTP: the class's FastAPI app; gRPC: its RPC methods
         name="Router",
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=(e.max_rows + e.max_queue) * e.replicas + 8,
+        max_ongoing_requests=(e.max_rows + e.max_queue) * e.most_replicas + 8,
         max_queued_requests=config.server.max_queued_requests,
     ).bind(engine, config.to_router_settings())
     return router

@@ -1,4 +1,5 @@
-"""`blockserve` command line: `serve` a local cluster, `generate` against it, `plan` memory for a shape.
+"""`blockserve` command line: `serve` a local cluster, `generate` against it, `status` of a running cluster,
+`plan` memory for a shape.
 
 `serve` starts a single-node Ray on loopback (cluster/env.py applies the rules before Ray is imported),
 deploys the app and serves gRPC on 127.0.0.1:<port> until interrupted. `generate` is a gRPC client that shows
@@ -34,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     config.model_path()  # fail before starting Ray if there is no checkpoint
     if config.engine.execution_mode == "disaggregated":
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
-    ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
+    context = ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
         signal.signal(sig, lambda *_: stop.set())
@@ -42,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         start(config)
         print(
             f"blockserve: serving {config.model.name} on 127.0.0.1:{config.server.grpc_port} (gRPC) and "
-            f"http://127.0.0.1:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop)"
+            f"http://127.0.0.1:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
+            f"`blockserve status --address {context.address_info['gcs_address']}` shows replicas and autoscaling"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):
@@ -180,6 +182,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    env.apply_loopback_env()
+    from cluster.status import main_status
+
+    return main_status(args.address, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="blockserve", description="Serve block-diffusion MoE models on Ray."
@@ -204,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--json-schema", help="file holding a JSON Schema the output must satisfy")
     g.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     g.set_defaults(fn=_generate)
+    st = sub.add_parser("status", help="applications, replicas and autoscaling of a running cluster")
+    st.add_argument("--address", default="auto", help="Ray cluster address (default: the local one)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(fn=_status)
     p = sub.add_parser(
         "plan", help="parameter and KV-cache sizes of a preset; with --gpus, expert placement and step time"
     )

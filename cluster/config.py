@@ -37,8 +37,45 @@ class ModelSection(_Strict):
     device: str = Field("cpu", description="torch device of the Engine (cuda on GPU nodes)")
 
 
+class AutoscalingSection(_Strict):
+    """Engine replicas sized to the `slo` section (cluster/autoscaling.py says how)."""
+
+    min_replicas: int = Field(1, ge=1, description="Fewest Engine replicas (also the count at deploy time)")
+    max_replicas: int = Field(4, ge=1, description="Most Engine replicas")
+    upscale_delay_s: float = Field(
+        15.0, ge=0, description="Seconds a scale-up must be wanted continuously before it happens"
+    )
+    downscale_delay_s: float = Field(
+        300.0, ge=0, description="Seconds a scale-down must be wanted continuously before it happens"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"engine.autoscaling.min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
+
+
+class SloSection(_Strict):
+    """What every stream should get; the autoscaler sizes Engines to it (set it for your model and hardware)."""
+
+    tokens_per_second: float = Field(
+        20.0,
+        gt=0,
+        description="Per-request stream rate, tokens/s (whole canvases over the time between them)",
+    )
+    time_to_first_canvas_s: float = Field(
+        2.0, gt=0, description="Time from submission to a request's first committed canvas, seconds"
+    )
+
+
 class EngineSection(_Strict):
     replicas: int = Field(1, ge=1, description="Engine replicas (each holds a full model copy in fused mode)")
+    autoscaling: AutoscalingSection | None = Field(
+        None, description="Scale Engine replicas to the SLO; without it the replica count stays `replicas`"
+    )
     max_rows: int = Field(64, ge=1, le=4096, description="Most canvases denoised together in one forward")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED")
     kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache memory budget per Engine, GiB")
@@ -130,6 +167,19 @@ class ExpertsSection(_Strict):
             )
         return list(self.split)
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.autoscaling is not None and self.replicas != 1:
+            raise ValueError(
+                f"engine.replicas={self.replicas} is a fixed count; with engine.autoscaling set min_replicas and "
+                "max_replicas there instead"
+            )
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
 
 class SamplingSection(_Strict):
     max_new_tokens: int = Field(256, ge=1, description="Default max_new_tokens")
@@ -193,6 +243,7 @@ class ClusterConfig(_Strict):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     server: ServerSection = Field(default_factory=ServerSection)
     chat: ChatSection = Field(default_factory=ChatSection)
+    slo: SloSection = Field(default_factory=SloSection)
 
     @model_validator(mode="after")
     def _check(self):
@@ -265,6 +316,7 @@ class ClusterConfig(_Strict):
             transport=self.experts.transport,
             shard_timeout_s=self.experts.call_timeout_s,
             shard_wait_s=self.experts.unavailable_after_s,
+            slo_tokens_per_second=self.slo.tokens_per_second,
         )
 
     def to_router_settings(self) -> RouterSettings:

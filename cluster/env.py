@@ -89,6 +89,25 @@ LOOPBACK_ENV: dict[str, str] = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
+# Ray Serve's own variable for how often replicas push autoscaling metrics. Ray 2.60 defines it but its replicas
+# still push every `autoscaling_config.metrics_interval_s` (replica.py `start_metrics_pusher`), so cluster/app.py
+# copies it into that field when it is set (tests set 0.5 s; the default is 10 s).
+RAY_METRIC_PUSH_ENV = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
+
+
+def ray_metric_push_interval_s(environ: MutableMapping[str, str] = os.environ) -> float | None:
+    raw = environ.get(RAY_METRIC_PUSH_ENV)
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{RAY_METRIC_PUSH_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"{RAY_METRIC_PUSH_ENV}={raw!r} must be > 0 seconds")
+    return value
+
+
 LOOPBACK_NODE_IP = "127.0.0.1"
 # Enough for handles passing a few MB per call; Ray's default (30% of RAM) is too much on a shared 24 GB box.
 OBJECT_STORE_BYTES = 256 * 1024 * 1024

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deployments.engine_metrics import EngineMetrics, MetricsSettings
 from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.scheduler import (
     EngineRequest,
@@ -55,6 +56,7 @@ class EngineSettings:
     transport: str = "actor"  # "actor" | "serve" (deployments/shard_client.py)
     shard_timeout_s: float = 30.0  # one shard call, before it is retried on another replica
     shard_wait_s: float = 60.0  # how long a shard may have no live replica before requests fail UNAVAILABLE
+    slo_tokens_per_second: float = 0.0  # per-request stream rate the autoscaler sizes for (0: no SLO)
 
 
 def remote_experts(settings: EngineSettings, handles: list | None, num_layers: int) -> ShardedExperts:
@@ -97,6 +99,14 @@ class Engine:
         self._error: str | None = None
         self._window: deque[tuple[float, int, int]] = deque()  # (time, tokens delivered, rows) per iteration
         self._busy_s = 0.0  # seconds spent in iterations (the per-step time split of bench/disaggregated.py)
+        self.metrics = EngineMetrics(
+            MetricsSettings(
+                window_s=settings.stats_window_s,
+                slo_tokens_per_second=settings.slo_tokens_per_second,
+                max_rows=settings.limits.max_rows,
+                canvas_length=self.model.config.canvas_length,
+            )
+        )
         self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
         self._thread.start()
 
@@ -109,6 +119,7 @@ class Engine:
                 return
             if op == "submit":
                 request, sink = args
+                sink = self.metrics.observe(request.request_id, sink)
                 try:
                     self.scheduler.submit(request, sink)
                 except QueueFull as e:
@@ -117,6 +128,7 @@ class Engine:
                     sink(ErrorEvent(str(e), "INVALID_ARGUMENT"))
             elif op == "cancel":
                 self.scheduler.cancel(args[0])
+                self.metrics.forget(args[0])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -130,6 +142,7 @@ class Engine:
                 stats = self.scheduler.iterate()
                 self._record(self.scheduler.tokens_delivered - before, stats.rows)
                 self._busy_s += stats.seconds
+                self.metrics.on_iteration(stats.rows, stats.seconds, self.scheduler.tokens_delivered - before)
             except ShardsUnavailable as e:  # not the Engine's fault: fail what is in flight, keep serving
                 log.error("expert shards unavailable: %s", e)
                 self.scheduler.fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")
@@ -212,8 +225,14 @@ class Engine:
         return self.experts.stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        st = self.stats()
-        return {k: st[k] for k in ("active_rows", "queued_requests", "tokens_per_second")}
+        """Ray Serve's custom autoscaling metrics hook (deployments/engine_metrics.py says what each is)."""
+        s = self.scheduler
+        return self.metrics.snapshot(active_rows=len(s.active), queued=len(s.waiting))
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """The same readings through Serve's per-replica routing-stats hook, which `blockserve status` reads
+        from every replica (a handle call would reach only one)."""
+        return self.record_autoscaling_stats()
 
     def shutdown(self) -> None:
         self._stop.set()
