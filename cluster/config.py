@@ -99,6 +99,19 @@ class EngineSection(_Strict):
         "computes attention for one while the shards compute experts for another",
     )
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.autoscaling is not None and self.replicas != 1:
+            raise ValueError(
+                f"engine.replicas={self.replicas} is a fixed count; with engine.autoscaling set min_replicas and "
+                "max_replicas there instead"
+            )
+        return self
+
+    @property
+    def most_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
 
 DEFAULT_SHARDS = 2
 
@@ -166,19 +179,6 @@ class ExpertsSection(_Strict):
                 f"make the entries sum to {num_experts}"
             )
         return list(self.split)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.autoscaling is not None and self.replicas != 1:
-            raise ValueError(
-                f"engine.replicas={self.replicas} is a fixed count; with engine.autoscaling set min_replicas and "
-                "max_replicas there instead"
-            )
-        return self
-
-    @property
-    def most_replicas(self) -> int:
-        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
 
 
 class SamplingSection(_Strict):
