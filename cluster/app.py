@@ -30,13 +30,18 @@ APP_NAME = "blockserve"
 # The OpenAI-compatible API lives at /v1/...; gRPC ignores the prefix, but an app without one is unreachable.
 ROUTE_PREFIX = "/"
 GRPC_SERVICERS = [
-    "protos.blockserve.v1.blockserve_pb2_grpc.add_BlockDiffusionServicer_to_server",
+    # the generated registration, but undecodable request bytes reach the Router (INVALID_ARGUMENT, not UNKNOWN)
+    "deployments.wire.add_BlockDiffusion_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
 
 def grpc_options(config: ClusterConfig) -> gRPCOptions:
-    return gRPCOptions(port=config.server.grpc_port, grpc_servicer_functions=GRPC_SERVICERS)
+    return gRPCOptions(
+        port=config.server.grpc_port,
+        grpc_servicer_functions=GRPC_SERVICERS,
+        request_timeout_s=config.limits.max_request_s,  # the proxy's deadline matches the engine's
+    )
 
 
 def shard_deployment_name(index: int) -> str:

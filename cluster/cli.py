@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from cluster import preflight
     from cluster.app import start
     from cluster.config import ClusterConfig
 
@@ -32,18 +33,18 @@ def _serve(args: argparse.Namespace) -> int:
         config.model.path = args.model
     if args.port:
         config.server.grpc_port = args.port
-    config.model_path()  # fail before starting Ray if there is no checkpoint
+    preflight.check(config)  # fail before starting Ray: a checkpoint that cannot load, a port in use
     if config.engine.execution_mode == "disaggregated":
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
-    context = ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus))
+    context = ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
         signal.signal(sig, lambda *_: stop.set())
     try:
         start(config)
         print(
-            f"blockserve: serving {config.model.name} on 127.0.0.1:{config.server.grpc_port} (gRPC) and "
-            f"http://127.0.0.1:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
+            f"blockserve: serving {config.model.name} on {config.server.host}:{config.server.grpc_port} (gRPC) and "
+            f"http://{config.server.host}:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
             f"`blockserve status --address {context.address_info['gcs_address']}` shows replicas and autoscaling"
         )
         sys.stdout.flush()
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="blockserve", description="Serve block-diffusion MoE models on Ray."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="start a local Ray cluster and serve gRPC on 127.0.0.1")
+    s = sub.add_parser("serve", help="start a local Ray cluster and serve gRPC on server.host (127.0.0.1)")
     s.add_argument("--config", help="ClusterConfig YAML file")
     s.add_argument("--model", help="checkpoint directory (overrides model.path)")
     s.add_argument("--port", type=int, help="gRPC port (overrides server.grpc_port)")

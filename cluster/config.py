@@ -180,6 +180,13 @@ class ExpertsSection(_Strict):
             )
         return list(self.split)
 
+    lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="An engine row is freed when the Router has not renewed its lease for this many seconds "
+        "(the Router renews three times per period while the client is connected; a dead Router's rows go)",
+    )
+
 
 class SamplingSection(_Strict):
     max_new_tokens: int = Field(256, ge=1, description="Default max_new_tokens")
@@ -203,8 +210,14 @@ class SamplingSection(_Strict):
 
 class LimitsSection(_Strict):
     max_new_tokens: int = Field(4096, ge=1, description="Largest max_new_tokens a request may ask for")
-    max_prompt_chars: int = Field(1 << 20, ge=1, description="Longest prompt text, characters")
+    max_prompt_chars: int = Field(
+        1 << 20, ge=1, description="Longest prompt text, characters (checked before tokenizing)"
+    )
+    max_prompt_tokens: int = Field(32768, ge=1, description="Longest prompt, tokens")
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request")
+    max_request_s: float = Field(
+        600.0, gt=0, description="Deadline of every request, seconds: its engine row is freed after this long"
+    )
 
 
 _MARKERS = (
@@ -230,9 +243,24 @@ class ServerSection(_Strict):
     http_port: int = Field(
         8000, ge=1, le=65535, description="Ray Serve HTTP proxy port: the OpenAI-compatible API (/v1/...)"
     )
-    host: str = Field("127.0.0.1", description="Address Ray and the HTTP proxy bind")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the gRPC and HTTP proxies and the replicas' servers bind (0.0.0.0 in a pod)",
+    )
     max_queued_requests: int = Field(1024, ge=1, description="Router queue bound at the proxy")
     ray_num_cpus: int = Field(32, ge=1, description="Logical CPUs of a local Ray head started by `serve`")
+
+
+class AuthSection(_Strict):
+    keys_file: str | None = Field(
+        None,
+        description="File of API keys, one a line, '#' comments (e.g. a mounted Kubernetes Secret). With no key "
+        "from the file or the environment variable, authentication is off",
+    )
+    keys_env: str | None = Field(
+        "BLOCKSERVE_API_KEYS",
+        description="Environment variable (of the Ray processes) holding comma-separated API keys, if set",
+    )
 
 
 class ClusterConfig(_Strict):
@@ -244,6 +272,7 @@ class ClusterConfig(_Strict):
     server: ServerSection = Field(default_factory=ServerSection)
     chat: ChatSection = Field(default_factory=ChatSection)
     slo: SloSection = Field(default_factory=SloSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
 
     @model_validator(mode="after")
     def _check(self):
@@ -317,6 +346,7 @@ class ClusterConfig(_Strict):
             shard_timeout_s=self.experts.call_timeout_s,
             shard_wait_s=self.experts.unavailable_after_s,
             slo_tokens_per_second=self.slo.tokens_per_second,
+            max_request_s=self.limits.max_request_s,
         )
 
     def to_router_settings(self) -> RouterSettings:
@@ -329,10 +359,15 @@ class ClusterConfig(_Strict):
                 max_new_tokens=lim.max_new_tokens,
                 max_prompt_chars=lim.max_prompt_chars,
                 max_stop_strings=lim.max_stop_strings,
+                max_prompt_tokens=lim.max_prompt_tokens,
             ),
             max_rows=self.engine.max_rows,
             execution_mode=self.engine.execution_mode,
             chat_format=self.chat.to_format(),
+            lease_s=self.engine.lease_s,
+            max_request_s=lim.max_request_s,
+            api_keys_file=self.auth.keys_file,
+            api_keys_env=self.auth.keys_env,
         )
 
 

@@ -119,11 +119,14 @@ def apply_loopback_env(environ: MutableMapping[str, str] = os.environ) -> dict[s
     return dict(LOOPBACK_ENV)
 
 
-def ray_init_kwargs(num_cpus: int = 32) -> dict[str, Any]:
+def ray_init_kwargs(num_cpus: int = 32, bind_host: str = LOOPBACK_NODE_IP) -> dict[str, Any]:
     """Keyword arguments for `ray.init()` that start a small local cluster bound to loopback.
 
     `num_cpus` is Ray's logical CPU count, not the machine's: replicas reserve one CPU each by default, so a
     count above the real 2 cores lets several replicas start (Ray's own tests use 36).
+    `bind_host` (`server.host`) is where Serve's gRPC proxy and the replicas' gRPC servers listen: Serve 2.60
+    hard-codes every interface for them, which cluster/bind.py corrects in each worker process. Serve's
+    SO_REUSEPORT is off, so two servers never share a port silently.
     """
     if num_cpus < 1:
         raise ValueError(f"num_cpus={num_cpus}: Ray needs at least 1 logical CPU to place any replica")
@@ -132,4 +135,14 @@ def ray_init_kwargs(num_cpus: int = 32) -> dict[str, Any]:
         include_dashboard=False,
         _node_ip_address=LOOPBACK_NODE_IP,
         object_store_memory=OBJECT_STORE_BYTES,
+        runtime_env={"worker_process_setup_hook": BIND_SETUP_HOOK, "env_vars": server_env(bind_host)},
     )
+
+
+# cluster/bind.py's hook, named here so this module imports nothing heavy.
+BIND_SETUP_HOOK = "cluster.bind.rebind_serve_servers"
+
+
+def server_env(bind_host: str) -> dict[str, str]:
+    """Environment of every Ray worker process: where Serve's servers bind, and no port sharing."""
+    return {"BLOCKSERVE_BIND_HOST": bind_host, "SERVE_SOCKET_REUSE_PORT_ENABLED": "0"}

@@ -6,6 +6,12 @@ background thread that owns the model; callers talk to it only through a queue, 
 serves requests never blocks on a forward pass. `generate()` is an async generator of scheduler events; when
 its consumer goes away (client cancelled, deadline passed) the request is cancelled and its row freed at the
 next iteration.
+
+Reliability (kept apart from the scheduling so the two evolve independently): every inbox operation and every
+event sink is guarded, so one bad request fails alone; every request carries a deadline and a lease
+(deployments/leases.py) checked once per loop, and an expired one is freed through `Scheduler.cancel` whatever
+Serve delivered or dropped; `ready()` and `check_health()` are one rule, so Serve restarts a broken engine and a
+recovered one serves again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from deployments.engine_metrics import EngineMetrics, MetricsSettings
 from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
+from deployments.leases import LeaseTable
 from deployments.scheduler import (
     EngineRequest,
     ErrorEvent,
@@ -69,6 +76,7 @@ def remote_experts(settings: EngineSettings, handles: list | None, num_layers: i
     else:
         clients = [ActorShardClient(r, s.shard_timeout_s, s.shard_wait_s) for r in s.shards]
     return ShardedExperts([range(r.first, r.stop) for r in s.shards], clients, num_layers)
+    max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
 
 
 class Engine:
@@ -96,7 +104,10 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._error: str | None = None
+        self._error: str | None = None  # the last iteration's failure; cleared by the next good iteration
+        self._leases = LeaseTable()
+        self._sinks: dict[str, object] = {}  # request id -> its guarded sink, for expiry errors
+        self.expired = 0
         self._window: deque[tuple[float, int, int]] = deque()  # (time, tokens delivered, rows) per iteration
         self._busy_s = 0.0  # seconds spent in iterations (the per-step time split of bench/disaggregated.py)
         self.metrics = EngineMetrics(
@@ -117,22 +128,54 @@ class Engine:
                 op, *args = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if op == "submit":
-                request, sink = args
-                sink = self.metrics.observe(request.request_id, sink)
-                try:
-                    self.scheduler.submit(request, sink)
-                except QueueFull as e:
-                    sink(ErrorEvent(str(e), "RESOURCE_EXHAUSTED"))
-                except (RequestTooLarge, ValueError) as e:
-                    sink(ErrorEvent(str(e), "INVALID_ARGUMENT"))
-            elif op == "cancel":
-                self.scheduler.cancel(args[0])
-                self.metrics.forget(args[0])
+            try:  # one bad operation fails alone; the thread and every other request carry on
+                self._apply(op, *args)
+            except Exception:
+                log.exception("engine inbox operation %r failed", op)
+                if op == "submit":
+                    args[1](ErrorEvent("the engine could not take this request", "INTERNAL"))
+
+    def _apply(self, op: str, *args) -> None:
+        if op == "submit":
+            request, sink, timeout_s, lease_s = args
+            sink = self.metrics.observe(request.request_id, sink)
+            try:
+                self.scheduler.submit(request, sink)
+            except QueueFull as e:
+                sink(ErrorEvent(str(e), "RESOURCE_EXHAUSTED"))
+                return
+            except (RequestTooLarge, ValueError) as e:
+                sink(ErrorEvent(str(e), "INVALID_ARGUMENT"))
+                return
+            self._leases.add(
+                request.request_id, time.monotonic(), timeout_s or self.settings.max_request_s, lease_s
+            )
+            self._sinks[request.request_id] = sink
+        elif op == "cancel":
+            self._forget(args[0])
+            self.scheduler.cancel(args[0])
+            self.metrics.forget(args[0])
+        elif op == "renew":
+            self._leases.renew(args[0], time.monotonic())
+
+    def _forget(self, request_id: str) -> None:
+        self._leases.remove(request_id)
+        self._sinks.pop(request_id, None)
+
+    def _expire(self) -> None:
+        """Free every request past its deadline or lease (the Router or its client is gone, or too slow)."""
+        for rid, why in self._leases.expired(time.monotonic()):
+            self.expired += 1
+            self.scheduler.cancel(rid)
+            self.metrics.forget(rid)
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                sink(ErrorEvent(f"request {rid} was stopped: {why}", "DEADLINE_EXCEEDED"))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            self._expire()
             if not self.scheduler.has_work:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
@@ -143,13 +186,22 @@ class Engine:
                 self._record(self.scheduler.tokens_delivered - before, stats.rows)
                 self._busy_s += stats.seconds
                 self.metrics.on_iteration(stats.rows, stats.seconds, self.scheduler.tokens_delivered - before)
+                self._error = None  # a good iteration after a failure: the engine has recovered
             except ShardsUnavailable as e:  # not the Engine's fault: fail what is in flight, keep serving
                 log.error("expert shards unavailable: %s", e)
-                self.scheduler.fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")
+                self._fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")
             except Exception as e:  # a failed forward must not hang every client: fail them all loudly
                 log.exception("engine iteration failed")
                 self._error = f"engine iteration failed: {type(e).__name__}: {e}"
-                self.scheduler.fail_all(self._error)
+                self._fail_all(self._error)
+
+    def _fail_all(self, message: str, code: str = "INTERNAL") -> None:
+        try:
+            self.scheduler.fail_all(message, code=code)  # sinks are guarded, so every request hears of it
+        except Exception:
+            log.exception("failing the engine's requests failed")
+        self._leases = LeaseTable()
+        self._sinks.clear()
 
     def _record(self, tokens: int, rows: int) -> None:
         now = time.monotonic()
@@ -158,16 +210,25 @@ class Engine:
             self._window.popleft()
 
     # -- the caller side ---------------------------------------------------------------------------------
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[Event]]:
+    async def generate(
+        self, request: EngineRequest, timeout_s: float | None = None, lease_s: float | None = None
+    ) -> AsyncIterator[list[Event]]:
+        """Events of one request, batched. `timeout_s`: its deadline from now (else `max_request_s`);
+        `lease_s`: it is freed unless `renew` names it at least this often."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def sink(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:  # the caller's loop may be gone (replica shutting down): that must not reach the scheduler
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except Exception as e:
+                log.warning("dropping an event for request %s: %s", request.request_id, e)
+            if isinstance(event, FinalEvent | ErrorEvent):
+                self._inbox.put(("cancel", request.request_id))  # drop its lease (a no-op for the scheduler)
 
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
-        self._inbox.put(("submit", request, sink))
+        self._inbox.put(("submit", request, sink, timeout_s, lease_s))
         self._wake.set()
         done = False
         try:
@@ -191,15 +252,28 @@ class Engine:
         self._inbox.put(("cancel", request_id))
         self._wake.set()
 
+    def renew(self, request_ids: list[str]) -> None:
+        """Extend the leases of these requests (the Router calls this while their clients are connected)."""
+        self._inbox.put(("renew", list(request_ids)))
+        self._wake.set()
+
+    def problem(self) -> str | None:
+        """Why this engine cannot serve, or None. The one rule behind `ready()` and `check_health()`."""
+        if not self._thread.is_alive():
+            return "the engine's scheduler thread is not running"
+        return self._error
+
     def ready(self) -> bool:
-        alive = self._thread.is_alive() and self._error is None
+        # the engine itself (problem) and, in disaggregated mode, a live replica for every expert shard; shards
+        # that are down make the engine NOT_SERVING without Serve restarting it (check_health sees only problem)
         clients = getattr(self.experts, "clients", [])
-        return alive and all(c.ready() for c in clients)
+        return self.problem() is None and all(c.ready() for c in clients)
 
     def check_health(self) -> None:
-        """Ray Serve's replica health check: a dead scheduler thread takes the replica out of rotation."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the engine's scheduler thread is not running")
+        """Ray Serve's replica health check: a broken engine is taken out of rotation and restarted."""
+        problem = self.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
 
     def stats(self) -> dict[str, float]:
         s = self.scheduler
@@ -217,6 +291,8 @@ class Engine:
             "kv_reserved_bytes": float(s.reserved),
             "kv_budget_bytes": float(s.limits.kv_cache_bytes),
             "busy_s": self._busy_s,
+            "leases": float(len(self._leases)),
+            "expired_requests": float(self.expired),
         }
 
     def expert_stats(self) -> dict:

@@ -23,18 +23,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments import openai_protocol as oa
+from deployments.auth import Unauthenticated
 from deployments.router import RequestFailed, Router
 from protos.blockserve.v1 import blockserve_pb2 as pb
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
 }
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error"}
+ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
 
 
 def error_response(
@@ -178,10 +185,24 @@ class OpenAIRouter(Router):
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def unauthenticated(router: Router, request: Request) -> JSONResponse | None:
+    """401 (with `WWW-Authenticate: Bearer`) unless the API key check passes (deployments/auth.py)."""
+    try:
+        router.keys.check_http(request.headers.get("authorization"))
+    except Unauthenticated as e:
+        response = error_response(401, str(e), None, "invalid_api_key")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
 def build_app(router: OpenAIRouter) -> FastAPI:
     app = FastAPI(title="blockserve OpenAI-compatible API")
 
     async def handle(request: Request, cls, run):
+        denied = unauthenticated(router, request)
+        if denied is not None:
+            return denied
         try:
             data = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -203,7 +224,10 @@ def build_app(router: OpenAIRouter) -> FastAPI:
             return failure_response(e)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        denied = unauthenticated(router, request)
+        if denied is not None:
+            return denied
         card = {"id": router.settings.model_name, "object": "model", "created": 0, "owned_by": "blockserve"}
         return {"object": "list", "data": [card]}
 

@@ -1,7 +1,11 @@
 """Validate and normalise a `GenerateRequest` once, at the Router: proto in, `Prepared` (engine request + what
 the Router needs to build the answer) out, or `InvalidRequest` whose message says what to fix.
 
-Every field is checked, and all problems are reported together so a client fixes them in one round trip.
+Every field is checked, and all problems are reported together so a client fixes them in one round trip. The rules
+are the "Valid:" lines of protos/blockserve/v1/blockserve.proto (tests/deployments/test_request_rules.py holds one
+test per rule). Sizes are checked before any tokenizing or schema compiling, so an oversized request costs the
+Router next to nothing; anything a hostile document can make the compilers raise (deep nesting: RecursionError)
+is an InvalidRequest too.
 """
 
 from __future__ import annotations
@@ -53,12 +57,19 @@ class InvalidRequest(ValueError):
 
 @dataclass
 class RequestLimits:
+    # Every generated position counts: free-text canvases and the positions of a template or json_schema alike.
     max_new_tokens: int = 4096
+    max_prompt_tokens: int = 32768
     max_prompt_chars: int = 1 << 20
     max_stop_strings: int = 8
     max_stop_chars: int = 128
     max_request_id_chars: int = 128
     max_schema_chars: int = 65536
+    max_template_parts: int = 1024
+    max_template_chars: int = 65536
+
+
+SLOT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 @dataclass
@@ -107,13 +118,20 @@ def _prompt_ids(
             errors.append(f"prompt has {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}")
             return []
         ids = tokenizer.encode(req.prompt)
-        return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
-    ids = list(req.prompt_token_ids.ids)
-    if not ids:
-        errors.append("prompt_token_ids.ids is empty: send at least one token id")
-    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
-    if bad:
-        errors.append(f"prompt_token_ids has ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + ids
+    else:
+        if len(req.prompt_token_ids.ids) > limits.max_prompt_tokens:
+            n = len(req.prompt_token_ids.ids)
+            errors.append(f"the prompt has {n} tokens; this server's limit is {limits.max_prompt_tokens}")
+            return []
+        ids = list(req.prompt_token_ids.ids)
+        if not ids:
+            errors.append("prompt_token_ids.ids is empty: send at least one token id")
+        bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        if bad:
+            errors.append(f"prompt_token_ids has ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+    if len(ids) > limits.max_prompt_tokens:
+        errors.append(f"the prompt has {len(ids)} tokens; this server's limit is {limits.max_prompt_tokens}")
     return ids
 
 
@@ -164,25 +182,65 @@ def _template(
         except json.JSONDecodeError as e:
             errors.append(f"json_schema is not valid JSON: {e}")
             return None
+        except RecursionError:
+            errors.append("json_schema is nested too deeply to parse; flatten it")
+            return None
         try:
             return compile_schema(schema, tokenizer, SchemaLimits())
         except (UnsupportedSchemaError, InvalidSchemaError, TemplateError) as e:
             errors.append(f"json_schema: {e}")
             return None
-    parts = []
+        except RecursionError:
+            errors.append("json_schema is nested too deeply; flatten it or use $defs")
+            return None
+    return _user_template(req.template, limits, errors)
+
+
+def _user_template(template: pb.Template, limits: RequestLimits, errors) -> Template | None:
+    n = len(template.parts)
+    if n > limits.max_template_parts:
+        errors.append(f"template has {n} parts; the limit is {limits.max_template_parts}")
+        return None
+    chars = sum(len(p.text) for p in template.parts)
+    if chars > limits.max_template_chars:
+        errors.append(
+            f"template has {chars} characters of fixed text; the limit is {limits.max_template_chars}"
+        )
+        return None
+    parts, problems = [], []
+    for i, part in enumerate(template.parts):
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            parts.append(Fixed(part.text))
+        elif kind == "slot":
+            name = part.slot.name
+            if not SLOT_NAME.fullmatch(name):
+                problems.append(
+                    f"template.parts[{i}].slot.name {name!r} must be letters, digits and '_' only (not empty)"
+                )
+            if part.slot.max_tokens < 1:
+                problems.append(
+                    f"template.parts[{i}].slot.max_tokens must be >= 1 (got {part.slot.max_tokens})"
+                )
+            parts.append(Slot(name, max(1, part.slot.max_tokens)))
+        else:
+            problems.append(f"template.parts[{i}] is empty: set text or slot")
+    if not any(isinstance(p, Slot) for p in parts):
+        problems.append(
+            "template has no slot: give at least one slot (a template of fixed text only is a prompt)"
+        )
+    errors.extend(problems)
+    if problems:
+        return None
     try:
-        for i, part in enumerate(req.template.parts):
-            kind = part.WhichOneof("part")
-            if kind == "text":
-                parts.append(Fixed(part.text))
-            elif kind == "slot":
-                parts.append(Slot(part.slot.name, part.slot.max_tokens))
-            else:
-                errors.append(f"template.parts[{i}] is empty: set text or slot")
         return Template(tuple(parts))
     except (TemplateError, ValueError) as e:
         errors.append(f"template: {e}")
         return None
+
+
+def _slot_tokens(template: Template) -> int:
+    return sum(p.max_tokens for p in template.parts if isinstance(p, Slot))
 
 
 def _constraints(lay: Layout) -> list[CanvasConstraint]:
@@ -222,14 +280,27 @@ def prepare(
         where = f"chat.tools[{plan.forced_tool!r}].parameters" if plan.forced_tool else "chat.tools names"
         errors[before:] = [e.replace("json_schema", where, 1) for e in errors[before:]]
     lay = None
+    if template is not None and _slot_tokens(template) > limits.max_new_tokens:
+        errors.append(
+            f"the {req.WhichOneof('structure')} asks for {_slot_tokens(template)} tokens in its slots; this "
+            f"server's limit (limits.max_new_tokens) is {limits.max_new_tokens}: use fewer or smaller slots"
+        )
+        template = None
     if template is not None:
         try:
             classes = token_classes_for(tokenizer, cfg.vocab_size)
             lay = layout(template, tokenizer, cfg.canvas_length, TemplateLimits(), classes)
         except (TemplateError, ValueError) as e:
             errors.append(f"template: {e}")
+        except RecursionError:
+            errors.append("json_schema is nested too deeply; flatten it or use $defs")
     if template is not None and stop:
         errors.append("stop strings cannot be combined with template or json_schema (their length is fixed)")
+    if lay is not None and lay.num_content_positions > limits.max_new_tokens:
+        errors.append(
+            f"the {req.WhichOneof('structure')} needs {lay.num_content_positions} generated positions; this server's "
+            f"limit (limits.max_new_tokens) is {limits.max_new_tokens}: use fewer or smaller slots"
+        )
     if errors:
         raise InvalidRequest("; ".join(errors))
     new_positions = (

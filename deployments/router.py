@@ -3,7 +3,12 @@
 It only translates (grpc's `examples/python` habit): validate and normalise the request once
 (deployments/requests.py; INVALID_ARGUMENT with a message that says what to fix), tokenize, stream the Engine's
 events back as `GenerateEvent`s, turn tokens into text (holding back an incomplete UTF-8 tail between canvases),
-apply stop strings, map failures to status codes, and answer the standard health check.
+apply stop strings, map failures to status codes (docs/ERRORS.md), and answer the standard health service.
+
+Reliability: validation and tokenizing run in a worker thread (a 1 MB prompt must not stall every stream on this
+event loop); every engine request carries a deadline and a lease, renewed by one task here while the request's
+client is connected (`_renew_leases`), so the Engine frees the rows of a vanished client or a dead Router; a
+dead or unreachable Engine replica is UNAVAILABLE (retryable) with a one-line message, never a traceback.
 
 Method names are the RPC names because Ray Serve routes `BlockDiffusion/GenerateStream` to the ingress
 deployment's `GenerateStream` method (RAY_NOTES.md). The Engine is injected as a handle-like object with
@@ -22,9 +27,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
+from deployments.auth import ApiKeys, Unauthenticated
 from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
 from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
 from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent
+from deployments.wire import UndecodableRequest
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
 from model.structured.templates import fill
@@ -51,6 +58,45 @@ class RouterSettings:
     execution_mode: str = "fused"
     health_timeout_s: float = 2.0
     chat_format: ChatFormat = field(default_factory=ChatFormat)
+    lease_s: float = 15.0  # an engine row whose lease is not renewed for this long is freed
+    max_request_s: float = 600.0  # deadline of every engine request
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    health_poll_s: float = 1.0
+
+
+HEALTH_SERVICES = ("", "blockserve.v1.BlockDiffusion")
+# Ray's exceptions for a replica or handle that is gone or unreachable, by class name so deployments/ needs no
+# Ray import: the client should retry (UNAVAILABLE), and the details carry no traceback.
+UNAVAILABLE_ERRORS = {
+    "RayActorError",
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "DeploymentUnavailableError",
+    "ReplicaUnavailableError",
+    "WorkerCrashedError",
+    "NodeDiedError",
+    "ObjectLostError",
+    "OwnerDiedError",
+    "ObjectFetchTimedOutError",
+}
+
+
+def status_of(error: BaseException) -> RequestFailed:
+    """An exception from a call to the Engine -> the status the client gets (no traceback in the details)."""
+    if isinstance(error, RequestFailed):
+        return error
+    names = {c.__name__ for c in type(error).__mro__}
+    if names & UNAVAILABLE_ERRORS:
+        return RequestFailed(
+            grpc.StatusCode.UNAVAILABLE, "the engine replica is unavailable; retry the request"
+        )
+    if "BackPressureError" in names:
+        return RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, "the engine is overloaded; retry later")
+    log.error("engine call failed: %s", error, exc_info=error)
+    return RequestFailed(
+        grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log"
+    )
 
 
 class RequestFailed(Exception):
@@ -119,6 +165,9 @@ class Router:
     def __init__(self, engine, settings: RouterSettings):
         self.engine = engine
         self.settings = settings
+        self.keys = ApiKeys.load(settings.api_keys_file, settings.api_keys_env)
+        self._inflight: set[str] = set()  # engine request ids whose clients are connected (leases to renew)
+        self._renewer: asyncio.Task | None = None
         self.config = ModelConfig.from_file(settings.model_path)
         self.tokenizer = Tokenizer.from_dir(
             settings.model_path,
@@ -129,6 +178,40 @@ class Router:
         self.chat_support = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _authenticate(self, grpc_context) -> None:
+        if not self.keys.enabled:
+            return
+        try:
+            self.keys.check_grpc(grpc_context.invocation_metadata() if grpc_context is not None else None)
+        except Unauthenticated as e:
+            raise RequestFailed(grpc.StatusCode.UNAUTHENTICATED, str(e)) from None
+
+    async def _admit(self, request, grpc_context) -> Prepared:
+        """Authenticate, then validate and tokenize in a worker thread (off this event loop)."""
+        self._authenticate(grpc_context)
+        if isinstance(request, UndecodableRequest):
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request bytes are not a valid {request.message_type}: {request.error}",
+            )
+        return await asyncio.to_thread(self._prepare, request, grpc_context)
+
+    async def _renew_leases(self) -> None:
+        """One task per Router: renew the leases of every connected request, three times per lease period."""
+        period = max(0.05, self.settings.lease_s / 3)
+        while self._inflight:
+            try:
+                self.engine.renew.remote(list(self._inflight))
+            except Exception as e:  # a dead Engine replica: its requests fail on their own streams
+                log.warning("lease renewal failed: %s", e)
+            await asyncio.sleep(period)
+        self._renewer = None
+
+    def _track(self, request_id: str) -> None:
+        self._inflight.add(request_id)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
         # The answer echoes the client's id (else Serve's); the engine gets a unique one since client ids may repeat.
         rid = request.request_id or (grpc_context.request_id() if grpc_context else None) or uuid.uuid4().hex
@@ -144,6 +227,10 @@ class Router:
             )
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except RecursionError:  # a pathological structure the validators did not catch themselves
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT, "the request is nested too deeply; flatten it"
+            ) from None
         prepared.client_request_id = rid
         return prepared
 
@@ -169,7 +256,12 @@ class Router:
         )
         reply = ReplyStream(plan.format, plan.parse_tools) if plan and prepared.layout is None else None
         all_tokens: list[int] = []
-        stream = self.engine.options(stream=True).generate.remote(prepared.engine)
+        rid = prepared.engine.request_id
+        s = self.settings
+        stream = self.engine.options(stream=True).generate.remote(
+            prepared.engine, timeout_s=s.max_request_s, lease_s=s.lease_s
+        )
+        self._track(rid)
         finished = False
         try:
             async for batch in stream:
@@ -178,10 +270,18 @@ class Router:
                     finished = event.HasField("final")
                     if finished:
                         return
+        except (RequestFailed, asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:  # the Engine replica died, its handle is lost, ...: a status, not a traceback
+            raise status_of(e) from None
         finally:
+            self._inflight.discard(rid)
             if not finished:  # client cancelled, deadline passed, or an error: free the engine row now
-                stream.cancel()
-                self.engine.cancel.remote(prepared.engine.request_id)
+                try:
+                    stream.cancel()
+                    self.engine.cancel.remote(rid)
+                except Exception as e:  # the lease frees the row if this message cannot be sent
+                    log.info("cancel of %s not sent: %s", rid, e)
 
     def _translate(self, batch, prepared: Prepared, text: TextAssembler, all_tokens: list[int], reply=None):
         """One batch of engine events -> GenerateEvents (a final event ends the request)."""
@@ -291,7 +391,7 @@ class Router:
     # -- RPCs --------------------------------------------------------------------------------------------
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator:
         try:
-            prepared = self._prepare(request, grpc_context)
+            prepared = await self._admit(request, grpc_context)
             prepared = await self._with_chosen_tool(request, prepared, grpc_context)
             async for event in self._events(prepared):
                 yield event
@@ -301,10 +401,10 @@ class Router:
             raise
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
-        request.stream_drafts = False  # a unary answer has nowhere to put drafts
         try:
-            prepared = self._prepare(request, grpc_context)
+            prepared = await self._admit(request, grpc_context)
             prepared = await self._with_chosen_tool(request, prepared, grpc_context)
+            prepared.engine.stream_drafts = False  # a unary answer has nowhere to put drafts
             tokens: list[int] = []
             async for event in self._events(prepared):
                 if event.HasField("canvas"):
@@ -332,6 +432,16 @@ class Router:
         return tokens[: final.usage.completion_tokens]
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context=None) -> pb.ModelInfoResponse:
+        try:
+            self._authenticate(grpc_context)
+            if isinstance(request, UndecodableRequest):
+                raise RequestFailed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request bytes are not a valid {request.message_type}",
+                )
+        except RequestFailed as e:
+            self._abort(grpc_context, e)
+            return pb.ModelInfoResponse()
         c, d = self.config, self.settings.defaults
         return pb.ModelInfoResponse(
             model_name=self.settings.model_name,
@@ -354,12 +464,37 @@ class Router:
             execution_mode=self.settings.execution_mode,
         )
 
-    async def Check(self, request, grpc_context=None) -> health_pb2.HealthCheckResponse:
-        status = health_pb2.HealthCheckResponse.NOT_SERVING
+    async def _health(self) -> int:
         try:
             ready = await asyncio.wait_for(self.engine.ready.remote(), self.settings.health_timeout_s)
             if ready:
-                status = health_pb2.HealthCheckResponse.SERVING
+                return health_pb2.HealthCheckResponse.SERVING
         except Exception as e:  # any failure to reach a ready engine is "not serving"
             log.info("health check: engine not ready: %s", e)
-        return health_pb2.HealthCheckResponse(status=status)
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        """Standard health: "" (the server) and blockserve.v1.BlockDiffusion are known; others NOT_FOUND.
+        No API key needed: load balancers and Kubernetes probes call it."""
+        service = getattr(request, "service", "")
+        if service not in HEALTH_SERVICES:
+            self._abort(
+                grpc_context, RequestFailed(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
+            )
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=await self._health())
+
+    async def Watch(self, request, grpc_context=None) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """Standard health Watch: the status now, then each change (polled every `health_poll_s`) until the
+        client leaves; an unknown service is SERVICE_UNKNOWN, as the health protocol specifies."""
+        service = getattr(request, "service", "")
+        if service not in HEALTH_SERVICES:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            status = await self._health()
+            if status != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(self.settings.health_poll_s)

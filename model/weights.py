@@ -214,3 +214,41 @@ def init_random(model: DiffusionGemma, seed: int, std: float = 0.02) -> Diffusio
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """What keeps `path` from loading, read from metadata only (config, tokenizer file, safetensors index and
+    headers; no tensor data): one message per problem, naming the missing file or tensor. [] = loadable."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        return [f"{path} has no config.json (not a checkpoint directory)"]
+    try:
+        config = ModelConfig.from_file(path)
+    except Exception as e:
+        return [f"{path / 'config.json'} does not parse: {e}"]
+    problems = [] if (path / "tokenizer.json").exists() else [f"{path} has no tokenizer.json"]
+    try:
+        source = TensorSource(path)
+    except Exception as e:
+        return problems + [f"weights: {e}"]
+    try:
+        with torch.device("meta"):
+            model = DiffusionGemma(config)
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("inv_freq"):
+                continue
+            suffix, enc_only = _target_name(name)
+            try:
+                full = source.resolve(suffix, encoder_only=enc_only)
+                shape = tuple(source._handles[source.weight_map[full]].get_slice(full).get_shape())
+                want = _expected_full_shape(name, tensor, config)
+                if shape != tuple(want):
+                    problems.append(f"tensor {full!r} has shape {list(shape)}, config expects {list(want)}")
+            except CheckpointError as e:
+                problems.append(str(e))
+            if len(problems) >= 10:
+                problems.append("(more problems not listed)")
+                break
+    finally:
+        source.close()
+    return problems

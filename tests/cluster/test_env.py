@@ -98,8 +98,26 @@ def test_ray_init_kwargs_bind_ray_to_loopback() -> None:
         "include_dashboard": False,
         "_node_ip_address": "127.0.0.1",
         "object_store_memory": 256 * 1024 * 1024,
+        "runtime_env": {
+            "worker_process_setup_hook": "cluster.bind.rebind_serve_servers",
+            "env_vars": {"BLOCKSERVE_BIND_HOST": "127.0.0.1", "SERVE_SOCKET_REUSE_PORT_ENABLED": "0"},
+        },
     }
     assert env.ray_init_kwargs()["num_cpus"] == 32
+    assert (
+        env.ray_init_kwargs(bind_host="0.0.0.0")["runtime_env"]["env_vars"]["BLOCKSERVE_BIND_HOST"]
+        == "0.0.0.0"
+    )
+
+
+def test_the_bind_hook_is_importable_by_its_name() -> None:
+    from cluster import bind
+
+    assert env.BIND_SETUP_HOOK == bind.SETUP_HOOK
+    assert bind.rehost("[::]:9000", "127.0.0.1") == "127.0.0.1:9000"
+    assert bind.rehost("0.0.0.0:0", "::1") == "[::1]:0"
+    assert bind.rehost("10.0.0.5:9000", "127.0.0.1") == "10.0.0.5:9000"  # one interface already: kept
+    assert bind.rehost("[::]:9000", "0.0.0.0") == "[::]:9000"  # every interface asked for: kept
 
 
 def test_ray_init_kwargs_rejects_zero_cpus() -> None:
