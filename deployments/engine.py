@@ -79,6 +79,18 @@ def remote_experts(settings: EngineSettings, handles: list | None, num_layers: i
     max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
 
 
+def _guarded(sink):
+    """A sink that cannot raise into the scheduler thread: a broken caller fails alone (its events are lost)."""
+
+    def guarded(event) -> None:
+        try:
+            sink(event)
+        except Exception:
+            log.exception("an event sink failed; dropping %s", type(event).__name__)
+
+    return guarded
+
+
 class Engine:
     def __init__(self, settings: EngineSettings, shards: list | None = None):
         """`shards`: the ExpertShard deployments' handles (disaggregated mode with the serve transport)."""
@@ -133,12 +145,12 @@ class Engine:
             except Exception:
                 log.exception("engine inbox operation %r failed", op)
                 if op == "submit":
-                    args[1](ErrorEvent("the engine could not take this request", "INTERNAL"))
+                    _guarded(args[1])(ErrorEvent("the engine could not take this request", "INTERNAL"))
 
     def _apply(self, op: str, *args) -> None:
         if op == "submit":
             request, sink, timeout_s, lease_s = args
-            sink = self.metrics.observe(request.request_id, sink)
+            sink = self._ending(request.request_id, _guarded(self.metrics.observe(request.request_id, sink)))
             try:
                 self.scheduler.submit(request, sink)
             except QueueFull as e:
@@ -157,6 +169,16 @@ class Engine:
             self.metrics.forget(args[0])
         elif op == "renew":
             self._leases.renew(args[0], time.monotonic())
+
+    def _ending(self, request_id: str, sink):
+        """The request's last event also drops its lease (sinks run on this thread)."""
+
+        def sink_and_forget(event) -> None:
+            sink(event)
+            if isinstance(event, FinalEvent | ErrorEvent):
+                self._forget(request_id)
+
+        return sink_and_forget
 
     def _forget(self, request_id: str) -> None:
         self._leases.remove(request_id)
@@ -223,8 +245,6 @@ class Engine:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except Exception as e:
                 log.warning("dropping an event for request %s: %s", request.request_id, e)
-            if isinstance(event, FinalEvent | ErrorEvent):
-                self._inbox.put(("cancel", request.request_id))  # drop its lease (a no-op for the scheduler)
 
         if not request.request_id:
             request.request_id = uuid.uuid4().hex

@@ -222,7 +222,8 @@ def _user_template(template: pb.Template, limits: RequestLimits, errors) -> Temp
                 problems.append(
                     f"template.parts[{i}].slot.max_tokens must be >= 1 (got {part.slot.max_tokens})"
                 )
-            parts.append(Slot(name, max(1, part.slot.max_tokens)))
+            valid_name = name if SLOT_NAME.fullmatch(name) else f"part{i}"  # the error is already recorded
+            parts.append(Slot(valid_name, max(1, part.slot.max_tokens)))
         else:
             problems.append(f"template.parts[{i}] is empty: set text or slot")
     if not any(isinstance(p, Slot) for p in parts):
