@@ -4,7 +4,7 @@ Ray Serve 2.60 hard-codes `[::]` for its gRPC proxy (`serve/_private/grpc_util.p
 each replica's inter-deployment gRPC server (`serve/_private/replica.py`); neither `gRPCOptions` nor
 `http_options.host` reaches them, and there is no setting for it. Both end in `grpc.aio.Server.add_insecure_port`
 (or `add_secure_port` under `RAY_USE_TLS`) in a Ray worker process. `rebind_serve_servers` runs in every worker
-process of our job as Ray's `worker_process_setup_hook` (see `cluster/env.py: ray_init_kwargs`) and wraps those
+process of our job (cluster/serve_fixes.py, Ray's `worker_process_setup_hook`) and wraps those
 two methods so that an address on every interface (`[::]:port`, `0.0.0.0:port`) becomes
 `BLOCKSERVE_BIND_HOST:port`. Ray core's own servers are C++ and unaffected. Ray is pinned (==2.60.0), and an
 integration test checks the bound sockets, so an upgrade that changes this path fails loudly instead of
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 BIND_HOST_ENV = "BLOCKSERVE_BIND_HOST"
-SETUP_HOOK = f"{__name__}.rebind_serve_servers"
 EVERY_INTERFACE = ("[::]", "0.0.0.0", "")
 
 

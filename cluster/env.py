@@ -135,12 +135,12 @@ def ray_init_kwargs(num_cpus: int = 32, bind_host: str = LOOPBACK_NODE_IP) -> di
         include_dashboard=False,
         _node_ip_address=LOOPBACK_NODE_IP,
         object_store_memory=OBJECT_STORE_BYTES,
-        runtime_env={"worker_process_setup_hook": BIND_SETUP_HOOK, "env_vars": server_env(bind_host)},
+        runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": server_env(bind_host)},
     )
 
 
-# cluster/bind.py's hook, named here so this module imports nothing heavy.
-BIND_SETUP_HOOK = "cluster.bind.rebind_serve_servers"
+# cluster/serve_fixes.py (binds, dropped cancellations), named here so this module imports nothing heavy.
+SETUP_HOOK = "cluster.serve_fixes.apply"
 
 
 def server_env(bind_host: str) -> dict[str, str]:

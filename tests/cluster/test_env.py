@@ -99,7 +99,7 @@ def test_ray_init_kwargs_bind_ray_to_loopback() -> None:
         "_node_ip_address": "127.0.0.1",
         "object_store_memory": 256 * 1024 * 1024,
         "runtime_env": {
-            "worker_process_setup_hook": "cluster.bind.rebind_serve_servers",
+            "worker_process_setup_hook": "cluster.serve_fixes.apply",
             "env_vars": {"BLOCKSERVE_BIND_HOST": "127.0.0.1", "SERVE_SOCKET_REUSE_PORT_ENABLED": "0"},
         },
     }
@@ -111,9 +111,9 @@ def test_ray_init_kwargs_bind_ray_to_loopback() -> None:
 
 
 def test_the_bind_hook_is_importable_by_its_name() -> None:
-    from cluster import bind
+    from cluster import bind, serve_fixes
 
-    assert env.BIND_SETUP_HOOK == bind.SETUP_HOOK
+    assert env.SETUP_HOOK == f"{serve_fixes.__name__}.{serve_fixes.apply.__name__}"
     assert bind.rehost("[::]:9000", "127.0.0.1") == "127.0.0.1:9000"
     assert bind.rehost("0.0.0.0:0", "::1") == "[::1]:0"
     assert bind.rehost("10.0.0.5:9000", "127.0.0.1") == "10.0.0.5:9000"  # one interface already: kept
