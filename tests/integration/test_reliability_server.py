@@ -174,7 +174,12 @@ def test_100_streams_cancelled_at_random_points_leave_no_rows(guarded):
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(100)))
-    wait_for(lambda: engine_idle(guarded), timeout=LEASE_S * 3 + 30, what="no engine rows, queue or leases")
+    try:
+        wait_for(
+            lambda: engine_idle(guarded), timeout=LEASE_S * 3 + 30, what="no engine rows, queue or leases"
+        )
+    except TimeoutError:
+        raise AssertionError(f"engine not idle: {guarded.engine_stats()}") from None
 
 
 def _actor(deployment: str):
