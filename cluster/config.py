@@ -98,6 +98,12 @@ class EngineSection(_Strict):
         description="disaggregated mode: micro-batches of rows in flight per denoising step, so the Engine "
         "computes attention for one while the shards compute experts for another",
     )
+    lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="An engine row is freed when the Router has not renewed its lease for this many seconds "
+        "(the Router renews three times per period while the client is connected; a dead Router's rows go)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -179,13 +185,6 @@ class ExpertsSection(_Strict):
                 f"make the entries sum to {num_experts}"
             )
         return list(self.split)
-
-    lease_s: float = Field(
-        15.0,
-        gt=0,
-        description="An engine row is freed when the Router has not renewed its lease for this many seconds "
-        "(the Router renews three times per period while the client is connected; a dead Router's rows go)",
-    )
 
 
 class SamplingSection(_Strict):

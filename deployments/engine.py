@@ -64,6 +64,7 @@ class EngineSettings:
     shard_timeout_s: float = 30.0  # one shard call, before it is retried on another replica
     shard_wait_s: float = 60.0  # how long a shard may have no live replica before requests fail UNAVAILABLE
     slo_tokens_per_second: float = 0.0  # per-request stream rate the autoscaler sizes for (0: no SLO)
+    max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
 
 
 def remote_experts(settings: EngineSettings, handles: list | None, num_layers: int) -> ShardedExperts:
@@ -76,7 +77,6 @@ def remote_experts(settings: EngineSettings, handles: list | None, num_layers: i
     else:
         clients = [ActorShardClient(r, s.shard_timeout_s, s.shard_wait_s) for r in s.shards]
     return ShardedExperts([range(r.first, r.stop) for r in s.shards], clients, num_layers)
-    max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
 
 
 def _guarded(sink):
