@@ -54,7 +54,9 @@ def make(prompt="def f():", sampling=None, template=None, **fields) -> pb.Genera
 
 
 def test_every_valid_line_of_the_proto_has_a_test_here():
-    rules = re.findall(r"//[^\n]*Valid:", PROTO.read_text())
+    # Chat.messages ("at least one message") needs a model with a chat template: its test is
+    # tests/deployments/test_openai_protocol.py (`pb.Chat()` -> "chat.messages is empty").
+    rules = [r for r in re.findall(r"//[^\n]*Valid:", PROTO.read_text()) if "conversation so far" not in r]
     tests = [
         name
         for name in globals()
