@@ -36,7 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     preflight.check(config)  # fail before starting Ray: a checkpoint that cannot load, a port in use
     if config.engine.execution_mode == "disaggregated":
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
-    context = ray.init(**env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host))
+    context = ray.init(
+        **env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host)
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
         signal.signal(sig, lambda *_: stop.set())
