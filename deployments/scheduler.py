@@ -13,9 +13,9 @@ Every `iterate()`:
   6. emit events: a draft per row that asked for them, a committed canvas per finished row, a final event for
      finished requests.
 
-A request's tokens do not depend on its batch-mates: each sequence owns its `torch.Generator`, its cache and its
-row state, and the sampler draws per row (see model/sampling/sampler.py). The plain loop `model.sampling.generate.generate` is the
-reference this scheduler is tested against.
+A request's tokens do not depend on its batch-mates: its random numbers are keyed noise of its own seed
+(model/sampling/noise.py), and it owns its cache and its row state. The plain loop
+`model.sampling.generate.generate` is the reference this scheduler is tested against.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.kv_cache import PrefixBatch, SequenceCache
-from model.sampling.generate import first_eos
+from model.sampling.finish import canvas_outcome
 from model.sampling.params import SamplingParams
 from model.sampling.sampler import CanvasConstraint, RowState, StepDraws, advance, draw_fast
 from model.transformer import DiffusionGemma, TokenBatch
@@ -100,7 +100,6 @@ class Sequence:
     request: EngineRequest
     sink: Sink
     cache: SequenceCache
-    generator: torch.Generator
     reserved_bytes: int
     submitted: float
     admitted: float = 0.0
@@ -174,8 +173,7 @@ class Scheduler:
             raise QueueFull(
                 f"the engine queue is full ({self.limits.max_queue} waiting requests); retry later"
             )
-        gen = torch.Generator().manual_seed(request.seed)
-        seq = Sequence(request, sink, self.model.new_cache(), gen, need, time.monotonic())
+        seq = Sequence(request, sink, self.model.new_cache(), need, time.monotonic())
         self.waiting.append(seq)
 
     def cancel(self, request_id: str) -> None:
@@ -229,7 +227,8 @@ class Scheduler:
             return 0, 0
         chunk = max(self.limits.prefill_chunk, self.config.canvas_length)  # a commit is never split
         pieces = [s.pending_encode[:chunk] for s in todo]
-        batch = TokenBatch.from_lists(pieces, [s.cache.length for s in todo], self.config.pad_token_id)
+        starts = [s.cache.length for s in todo]
+        batch = TokenBatch.from_lists(pieces, starts, self.config.pad_token_id, self.model.device)
         self.model.encode(batch, [s.cache for s in todo])
         for s, piece in zip(todo, pieces, strict=True):
             s.pending_encode = s.pending_encode[len(piece) :] or None
@@ -240,7 +239,15 @@ class Scheduler:
         for s in self.active.values():
             if s.row is None and not s.done and not s.pending_encode:
                 cons = s.request.constraints[s.canvas_index] if s.request.constraints else None
-                s.row = RowState.start(s.request.params, cfg.vocab_size, cfg.canvas_length, s.generator, cons)
+                s.row = RowState.start(
+                    s.request.params,
+                    cfg.vocab_size,
+                    cfg.canvas_length,
+                    s.request.seed,
+                    cons,
+                    canvas_index=s.canvas_index,
+                    device=self.model.device,
+                )
 
     def _prefix_for(self, rows: list[Sequence]) -> PrefixBatch:
         # the prefix of a row is fixed while its canvas is denoised: rebuild only when the batch changes
@@ -254,7 +261,9 @@ class Scheduler:
         soft = None
         if any(s.row.soft is not None for s in rows):
             D = self.config.hidden_size
-            zeros = torch.zeros(self.config.canvas_length, D, dtype=self.model.dtype)
+            zeros = torch.zeros(
+                self.config.canvas_length, D, dtype=self.model.dtype, device=self.model.device
+            )
             soft = torch.stack([s.row.soft if s.row.soft is not None else zeros for s in rows])  # [R, L, D]
         hidden = self.model.denoise(canvas, self._prefix_for(rows), soft)
         self.forwards += 1
@@ -280,17 +289,15 @@ class Scheduler:
         s.steps.append(s.row.steps)
         if not s.first_canvas:
             s.first_canvas = time.monotonic()
-        if req.constraints:
-            delivered, reason = committed, None
-            if s.canvas_index + 1 == len(req.constraints):
-                reason = "template"
-        else:
-            eos = first_eos(committed, cfg.eos_token_ids)
-            room = req.params.max_new_tokens - len(s.tokens)
-            delivered = committed[: min(room, eos if eos is not None else len(committed))]
-            reason = "eos" if eos is not None and eos <= room else None
-            if reason is None and len(s.tokens) + len(delivered) >= req.params.max_new_tokens:
-                reason = "length"
+        outcome = canvas_outcome(
+            committed,
+            delivered_so_far=len(s.tokens),
+            max_new_tokens=req.params.max_new_tokens,
+            eos_ids=cfg.eos_token_ids,
+            template_canvases=len(req.constraints) if req.constraints else None,
+            canvas_index=s.canvas_index,
+        )
+        delivered, reason = outcome.delivered, outcome.finish_reason
         s.tokens.extend(delivered)
         self.tokens_delivered += len(delivered)
         s.sink(CanvasEvent(s.canvas_index, delivered, s.row.steps, last=reason is not None))

@@ -33,17 +33,24 @@ class RMSNorm(nn.Module):
 
 
 # CPU GEMM kernels round differently for fewer than 4 rows (measured: n = 1..3 differ from the same rows
-# inside a larger product, n >= 4 match bit for bit). Products are padded to at least this many rows so a
-# token's result never depends on how many other tokens shared its matmul: batch-invariant outputs.
+# inside a larger product, n >= 4 match bit for bit). On CPU, products are padded to at least this many rows so a
+# token's result never depends on how many other tokens shared its matmul: batch-invariant outputs. GPU GEMMs
+# choose algorithms by shape in other ways, so the padding would only cost time there and is not applied.
 MIN_GEMM_ROWS = 8
 
 
+def min_gemm_rows(device: torch.device) -> int:
+    """Rows a GEMM is padded to on this device (1: no padding)."""
+    return MIN_GEMM_ROWS if device.type == "cpu" else 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T, batch-invariant (see MIN_GEMM_ROWS)."""
+    """x [..., K] @ weight[N, K].T, batch-invariant on CPU (see MIN_GEMM_ROWS)."""
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
-    if n < MIN_GEMM_ROWS:
-        out = F.linear(F.pad(flat, (0, 0, 0, MIN_GEMM_ROWS - n)), weight)[:n]
+    pad = min_gemm_rows(flat.device) - n
+    if pad > 0:
+        out = F.linear(F.pad(flat, (0, 0, 0, pad)), weight)[:n]
     else:
         out = F.linear(flat, weight)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,15 +1,24 @@
 """Mixture-of-Experts as route -> dispatch -> experts -> combine (vLLM `fused_moe/modular_kernel.py` seams).
 
-Shape legend: T tokens, K top-k, E experts held here, D hidden, I expert inner size.
+Shape legend: T tokens, K top-k, P = T*K (token, choice) pairs, E experts held here, D hidden, I expert inner
+size, N rows of the expert-sorted (padded) layout.
 
 - route:    router logits -> softmax -> top-k -> renormalise -> per-expert scale   ([T, K] weights and ids)
-- dispatch: group the (token, slot) pairs by expert id, for the experts in one contiguous range
-- experts:  gated GELU MLP of each hit expert over its tokens only
-- combine:  weighted scatter-add back to [T, D]; partial sums from several ranges simply add up
+- dispatch: sort the pairs by expert id into one row layout, each expert's rows contiguous (`GroupedLayout`);
+            pairs routed outside this bank's range go to a dump row and contribute exactly zero
+- experts:  gated GELU MLP of every expert over its rows at once: one grouped GEMM per projection
+            (`torch._grouped_mm`) where the device supports it, else one GEMM per non-empty expert
+- combine:  each pair's output times its weight, summed over the K choices in a fixed order; partial sums from
+            several banks (ExpertShards) simply add up
+
+No Python loop over experts and no host sync on the grouped path: the layout is built with device ops and an
+upper bound on its size. On CPU every non-empty expert's group is padded to `MIN_GEMM_ROWS` rows, because CPU
+GEMMs round a 1-3 row product differently from the same rows inside a larger one; with the padding a token's
+result does not depend on how many other tokens chose its expert (batch-invariant outputs).
 
 `ExpertBank` holds experts [first, first + E) of one layer. A bank holding every expert is the fused mode; banks
-on other processes (the ExpertShard deployment) each return a partial [T, D] that the caller sums — the seam
-where a GPU kernel (vLLM `fused_experts`) can replace `ExpertBank.forward`.
+on other processes (the ExpertShard deployment) each return a partial [T, D] that the caller sums.
+`ExpertBank.forward` (or `grouped_experts`) is the seam where a GPU kernel (vLLM `fused_experts`) can replace it.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from model.layers import Linear, RMSNorm, gelu_tanh, linear
+from model.layers import Linear, RMSNorm, gelu_tanh, min_gemm_rows
 
 
 class Router(nn.Module):
@@ -43,7 +53,7 @@ class Router(nn.Module):
 
 @dataclass
 class Dispatch:
-    """(token, slot) pairs sorted by expert, restricted to one expert range."""
+    """(token, slot) pairs sorted by expert, restricted to one expert range (host-side view, for inspection)."""
 
     token: torch.Tensor  # [N] token index of each pair
     slot: torch.Tensor  # [N] which of the K choices
@@ -52,8 +62,9 @@ class Dispatch:
 
 
 def dispatch(ids: torch.Tensor, first: int, count: int) -> Dispatch:
-    """Group the top-k choices ids [T, K] that fall in experts [first, first + count)."""
-    flat = ids.reshape(-1)  # [T*K]
+    """Group the top-k choices ids [T, K] that fall in experts [first, first + count). Syncs with the host;
+    the serving path uses `grouped_layout` instead."""
+    flat = ids.reshape(-1)  # [P]
     local = (flat >= first) & (flat < first + count)
     pair = local.nonzero().squeeze(-1)
     experts = flat[pair] - first
@@ -62,6 +73,115 @@ def dispatch(ids: torch.Tensor, first: int, count: int) -> Dispatch:
     counts = torch.bincount(experts, minlength=count).tolist()
     K = ids.shape[1]
     return Dispatch(token=pair // K, slot=pair % K, expert_counts=counts, first=first)
+
+
+@dataclass
+class GroupedLayout:
+    """Where each (token, choice) pair sits in the expert-sorted row layout. Built without host syncs."""
+
+    source: torch.Tensor  # [N + 1] token feeding each row; T (a zero row) for padding and the dump row
+    row_of_pair: torch.Tensor  # [P] the row holding each pair's output; the dump row N for other banks' pairs
+    local: torch.Tensor  # [P] bool: the pair chose one of this bank's experts
+    offsets: torch.Tensor  # [E] int32 cumulative row ends of each expert's group (torch._grouped_mm `offs`)
+
+
+def grouped_layout(ids: torch.Tensor, first: int, count: int, min_rows: int) -> GroupedLayout:
+    """Sort pairs ids [T, K] by expert; each non-empty group is padded to at least `min_rows` rows."""
+    T, K = ids.shape
+    P = T * K
+    e = ids.reshape(-1) - first  # [P]
+    local = (e >= 0) & (e < count)
+    e = torch.where(local, e, count)  # other banks' pairs sort after every local group
+    order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
+    counts = torch.bincount(e, minlength=count + 1)  # [E + 1]
+    padded = torch.where(counts > 0, counts.clamp_min(min_rows), 0)
+    padded[count] = 0
+    ends = torch.cumsum(padded, 0)  # [E + 1]
+    sorted_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
+    rows = P + count * (min_rows - 1)  # upper bound on the padded layout; row `rows` is the dump row
+    e_sorted = e[order]
+    rank = torch.arange(P, device=ids.device) - sorted_start[e_sorted]
+    row_sorted = torch.where(e_sorted < count, ends[e_sorted] - padded[e_sorted] + rank, rows)
+    row_of_pair = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)  # [P]
+    source = torch.full((rows + 1,), T, dtype=torch.long, device=ids.device)
+    source[row_of_pair] = torch.div(torch.arange(P, device=ids.device), K, rounding_mode="floor")
+    source[rows] = T  # several foreign pairs may have written the dump row: it reads the zero row
+    return GroupedLayout(source, row_of_pair, local, ends[:count].to(torch.int32))
+
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs here and agrees with a plain GEMM (checked once per device and dtype).
+    CUDA kernels need sm90 (H100/H200) and bfloat16; torch 2.13 also runs it on CPU for fp32 and bf16."""
+    key = (str(device), dtype)
+    if key not in _GROUPED_MM_OK:
+        _GROUPED_MM_OK[key] = _probe_grouped_mm(torch.device(device), dtype)
+    return _GROUPED_MM_OK[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda" and (
+        torch.cuda.get_device_capability(device) < (9, 0) or dtype != torch.bfloat16
+    ):
+        return False
+    if device.type not in ("cuda", "cpu"):
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(24, 32, generator=g).to(device, dtype)
+        w = torch.randn(2, 16, 32, generator=g).to(device, dtype)
+        offs = torch.tensor([8, 24], dtype=torch.int32, device=device)
+        got = torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        want = torch.cat([x[:8] @ w[0].T, x[8:] @ w[1].T])
+        return bool(torch.allclose(got.float(), want.float(), atol=1e-2, rtol=1e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, grouped: bool
+) -> torch.Tensor:
+    """Rows x [N, Din] of expert groups ending at offsets [E] times weight [E, Dout, Din].T -> [N, Dout].
+    Rows past the last group are left undefined (the caller never reads them)."""
+    if grouped:
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # fallback: one host sync, one GEMM per non-empty expert
+        if end > start:
+            out[start:end] = F.linear(x[start:end], weight[e])
+        start = end
+    return out
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    first: int,
+) -> torch.Tensor:
+    """One bank's weighted expert outputs [T, D] for tokens x [T, D] with routing weights / ids [T, K]; experts
+    [first, first + E) with gate_up_proj [E, 2I, D] and down_proj [E, D, I]. Pairs routed elsewhere add 0."""
+    T, D = x.shape
+    K = ids.shape[1]
+    count = gate_up_proj.shape[0]
+    if count == 0 or T == 0:
+        return torch.zeros_like(x)
+    layout = grouped_layout(ids, first, count, min_gemm_rows(x.device))
+    grouped = grouped_mm_supported(x.device, x.dtype)
+    rows = torch.cat([x, x.new_zeros(1, D)])[layout.source]  # [N + 1, D]
+    gate, up = _grouped_linear(rows, gate_up_proj, layout.offsets, grouped).chunk(2, dim=-1)  # [N + 1, I]
+    y = _grouped_linear(gelu_tanh(gate) * up, down_proj, layout.offsets, grouped)  # [N + 1, D]
+    per_pair = y[layout.row_of_pair] * weights.reshape(-1, 1)  # [P, D] fp32
+    # `where`, not a product: rows outside every group are uninitialised and may hold NaN
+    per_pair = torch.where(layout.local[:, None], per_pair, 0.0)
+    return per_pair.view(T, K, D).sum(1).to(x.dtype)  # combine in a fixed order: choice 0, 1, ...
 
 
 class ExpertBank(nn.Module):
@@ -75,19 +195,7 @@ class ExpertBank(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Partial MoE output [T, D] of this bank's experts for normed tokens x [T, D]."""
-        d = dispatch(ids, self.first, self.count)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(d.expert_counts):
-            if n == 0:
-                continue
-            tok = d.token[start : start + n]
-            slot = d.slot[start : start + n]
-            start += n
-            gate, up = linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            y = linear(gelu_tanh(gate) * up, self.down_proj[e])  # [n, D]
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
-        return out
+        return grouped_experts(x, weights, ids, self.gate_up_proj, self.down_proj, self.first)
 
 
 def moe_reference(

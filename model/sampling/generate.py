@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.kv_cache import PrefixBatch
+from model.sampling.finish import canvas_outcome
 from model.sampling.params import SamplingParams
 from model.sampling.sampler import CanvasConstraint, RowState, step
 from model.transformer import DiffusionGemma, TokenBatch
@@ -48,13 +49,6 @@ def check_prompt(model: DiffusionGemma, prompt_ids: list[int], max_new_tokens: i
         )
 
 
-def first_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> int | None:
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return i
-    return None
-
-
 @torch.no_grad()
 def generate(
     model: DiffusionGemma,
@@ -73,25 +67,29 @@ def generate(
     params.validate()
     check_prompt(model, prompt_ids, params.max_new_tokens)
     cfg = model.config
+    if rng == "reference" and constraints:
+        raise ValueError("rng='reference' reproduces plain generation only; use rng='fast' with constraints")
     if rng == "reference":
-        if constraints:
-            raise ValueError(
-                "rng='reference' reproduces plain generation only; use rng='fast' with constraints"
-            )
         torch.manual_seed(seed)
-        generator = None
-    else:
-        generator = torch.Generator().manual_seed(seed)
+    row_seed = None if rng == "reference" else seed  # None: the global RNG, as transformers draws
     cache = model.new_cache()
-    model.encode(TokenBatch.from_lists([prompt_ids], [0], cfg.pad_token_id), [cache])
+    model.encode(TokenBatch.from_lists([prompt_ids], [0], cfg.pad_token_id, model.device), [cache])
     n_canvases = len(constraints) if constraints else math.ceil(params.max_new_tokens / cfg.canvas_length)
     tokens: list[int] = []
     steps: list[int] = []
     canvases: list[list[int]] = []
-    finish = "template" if constraints else "length"
+    finish = "length"
     for c in range(n_canvases):
         constraint = constraints[c] if constraints else None
-        row = RowState.start(params, cfg.vocab_size, cfg.canvas_length, generator, constraint)
+        row = RowState.start(
+            params,
+            cfg.vocab_size,
+            cfg.canvas_length,
+            row_seed,
+            constraint,
+            canvas_index=c,
+            device=model.device,
+        )
         prefix = PrefixBatch([cache])
         while not row.finished:
             soft = row.soft[None] if row.soft is not None else None
@@ -102,15 +100,19 @@ def generate(
         committed = row.argmax.tolist()
         canvases.append(committed)
         steps.append(row.steps)
-        eos = None if constraints else first_eos(committed, cfg.eos_token_ids)
-        tokens.extend(committed if eos is None else committed[:eos])
-        if eos is not None:
-            finish = "eos" if len(tokens) <= params.max_new_tokens else "length"
+        outcome = canvas_outcome(
+            committed,
+            delivered_so_far=len(tokens),
+            max_new_tokens=params.max_new_tokens,
+            eos_ids=cfg.eos_token_ids,
+            template_canvases=len(constraints) if constraints else None,
+            canvas_index=c,
+        )
+        tokens.extend(outcome.delivered)
+        if outcome.finish_reason is not None:
+            finish = outcome.finish_reason
             break
-        if not constraints and len(tokens) >= params.max_new_tokens:
-            break
-        if c + 1 < n_canvases:
-            model.encode(TokenBatch.from_lists([committed], [cache.length], cfg.pad_token_id), [cache])
-    if not constraints:
-        tokens = tokens[: params.max_new_tokens]
+        model.encode(
+            TokenBatch.from_lists([committed], [cache.length], cfg.pad_token_id, model.device), [cache]
+        )
     return GenerateResult(tokens, steps, len(tokens) / max(1, sum(steps)), finish, canvases)

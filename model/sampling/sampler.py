@@ -12,20 +12,26 @@ Diffusion / EB-sampler, arXiv 2505.24857):
      `confidence_threshold`, or after `max_denoising_steps`; the argmax canvas is what gets committed;
   5. softmax(scaled logits) @ embeddings feeds the next step as self-conditioning.
 
-Rows are independent: each carries its own step, temperature, stopping history and `torch.Generator`, so a
-batch may hold rows at different steps and a row's tokens do not depend on its batch-mates.
+Rows are independent: each carries its own seed, step, temperature and stopping state, so a batch may hold rows
+at different steps and a row's tokens do not depend on its batch-mates.
 
 Two ways to draw the random numbers:
-- `fast` (serving): steps 1, 2 and 5 run through the vocabulary in fixed chunks of `VOCAB_CHUNK` with an online
-  softmax, so a step never holds more than [rows, L, C] logits — never [rows, L, V] — and sampling is Gumbel-max
-  (argmax of logits - log(-log U)) with the row's generator.
+- `fast` (serving): keyed noise (model/sampling/noise.py), a pure function of (seed, canvas index, step,
+  position, vocabulary index) computed on the step's device for all rows at once: no generator state, no host
+  round trip, the same numbers whatever the batch or the vocabulary chunking. Steps 1, 2 and 5 run through the
+  vocabulary in chunks of `VOCAB_CHUNK` with an online softmax and Gumbel-max sampling (argmax of
+  logits - log(-log U)); a chunk holds every row of a group at once, and a group is as many rows as the
+  device's element budget allows (`element_budget`): never [rows, L, V].
 - `reference` (tests, batch of one): the exact calls, shapes and order of the transformers loop after
   `torch.manual_seed(seed)` — `torch.randint` for canvases, `torch.multinomial` over full [L, V] probabilities —
   so both produce the same tokens. It materialises the full logits, which is why it is not the serving path.
 
+`advance` applies acceptance, re-noising and the stopping test to all rows with tensor ops and reads back one
+packed status tensor: one device-to-host sync per step.
+
 Constraints (infill / JSON): a row's canvas may pin positions (never re-noised; the only allowed token is the pin,
 so its entropy is 0 and it is always accepted) and restrict others to an allowed-token class, applied before
-sampling, argmax and entropy. Unconstrained rows skip all of it, so plain generation is unchanged.
+sampling, argmax and entropy for all rows of a chunk at once. A batch without constraints skips all of it.
 """
 
 from __future__ import annotations
@@ -34,10 +40,34 @@ from dataclasses import dataclass
 
 import torch
 
+from model.sampling import noise
 from model.sampling.params import SamplingParams
 
 VOCAB_CHUNK = 8192
-ELEMENT_BUDGET = 1 << 22  # max logits elements alive per chunk: [rows, L, C] (16 MB in fp32)
+# Most logits elements alive per chunk on CPU: [rows, L, C]. Each element has a handful of fp32 / int64
+# temporaries (logits, noise words, exponentials), so 1 << 23 elements is ~300 MB at peak.
+ELEMENT_BUDGET = 1 << 23
+BYTES_PER_ELEMENT = 48  # peak bytes of temporaries per [rows, L, C] element (measured order of magnitude)
+DEVICE_BUDGET_FRACTION = 0.1  # share of an accelerator's free memory the sampler's chunk may use
+_DEVICE_BUDGETS: dict[str, int] = {}
+
+
+def element_budget(device: torch.device) -> int:
+    """Elements of a [rows, L, C] chunk the sampler may hold on `device`. On an accelerator, a share of its
+    free memory when first asked (one query per device); on CPU, `ELEMENT_BUDGET`."""
+    if device.type == "cpu":
+        return ELEMENT_BUDGET
+    key = str(device)
+    if key not in _DEVICE_BUDGETS:
+        free, _ = torch.cuda.mem_get_info(device)
+        _DEVICE_BUDGETS[key] = max(ELEMENT_BUDGET, int(free * DEVICE_BUDGET_FRACTION) // BYTES_PER_ELEMENT)
+    return _DEVICE_BUDGETS[key]
+
+
+def as_int64(seed: int) -> int:
+    """A request seed (any integer) as the int64 with the same low 64 bits: what keyed noise consumes."""
+    u = seed & ((1 << 64) - 1)
+    return u - (1 << 64) if u >= 1 << 63 else u
 
 
 @dataclass
@@ -54,13 +84,15 @@ class CanvasConstraint:
 
     def allowed(self, start: int, stop: int) -> torch.Tensor:
         """[L, C] bool: which tokens of vocab slice [start, stop) each position may take."""
-        vocab = torch.arange(start, stop)
+        vocab = torch.arange(start, stop, device=self.pin_ids.device)
         if self.class_masks is not None:
             table = self.class_masks[:, start:stop].clone()
             table[0] = True
             allowed = table[self.class_ids]
         else:
-            allowed = torch.ones(len(self.pin_ids), stop - start, dtype=torch.bool)
+            allowed = torch.ones(
+                len(self.pin_ids), stop - start, dtype=torch.bool, device=self.pin_ids.device
+            )
         return torch.where(self.pinned[:, None], vocab[None, :] == self.pin_ids[:, None], allowed)
 
 
@@ -69,12 +101,13 @@ class RowState:
     """One canvas of one request, being denoised."""
 
     params: SamplingParams
-    generator: torch.Generator | None  # None: draw from torch's global RNG (reference mode)
+    seed: int | None  # None: draw from torch's global RNG (reference mode); else keyed noise of this seed
     canvas: torch.Tensor  # [L] current (noisy) canvas
     argmax: torch.Tensor  # [L] latest argmax canvas (what gets committed)
-    history: torch.Tensor  # [S, L] previous argmax canvases for the stability test
+    canvas_index: int = 0  # which canvas of the request: a coordinate of its keyed noise
     soft: torch.Tensor | None = None  # [L, D] self-conditioning input for the next step
     steps: int = 0
+    streak: int = 0  # consecutive latest steps whose argmax canvas was the same (the stability test)
     finished: bool = False
     constraint: CanvasConstraint | None = None
     accepted: int = 0  # positions accepted in the latest step
@@ -85,20 +118,30 @@ class RowState:
         params: SamplingParams,
         vocab_size: int,
         canvas_length: int,
-        generator: torch.Generator | None,
+        seed: int | None,
         constraint: CanvasConstraint | None = None,
+        *,
+        canvas_index: int = 0,
+        device: torch.device | str = "cpu",
     ) -> RowState:
-        canvas = _randint(vocab_size, canvas_length, generator)
+        if seed is None:  # the reference draws [batch=1, L] from the global RNG
+            canvas = torch.randint(low=0, high=vocab_size, size=(1, canvas_length))[0].to(device)
+        else:
+            seed = as_int64(seed)
+            canvas = keyed_randint(
+                [seed], [canvas_index], [0], noise.STREAM_CANVAS, canvas_length, vocab_size
+            )
+            canvas = canvas[0].to(device)
         if constraint is not None:
             canvas = torch.where(constraint.pinned, constraint.pin_ids, canvas)
-        history = torch.full((params.stability_threshold, canvas_length), -1, dtype=torch.long)
-        return cls(params, generator, canvas, canvas.clone(), history, constraint=constraint)
+        return cls(params, seed, canvas, canvas.clone(), canvas_index, constraint=constraint)
 
 
-def _randint(vocab_size: int, length: int, generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:  # the reference draws [batch=1, L] from the global RNG
-        return torch.randint(low=0, high=vocab_size, size=(1, length))[0]
-    return torch.randint(0, vocab_size, (length,), generator=generator)
+def keyed_randint(seeds, canvases, steps, stream: int, length: int, high: int, device=None) -> torch.Tensor:
+    """[R, length] tokens in [0, high) from keyed noise; seeds / canvases / steps are R ints each."""
+    t = lambda v: torch.as_tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    keys = noise.position_keys(noise.row_keys(t(seeds), t(canvases), t(steps), stream), length)
+    return noise.randint(keys, high)
 
 
 @dataclass
@@ -111,27 +154,98 @@ class StepDraws:
     soft: torch.Tensor  # [R, L, D] soft embeddings for self-conditioning (already embed-scaled)
 
 
+@dataclass
+class ConstraintTables:
+    """The constraints of R rows as device tensors, so a chunk masks every row at once."""
+
+    pins: torch.Tensor  # [R, L] pinned token, -1 where free
+    classes: torch.Tensor  # [R, L] row of `table` each position draws from (0: any token)
+    table: torch.Tensor  # [1 + classes of all rows, V] bool, row 0 all True
+
+    @classmethod
+    def build(cls, rows: list[RowState], L: int, V: int, device: torch.device) -> ConstraintTables | None:
+        if all(r.constraint is None for r in rows):
+            return None
+        pins, classes, tables, offset = [], [], [torch.ones(1, V, dtype=torch.bool, device=device)], 1
+        for r in rows:
+            c = r.constraint
+            if c is None:
+                pins.append(torch.full((L,), -1, dtype=torch.long, device=device))
+                classes.append(torch.zeros(L, dtype=torch.long, device=device))
+                continue
+            pins.append(c.pin_ids.to(device))
+            ids = c.class_ids.to(device)
+            if c.class_masks is None:
+                classes.append(torch.zeros_like(ids))
+                continue
+            classes.append(torch.where(ids > 0, ids - 1 + offset, 0))
+            tables.append(c.class_masks[1:].to(device))
+            offset += c.class_masks.shape[0] - 1
+        return cls(torch.stack(pins), torch.stack(classes), torch.cat(tables))
+
+    def rows(self, lo: int, hi: int) -> ConstraintTables:
+        return ConstraintTables(self.pins[lo:hi], self.classes[lo:hi], self.table)
+
+    def allowed(self, start: int, stop: int) -> torch.Tensor:
+        """[R, L, C] bool: tokens of vocab slice [start, stop) each position may take."""
+        vocab = torch.arange(start, stop, device=self.pins.device)
+        allowed = self.table[:, start:stop][self.classes]  # [R, L, C]
+        pinned = self.pins >= 0
+        return torch.where(pinned[..., None], vocab == self.pins[..., None], allowed)
+
+
+def _row_tensor(rows: list[RowState], value, dtype, device) -> torch.Tensor:
+    return torch.tensor([value(r) for r in rows], dtype=dtype, device=device)
+
+
 def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
-    """Chunked online softmax + Gumbel-max over the vocabulary. hidden [R, L, D]."""
+    """Chunked online softmax + keyed Gumbel-max over the vocabulary for all rows. hidden [R, L, D]."""
     R, L, D = hidden.shape
-    group = max(1, ELEMENT_BUDGET // (L * VOCAB_CHUNK))
-    parts = [_draw_group(model, hidden[i : i + group], rows[i : i + group]) for i in range(0, R, group)]
+    device = hidden.device
+    inv_t = _row_tensor(rows, lambda r: 1.0 / r.params.temperature(r.steps), torch.float32, device)
+    seeds = _row_tensor(rows, lambda r: r.seed, torch.long, device)
+    canvas_idx = _row_tensor(rows, lambda r: r.canvas_index, torch.long, device)
+    steps = _row_tensor(rows, lambda r: r.steps, torch.long, device)
+    keys = noise.position_keys(noise.row_keys(seeds, canvas_idx, steps, noise.STREAM_GUMBEL), L)  # [R, L]
+    tables = ConstraintTables.build(rows, L, model.embed_tokens.weight.shape[0], device)
+    # A fixed chunk size, whatever the batch: online-softmax rounding then depends on the row alone.
+    group = max(1, element_budget(device) // (L * VOCAB_CHUNK))
+    parts = [
+        _draw_group(
+            model,
+            hidden[i : i + group],
+            inv_t[i : i + group, None, None],
+            keys[i : i + group],
+            tables.rows(i, i + group) if tables is not None else None,
+        )
+        for i in range(0, R, group)
+    ]
+    if len(parts) == 1:
+        return parts[0]
     return StepDraws(
         *(torch.cat([getattr(p, f) for p in parts]) for f in ("sampled", "argmax", "entropy", "soft"))
     )
 
 
-def _draw_group(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
+def _draw_group(
+    model, hidden: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, tables: ConstraintTables | None
+) -> StepDraws:
     R, L, D = hidden.shape
+    dev = hidden.device
     weight = model.embed_tokens.weight  # [V, D] (tied LM head)
     V = weight.shape[0]
     cap = model.config.final_logit_softcapping
-    inv_t = torch.tensor([1.0 / r.params.temperature(r.steps) for r in rows])[:, None, None]  # [R, 1, 1]
-    m = torch.full((R, L), float("-inf"))
-    s0, s1 = torch.zeros(R, L), torch.zeros(R, L)
-    soft = torch.zeros(R, L, D)
-    best_val, best_idx = torch.full((R, L), float("-inf")), torch.zeros(R, L, dtype=torch.long)
-    key_val, key_idx = torch.full((R, L), float("-inf")), torch.zeros(R, L, dtype=torch.long)
+    m = torch.full((R, L), float("-inf"), device=dev)
+    s0, s1 = torch.zeros(R, L, device=dev), torch.zeros(R, L, device=dev)
+    soft = torch.zeros(R, L, D, device=dev)
+    best_val, best_idx = (
+        torch.full((R, L), float("-inf"), device=dev),
+        torch.zeros(R, L, dtype=torch.long, device=dev),
+    )
+    key_val, key_idx = (
+        torch.full((R, L), float("-inf"), device=dev),
+        torch.zeros(R, L, dtype=torch.long, device=dev),
+    )
     for start in range(0, V, VOCAB_CHUNK):
         stop = min(V, start + VOCAB_CHUNK)
         w = weight[start:stop]  # [C, D]
@@ -139,17 +253,14 @@ def _draw_group(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         logits = logits * inv_t
-        for r, row in enumerate(rows):
-            if row.constraint is not None:
-                logits[r].masked_fill_(~row.constraint.allowed(start, stop), float("-inf"))
+        if tables is not None:
+            logits.masked_fill_(~tables.allowed(start, stop), float("-inf"))
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
-        # Gumbel-max sample with each row's own generator, drawn in a fixed chunk order
-        # (-log U is an Exp(1) draw; torch.rand + log is ~4x cheaper than exponential_ on CPU)
-        uniform = torch.stack([torch.rand(L, stop - start, generator=row.generator) for row in rows])
-        kval, kidx = (logits - torch.log(-torch.log(uniform))).max(-1)
+        # Gumbel-max sample with keyed noise: the same numbers whatever the batch and the chunking
+        kval, kidx = (logits + noise.gumbel(keys, start, stop)).max(-1)
         better = kval > key_val
         key_val, key_idx = torch.where(better, kval, key_val), torch.where(better, kidx + start, key_idx)
         # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
@@ -162,16 +273,17 @@ def _draw_group(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
         centred = torch.where(e > 0, e * (logits - safe_m[..., None]), torch.zeros_like(e))
         s1 = (s1 + shift) * alpha + centred.sum(-1)
         s0 = s0 * alpha + e.sum(-1)
-        soft = soft * alpha[..., None] + e @ w.float()
+        # probabilities times embeddings in the weight dtype (as the reference's soft input), summed in fp32
+        soft = soft * alpha[..., None] + (e.to(w.dtype) @ w).float()
         m = new_m
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
-    soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale()
+    soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale().to(dev)
     return StepDraws(key_idx, best_idx, entropy, soft)
 
 
 def draw_reference(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
     """The transformers loop's exact calls, for one row drawing from the global RNG."""
-    if len(rows) != 1 or rows[0].generator is not None or rows[0].constraint is not None:
+    if len(rows) != 1 or rows[0].seed is not None or rows[0].constraint is not None:
         raise ValueError("reference draws take exactly one unconstrained row using the global RNG")
     row = rows[0]
     R, L, _ = hidden.shape
@@ -185,36 +297,63 @@ def draw_reference(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDra
     return StepDraws(sampled, argmax, entropy, soft)
 
 
-def accept_mask(entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """Lowest-entropy positions while sum(entropy) - max(entropy) <= bound. entropy [L] -> bool [L]."""
+def accept_mask(entropy: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """Lowest-entropy positions while sum(entropy) - max(entropy) <= bound. entropy [..., L] (bound a float or
+    a tensor broadcasting against [..., 1]) -> bool [..., L]."""
     sorted_e, order = torch.sort(entropy, dim=-1, descending=False)
     keep = torch.cumsum(sorted_e, dim=-1) - sorted_e <= bound
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
+def _pins(rows: list[RowState], L: int, device) -> torch.Tensor | None:
+    """[R, L] pinned tokens (-1 where free), or None when no row has a constraint."""
+    if all(r.constraint is None for r in rows):
+        return None
+    free = torch.full((L,), -1, dtype=torch.long, device=device)
+    return torch.stack([free if r.constraint is None else r.constraint.pin_ids.to(device) for r in rows])
+
+
+def _renoise(rows: list[RowState], R: int, L: int, vocab_size: int, device) -> torch.Tensor:
+    """[R, L] replacement tokens for rejected positions."""
+    if rows[0].seed is None:  # reference mode (one row): the global RNG, as the transformers loop
+        return torch.randint(low=0, high=vocab_size, size=(1, L))[0][None].to(device)
+    return keyed_randint(
+        [r.seed for r in rows],
+        [r.canvas_index for r in rows],
+        [r.steps for r in rows],
+        noise.STREAM_RENOISE,
+        L,
+        vocab_size,
+        device,
+    )
+
+
 def advance(rows: list[RowState], draws: StepDraws, vocab_size: int) -> None:
-    """Apply acceptance, re-noising and the stopping test to every row, in place."""
-    for r, row in enumerate(rows):
-        entropy = draws.entropy[r]
-        if row.constraint is not None:
-            entropy = torch.where(row.constraint.pinned, torch.zeros_like(entropy), entropy)
-        accepted = accept_mask(entropy, row.params.entropy_bound)
-        canvas = torch.where(accepted, draws.sampled[r], row.canvas)
-        noise = _randint(vocab_size, canvas.shape[0], row.generator)
-        canvas = torch.where(accepted, canvas, noise)
-        if row.constraint is not None:
-            canvas = torch.where(row.constraint.pinned, row.constraint.pin_ids, canvas)
-        argmax = draws.argmax[r]
-        if row.params.stability_threshold == 0:
-            stable = True
-        else:
-            stable = bool((row.history == argmax[None]).all())
-            row.history = torch.cat([row.history[1:], argmax[None]])
-        confident = bool(entropy.mean() < row.params.confidence_threshold)
-        row.canvas, row.argmax, row.soft = canvas, argmax, draws.soft[r]
+    """Apply acceptance, re-noising and the stopping test to every row, in place; one host sync."""
+    R, L = draws.entropy.shape
+    device = draws.entropy.device
+    entropy = draws.entropy
+    pins = _pins(rows, L, device)
+    if pins is not None:
+        entropy = torch.where(pins >= 0, torch.zeros_like(entropy), entropy)
+    bounds = _row_tensor(rows, lambda r: r.params.entropy_bound, torch.float32, device)
+    accepted = accept_mask(entropy, bounds[:, None])  # [R, L]
+    canvas = torch.where(accepted, draws.sampled, torch.stack([r.canvas for r in rows]))
+    canvas = torch.where(accepted, canvas, _renoise(rows, R, L, vocab_size, device))
+    if pins is not None:
+        canvas = torch.where(pins >= 0, pins, canvas)
+    same = (draws.argmax == torch.stack([r.argmax for r in rows])).all(-1)  # [R]
+    thresholds = _row_tensor(rows, lambda r: r.params.confidence_threshold, torch.float32, device)
+    confident = entropy.mean(-1) < thresholds
+    status = torch.stack([same.long(), confident.long(), accepted.sum(-1)], dim=1).tolist()  # the one sync
+    for r, (row, (same_r, confident_r, n_accepted)) in enumerate(zip(rows, status, strict=True)):
+        # streak counts the latest steps with one argmax canvas; the first step has no predecessor
+        row.streak = row.streak + 1 if row.steps > 0 and same_r else 1
+        stable = row.streak > row.params.stability_threshold
+        row.canvas, row.argmax, row.soft = canvas[r], draws.argmax[r], draws.soft[r]
         row.steps += 1
-        row.accepted = int(accepted.sum())
-        row.finished = (stable and confident) or row.steps >= row.params.max_denoising_steps
+        row.accepted = n_accepted
+        row.finished = (stable and bool(confident_r)) or row.steps >= row.params.max_denoising_steps
 
 
 def step(model, hidden: torch.Tensor, rows: list[RowState], rng: str = "fast") -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.moe import ExpertBank, Router, dispatch, moe_reference
+from model import moe
+from model.moe import ExpertBank, Router, dispatch, grouped_layout, moe_reference
 
 D, INNER, E = 32, 24, 8
 ATOL, RTOL = 1e-5, 1e-5  # fp32; the bank and the loop add the same terms in a different order
@@ -133,3 +134,36 @@ def test_router_weights_are_renormalised_top_k_times_per_expert_scale():
     h = router.norm(x) * router.scale * router.scalar_root
     top = torch.topk(h @ router.proj.weight.T, 3, dim=-1).indices
     assert torch.equal(ids, top)
+
+
+def test_a_tokens_output_does_not_depend_on_its_batch_mates():
+    """Bit-identical, not just close: a token alone, or routed with 1..300 others to the same experts."""
+    x, w, ids = _routing(300, 2, seed=9)
+    together = FULL(x, w, ids)
+    for t in (0, 1, 150, 299):
+        assert torch.equal(FULL(x[t : t + 1], w[t : t + 1], ids[t : t + 1])[0], together[t])
+    assert torch.equal(FULL(x[:3], w[:3], ids[:3]), together[:3])
+
+
+@pytest.mark.parametrize("T,k", [(1, 1), (37, 3), (200, E)])
+def test_segment_loop_fallback_matches_grouped_gemm(monkeypatch, T, k):
+    """Where torch._grouped_mm is unavailable (torch 2.11 CPU, pre-sm90 GPUs) the per-group GEMM fallback runs
+    the same layout and gives the same bits."""
+    x, w, ids = _routing(T, k, seed=T + 3 * k)
+    grouped = FULL(x, w, ids)
+    monkeypatch.setattr(moe, "grouped_mm_supported", lambda device, dtype: False)
+    fallback = FULL(x, w, ids)
+    assert torch.equal(fallback, grouped) or not moe.grouped_mm_supported(x.device, x.dtype)
+    torch.testing.assert_close(fallback, moe_reference(x, w, ids, FULL), atol=ATOL, rtol=RTOL)
+
+
+def test_grouped_layout_pads_groups_and_dumps_foreign_pairs():
+    ids = torch.tensor([[3, 0], [5, 3], [0, 7], [4, 3]])  # bank of experts 3, 4, 5
+    layout = grouped_layout(ids, 3, 3, min_rows=4)
+    assert layout.offsets.tolist() == [4, 8, 12]  # 3, 1 and 1 pairs, each group padded to 4 rows
+    dump = layout.source.numel() - 1
+    rows = layout.row_of_pair.tolist()
+    assert [rows[i] for i in (0, 3, 7)] == [0, 1, 2]  # expert 3's pairs, token order
+    assert rows[6] == 4 and rows[2] == 8  # expert 4 (token 3), expert 5 (token 1)
+    assert [rows[i] for i in (1, 4, 5)] == [dump] * 3 and not layout.local[[1, 4, 5]].any()
+    assert layout.source[:12].tolist() == [0, 1, 3, 4, 3, 4, 4, 4, 1, 4, 4, 4]  # 4 = T: the zero row

@@ -1,0 +1,82 @@
+"""Keyed, counter-based noise: random numbers as a pure function of (seed, canvas, step, position[, vocab index]).
+
+Shape legend: R rows, L canvas positions, C vocabulary chunk.
+
+The serving sampler draws no state from a `torch.Generator`. Every random number is a hash of its coordinates,
+computed with int64 tensor ops on whatever device the step runs on, for all rows at once. A request's draws
+therefore depend only on its seed and where it is in its generation — never on its batch-mates, on how the
+vocabulary is chunked, or on the device — and no host round trip is needed to draw them.
+
+The hash is splitmix64 (Steele, Lea, Flood: "Fast splittable pseudorandom number generators", OOPSLA 2014): a
+Weyl-sequence counter passed through a 64-bit finaliser. torch has no unsigned 64-bit arithmetic, so it runs in
+int64: products wrap modulo 2**64 (two's complement), and `>>` sign-extends, so every right shift is masked to
+act as a logical shift. The bits are the same as the unsigned algorithm's.
+
+Streams: the initial canvas, re-noising and the Gumbel noise of sampling each use their own stream tag, so the
+three never reuse a number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STREAM_CANVAS = 1  # the uniformly random canvas a new canvas starts from
+STREAM_RENOISE = 2  # tokens that replace rejected positions after a step
+STREAM_GUMBEL = 3  # Gumbel-max sampling noise over the vocabulary
+
+
+def _signed(u: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+GOLDEN = _signed(0x9E3779B97F4A7C15)  # the Weyl increment (2**64 / golden ratio)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (`>>` is arithmetic in torch)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 bits (a bijection of 64-bit words)."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
+    """A new key from a key and one more coordinate (the next splitmix64 state after absorbing `value`)."""
+    return mix((key ^ value) + GOLDEN)
+
+
+def row_keys(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, stream: int) -> torch.Tensor:
+    """Keys [R] of each row's draws at one step, from int64 tensors seeds / canvas index / step [R]."""
+    key = combine(mix(seeds + GOLDEN), stream)
+    return combine(combine(key, canvas), step)
+
+
+def position_keys(rows: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys [R, L] of positions 0..L-1 of each row key rows [R]."""
+    pos = torch.arange(length, dtype=torch.long, device=rows.device)
+    return combine(rows[:, None], pos[None, :])
+
+
+def randint(keys: torch.Tensor, high: int) -> torch.Tensor:
+    """One integer in [0, high) per key (the modulo bias, high / 2**63, is negligible)."""
+    return _shr(mix(keys), 1) % high
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """float32 in (0, 1) from the top 24 bits of each int64 word: exactly representable, never 0 or 1."""
+    return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Gumbel noise [R, L, C] for vocabulary indices [start, stop) of position keys [R, L]: the splitmix64
+    sequence of each position, element v being the (v + 1)-th output. -log(-log U) with U from `uniform`."""
+    steps = torch.arange(start + 1, stop + 1, dtype=torch.long, device=keys.device) * GOLDEN  # [C]
+    u = uniform(mix(keys[..., None] + steps))  # [R, L, C]
+    return -torch.log(-torch.log(u))
