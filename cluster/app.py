@@ -1,7 +1,9 @@
 """The app builder: `serve.deployment(...).bind(...)` from a `ClusterConfig` (Ray Serve LLM's builder habit).
 
 Deployments are plain classes (deployments/); Ray is applied here, at the edge. Replicas ask for no logical
-CPUs (`num_cpus: 0`) so a small machine can host several. In `disaggregated` mode one `ExpertShard<i>`
+CPUs (`num_cpus: 0`) so a small machine can host several. An Engine on `model.device: cuda` asks for
+`engine.num_gpus` GPUs: Ray sets CUDA_VISIBLE_DEVICES of a replica to the GPUs it was granted, so one that asks for
+none would see no GPU at all. In `disaggregated` mode one `ExpertShard<i>`
 deployment per expert range is bound into the Engine, so Serve deploys, health-checks and scales them with
 the app.
 
@@ -79,6 +81,14 @@ def engine_scaling(config: ClusterConfig) -> dict:
     return {"autoscaling_config": engine_autoscaling_config(e.autoscaling, config.slo, push_s)}
 
 
+def engine_actor_options(config: ClusterConfig) -> dict:
+    """Ray actor options of an Engine replica."""
+    options: dict = {"num_cpus": 0}
+    if config.model.on_gpu:
+        options["num_gpus"] = config.engine.num_gpus
+    return options
+
+
 def build_app(config: ClusterConfig):
     e = config.engine
     settings = config.to_engine_settings()
@@ -90,7 +100,7 @@ def build_app(config: ClusterConfig):
         Engine,
         name="Engine",
         **engine_scaling(config),
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=engine_actor_options(config),
         # every streaming request stays "ongoing" until it finishes: admit all rows plus the engine queue
         max_ongoing_requests=e.max_rows + e.max_queue + 8,
         health_check_period_s=5,

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster import env
 from deployments.chat import ChatFormat
-from deployments.engine import EngineSettings
+from deployments.engine import EngineSettings, resolve_dtype
 from deployments.experts import ExpertShardSettings
 from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
@@ -31,10 +31,26 @@ class ModelSection(_Strict):
         default_factory=lambda: str(env.BLOCKSERVE_MODEL_PATH), description="Checkpoint directory"
     )
     name: str = Field("tiny-diffusiongemma", description="Name reported by ModelInfo")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights and activations dtype"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights and activations dtype. auto: bfloat16 on a CUDA device (what the checkpoint is "
+        "published in; fp32 accumulation inside the kernels), float32 on CPU (CPU bf16 GEMMs are slow)",
     )
-    device: str = Field("cpu", description="torch device of the Engine (cuda on GPU nodes)")
+    device: str = Field(
+        "cpu",
+        description="torch device of the Engine: cpu, or cuda / cuda:N on GPU nodes (the Engine replica then "
+        "asks Ray for engine.num_gpus GPUs)",
+    )
+
+    @model_validator(mode="after")
+    def _check_device(self):
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"model.device={self.device!r}: use cpu, cuda or cuda:N")
+        return self
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 class AutoscalingSection(_Strict):
@@ -85,6 +101,20 @@ class EngineSection(_Strict):
         ge=0,
         description="torch intra-op threads per Engine (0 = torch default). 1 suits CPU hosts shared with Ray "
         "and the Router: measured 5x faster than 2 threads on a busy 2-core machine",
+    )
+    num_gpus: float = Field(
+        1.0,
+        gt=0,
+        le=8,
+        description="GPUs each Engine replica asks Ray for when model.device is cuda; a fraction lets several "
+        "replicas share one GPU (each still needs its own copy of the weights in that GPU's memory)",
+    )
+    token_budget: int = Field(
+        8192,
+        ge=1,
+        description="Tokens one engine iteration may process: every running canvas's denoising step first "
+        "(L tokens each), prefill and commits share the rest fairly, so a long prompt cannot starve running "
+        "streams. At least one encoder piece always runs, so no request waits forever",
     )
     execution_mode: Literal["fused", "disaggregated"] = Field(
         "fused",
@@ -322,7 +352,8 @@ class ClusterConfig(_Strict):
                 first=r.start,
                 stop=r.stop,
                 shard=i,
-                dtype=self.model.dtype,
+                # shards load the dtype the Engine resolves (`auto` decided by the device, in one place)
+                dtype=str(resolve_dtype(self.model.dtype, self.model.device)).removeprefix("torch."),
                 device=self.model.device,
                 torch_threads=self.experts.torch_threads,
             )
@@ -336,7 +367,11 @@ class ClusterConfig(_Strict):
             dtype=self.model.dtype,
             device=self.model.device,
             limits=SchedulerLimits(
-                max_rows=e.max_rows, max_queue=e.max_queue, kv_cache_bytes=int(e.kv_cache_gib * 2**30)
+                max_rows=e.max_rows,
+                max_queue=e.max_queue,
+                kv_cache_bytes=int(e.kv_cache_gib * 2**30),
+                prefill_chunk=e.prefill_chunk,
+                token_budget=e.token_budget,
             ),
             torch_threads=e.torch_threads,
             execution_mode=e.execution_mode,

@@ -49,10 +49,20 @@ log = logging.getLogger("blockserve.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA (the published checkpoint's dtype; kernels accumulate in fp32), float32 on CPU
+    (CPU bf16 GEMMs are slower than fp32 and the CPU path is the exactness reference)."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
 @dataclass
 class EngineSettings:
     model_path: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     torch_threads: int = 0  # 0: leave torch's default
@@ -94,8 +104,7 @@ def _guarded(sink):
 class Engine:
     def __init__(self, settings: EngineSettings, shards: list | None = None):
         """`shards`: the ExpertShard deployments' handles (disaggregated mode with the serve transport)."""
-        if settings.dtype not in DTYPES:
-            raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
+        dtype = resolve_dtype(settings.dtype, settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
@@ -103,13 +112,13 @@ class Engine:
         if settings.execution_mode == "disaggregated":
             # attention, dense MLP and routers only: not one expert byte is read here
             self.model = load_model(
-                settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device, experts=range(0)
+                settings.model_path, dtype=dtype, device=settings.device, experts=range(0)
             )
             self.experts = remote_experts(settings, shards, self.model.config.num_layers)
             self.model.moe_backend = self.experts
             micro_batched(self.model, settings.micro_batches)
         else:
-            self.model = load_model(settings.model_path, dtype=DTYPES[settings.dtype], device=settings.device)
+            self.model = load_model(settings.model_path, dtype=dtype, device=settings.device)
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
         self.scheduler = Scheduler(self.model, settings.limits)

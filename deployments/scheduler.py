@@ -117,9 +117,12 @@ class SchedulerLimits:
     max_rows: int = 64
     max_queue: int = 256
     kv_cache_bytes: int = 2 << 30
-    # Long prompts are prefilled this many tokens per iteration (chunked prefill), so one long prompt neither
-    # builds a [T, T] attention mask nor stalls every other row's denoising step for its whole length.
+    # Long prompts are prefilled at most this many tokens per iteration (chunked prefill), so one long prompt
+    # neither builds a [T, T] attention mask nor stalls every other row's denoising step for its whole length.
     prefill_chunk: int = 512
+    # Tokens one iteration may process (see `share_encoder_tokens`): running canvases' denoising first, encoder
+    # work (commits, then prefill shared fairly between prompts) gets the rest but never less than half.
+    token_budget: int = 8192
 
 
 @dataclass
@@ -129,6 +132,33 @@ class IterationStats:
     encoded_tokens: int
     finished_canvases: int
     seconds: float
+
+
+def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk: int) -> list[int]:
+    """Encoder tokens granted this iteration to each pending piece of work (0: wait for a later iteration).
+
+    `needs[i]` tokens are pending; `whole[i]` marks a commit (a finished canvas: never split, and granted before
+    any prefill because the stream behind it is running); a prompt gets at most `chunk` tokens. Prompts share
+    what commits leave by water-filling: equal shares, a prompt that needs less than its share returns the rest
+    to the others, so a long prompt cannot take the budget from short ones. At least one piece always runs,
+    so nothing waits forever however small the budget."""
+    grant = [0] * len(needs)
+    left = budget
+    for i, n in enumerate(needs):
+        if whole[i] and n <= left:
+            grant[i], left = n, left - n
+    open_ = [i for i in range(len(needs)) if not whole[i]]
+    while left > 0 and open_:
+        share = max(1, left // len(open_))
+        for i in list(open_):
+            g = min(min(needs[i], chunk) - grant[i], share, left)
+            grant[i] += g
+            left -= g
+            if grant[i] == min(needs[i], chunk):
+                open_.remove(i)
+    if needs and not any(grant):
+        grant[0] = needs[0] if whole[0] else min(needs[0], chunk)
+    return grant
 
 
 class Scheduler:
@@ -142,6 +172,7 @@ class Scheduler:
         self.reserved = 0
         self._prefix_key: tuple | None = None
         self._prefix: PrefixBatch | None = None
+        self._encode_turn = 0
         # running totals for stats / autoscaling
         self.forwards = 0
         self.rows_forwarded = 0
@@ -225,8 +256,21 @@ class Scheduler:
         todo = [s for s in self.active.values() if s.pending_encode]
         if not todo:
             return 0, 0
-        chunk = max(self.limits.prefill_chunk, self.config.canvas_length)  # a commit is never split
-        pieces = [s.pending_encode[:chunk] for s in todo]
+        # rotate who is served first, so a small budget still reaches every sequence in turn
+        shift = self._encode_turn % len(todo)
+        todo = todo[shift:] + todo[:shift]
+        self._encode_turn += 1
+        L = self.config.canvas_length
+        denoising = sum(1 for s in self.active.values() if s.row is not None and not s.row.finished)
+        budget = max(self.limits.token_budget - denoising * L, self.limits.token_budget // 2)
+        grant = share_encoder_tokens(
+            [len(s.pending_encode) for s in todo],
+            [s.canvas_index > 0 for s in todo],  # after the prompt, pending tokens are a committed canvas
+            budget,
+            self.limits.prefill_chunk,
+        )
+        todo, grant = [s for s, g in zip(todo, grant, strict=True) if g], [g for g in grant if g]
+        pieces = [s.pending_encode[:g] for s, g in zip(todo, grant, strict=True)]
         starts = [s.cache.length for s in todo]
         batch = TokenBatch.from_lists(pieces, starts, self.config.pad_token_id, self.model.device)
         self.model.encode(batch, [s.cache for s in todo])

@@ -45,8 +45,8 @@ from model.sampling.params import SamplingParams
 
 VOCAB_CHUNK = 8192
 # Most logits elements alive per chunk on CPU: [rows, L, C]. Each element has a handful of fp32 / int64
-# temporaries (logits, noise words, exponentials), so 1 << 23 elements is ~300 MB at peak.
-ELEMENT_BUDGET = 1 << 23
+# temporaries (logits, noise words, exponentials), so 1 << 22 elements is ~200 MB at peak.
+ELEMENT_BUDGET = 1 << 22
 BYTES_PER_ELEMENT = 48  # peak bytes of temporaries per [rows, L, C] element (measured order of magnitude)
 DEVICE_BUDGET_FRACTION = 0.1  # share of an accelerator's free memory the sampler's chunk may use
 _DEVICE_BUDGETS: dict[str, int] = {}

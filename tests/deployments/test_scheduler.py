@@ -153,3 +153,25 @@ def test_template_constraints_pin_tokens_in_every_canvas(model):
     assert events["t"][-1].finish_reason == "template"
     ref = generate(model, [3, 4, 5], SamplingParams(max_denoising_steps=3), seed=9, constraints=cons)
     assert ref.canvases == canvases
+
+
+def test_a_long_prompt_is_prefilled_in_budgeted_pieces_while_a_stream_keeps_denoising(model):
+    p = SamplingParams(max_new_tokens=48, max_denoising_steps=5)
+    sched = Scheduler(model, SchedulerLimits(prefill_chunk=8, token_budget=24))
+    got = {"a": [], "b": []}
+    a = EngineRequest("a", [3, 4, 5], p, seed=1)
+    b = EngineRequest("b", list(range(3, 63)), p, seed=2)  # 60 prompt tokens
+    sched.submit(a, got["a"].append)
+    sched.iterate()
+    sched.submit(b, got["b"].append)
+    encoded = []
+    while "b" not in sched.active or sched.active["b"].pending_encode:
+        stats = sched.iterate()
+        assert stats.rows >= 1  # the running stream is stepped in every iteration of the long prefill
+        encoded.append(stats.encoded_tokens)
+    # budget 24 - one canvas of 16 = 8, raised to half the budget (12), capped by the prefill chunk (8)
+    assert len(encoded) >= 60 // 8 and max(encoded) <= 8 + 16  # a prompt piece, plus at most one commit
+    while sched.has_work:
+        sched.iterate()
+    for r in (a, b):
+        assert tokens(got[r.request_id]) == generate(model, r.prompt_ids, p, seed=r.seed).token_ids
