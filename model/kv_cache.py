@@ -75,7 +75,8 @@ class PrefixBatch:
 
     def __init__(self, caches: list[SequenceCache]):
         self.caches = caches
-        self.lengths = torch.tensor([c.length for c in caches], dtype=torch.long)  # [B]
+        device = caches[0].layers[0].keys.device
+        self.lengths = torch.tensor([c.length for c in caches], dtype=torch.long, device=device)  # [B]
         self.layers = [self._stack(i) for i in range(len(caches[0].layers))]
 
     def _stack(self, layer: int) -> LayerPrefix:
@@ -86,10 +87,12 @@ class PrefixBatch:
         ref = kvs[0].keys
         keys = ref.new_zeros(b, h, s_max, d)
         values = ref.new_zeros(b, h, s_max, d)
+        # positions are built on the host (a few ints per row) and copied once: no per-row device op
         positions = torch.full((b, s_max), -1, dtype=torch.long)
         for r, kv in enumerate(kvs):
             s = kv.keys.shape[1]
             keys[r, :, :s] = kv.keys
             values[r, :, :s] = kv.values
             positions[r, :s] = torch.arange(kv.start, kv.start + s)
+        positions = positions.to(ref.device)
         return LayerPrefix(keys, values, positions, positions >= 0)

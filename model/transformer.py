@@ -42,13 +42,14 @@ class TokenBatch:
     @classmethod
     def from_lists(cls, rows: list[list[int]], starts: list[int], pad_id: int, device="cpu") -> TokenBatch:
         T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long, device=device)
-        valid = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
+        # built on the host, then one copy each: no per-row writes into device memory
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        valid = torch.zeros(len(rows), T, dtype=torch.bool)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             valid[i, : len(r)] = True
-        positions = torch.as_tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        return cls(ids, positions, valid)
+        positions = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(T)
+        return cls(ids.to(device), positions.to(device), valid.to(device))
 
 
 class Layer(nn.Module):
@@ -153,14 +154,14 @@ class DiffusionGemma(nn.Module):
     def encode(self, batch: TokenBatch, caches: list[SequenceCache]) -> torch.Tensor:
         """Encoder mode over new tokens; appends their K/V to `caches`. Returns final-normed hidden [B, T, D]."""
         prefix = PrefixBatch(caches) if any(c.length for c in caches) else None
+        lengths = batch.valid.sum(1).tolist()  # one host sync for the whole call, not one per row and layer
         h = self.embed(batch.ids)
         for layer in self.layers:
             h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend)
             for r, cache in enumerate(caches):
-                n = int(batch.valid[r].sum())
-                cache.append(layer.index, k[r, :, :n], v[r, :, :n])
+                cache.append(layer.index, k[r, :, : lengths[r]], v[r, :, : lengths[r]])
         for r, cache in enumerate(caches):
-            cache.advance(int(batch.valid[r].sum()))
+            cache.advance(lengths[r])
         return self.norm(h)
 
     def denoise(
