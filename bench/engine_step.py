@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT / "bench"))  # the checkpoint recipe of model_vs_ref
 import model_vs_reference as mvr  # noqa: E402
 
 from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits  # noqa: E402
-from model.kv_cache import PrefixBatch  # noqa: E402
 from model.sampling import sampler as sampler_mod  # noqa: E402
 from model.sampling.generate import generate  # noqa: E402
 from model.sampling.params import SamplingParams  # noqa: E402
