@@ -68,6 +68,7 @@ class LayerPrefix:
     values: torch.Tensor  # [B, H, S, d]
     positions: torch.Tensor  # [B, S] absolute positions, -1 where padded
     valid: torch.Tensor  # [B, S] bool
+    sizes: list[int] | None = None  # valid (left-aligned) entries of each row, known on the host
 
 
 class PrefixBatch:
@@ -95,4 +96,4 @@ class PrefixBatch:
             values[r, :, :s] = kv.values
             positions[r, :s] = torch.arange(kv.start, kv.start + s)
         positions = positions.to(ref.device)
-        return LayerPrefix(keys, values, positions, positions >= 0)
+        return LayerPrefix(keys, values, positions, positions >= 0, [kv.keys.shape[1] for kv in kvs])

@@ -136,20 +136,35 @@ class Attention(nn.Module):
         v = self.v_norm(v)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [B, H, T, d], k/v [B, G, S, d], mask [B, T, S] bool -> [B, T, D].
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor,
+        spans: list[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """q [B, H, T, d], k/v [B, G, S+T, d] over [padded prefix | new tokens], mask [B, T, S+T] bool -> [B, T, D].
 
         Rows of a batch are padded to a common length. Each row attends over its own valid queries and keys
         only — exactly the tensors a batch of one would see — so padding cannot change a row's rounding and a
-        request's output does not depend on its batch-mates (varlen attention does the same on GPUs)."""
+        request's output does not depend on its batch-mates (varlen attention does the same on GPUs).
+        `spans` gives each row's (valid prefix keys, valid new tokens) from host-side lengths, so selecting
+        them needs no host sync; without it the valid entries are read from the mask (one sync per row)."""
         B, H, T, d = q.shape
         if B == 1:
             out = self._sdpa(q, k, v, mask)
         else:
             out = q.new_zeros(B, H, T, d)
+            s_max = k.shape[2] - T
             for b in range(B):
-                qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
-                ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
+                if spans is not None:
+                    s, n = spans[b]
+                    qi = slice(0, n)
+                    ki = torch.cat([torch.arange(s), torch.arange(s_max, s_max + n)]).to(k.device)
+                else:
+                    qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
+                    ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
                 sub = mask[b][qi][:, ki][None]
                 out[b, :, qi] = self._sdpa(
                     q[b : b + 1, :, qi], k[b : b + 1, :, ki], v[b : b + 1, :, ki], sub

@@ -38,6 +38,7 @@ class TokenBatch:
     ids: torch.Tensor  # [B, T]
     positions: torch.Tensor  # [B, T] absolute positions
     valid: torch.Tensor  # [B, T] bool
+    lengths: list[int] | None = None  # valid (left-aligned) tokens of each row, known on the host
 
     @classmethod
     def from_lists(cls, rows: list[list[int]], starts: list[int], pad_id: int, device="cpu") -> TokenBatch:
@@ -49,7 +50,7 @@ class TokenBatch:
             ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
             valid[i, : len(r)] = True
         positions = torch.as_tensor(starts, dtype=torch.long)[:, None] + torch.arange(T)
-        return cls(ids.to(device), positions.to(device), valid.to(device))
+        return cls(ids.to(device), positions.to(device), valid.to(device), [len(r) for r in rows])
 
 
 class Layer(nn.Module):
@@ -103,7 +104,11 @@ class Layer(nn.Module):
         values = torch.cat([lp.values, v], dim=2) if lp is not None else v
         window = self.window if encoder and self.spec.is_sliding else None
         mask = attention_mask(batch.positions, batch.valid, lp, batch.valid, causal=encoder, window=window)
-        h = h + self.post_attention_layernorm(attn.attend(q, keys, values, mask))
+        spans = None
+        if batch.lengths is not None and (lp is None or lp.sizes is not None):
+            sizes = lp.sizes if lp is not None else [0] * len(batch.lengths)
+            spans = list(zip(sizes, batch.lengths, strict=True))
+        h = h + self.post_attention_layernorm(attn.attend(q, keys, values, mask, spans))
         h = h + self.feed_forward(h, moe)
         return h * (self.encoder_scalar if encoder else self.decoder_scalar), k, v
 
@@ -154,7 +159,7 @@ class DiffusionGemma(nn.Module):
     def encode(self, batch: TokenBatch, caches: list[SequenceCache]) -> torch.Tensor:
         """Encoder mode over new tokens; appends their K/V to `caches`. Returns final-normed hidden [B, T, D]."""
         prefix = PrefixBatch(caches) if any(c.length for c in caches) else None
-        lengths = batch.valid.sum(1).tolist()  # one host sync for the whole call, not one per row and layer
+        lengths = batch.lengths if batch.lengths is not None else batch.valid.sum(1).tolist()
         h = self.embed(batch.ids)
         for layer in self.layers:
             h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend)
@@ -170,7 +175,9 @@ class DiffusionGemma(nn.Module):
         """Decoder mode: canvas [B, L], optional self-conditioning soft embeddings [B, L, D] -> hidden [B, L, D]."""
         B, L = canvas.shape
         positions = prefix.lengths.to(canvas.device)[:, None] + torch.arange(L, device=canvas.device)
-        batch = TokenBatch(canvas, positions, torch.ones(B, L, dtype=torch.bool, device=canvas.device))
+        batch = TokenBatch(
+            canvas, positions, torch.ones(B, L, dtype=torch.bool, device=canvas.device), [L] * B
+        )
         h = self.self_conditioning(self.embed(canvas), soft)
         for layer in self.layers:
             h, _, _ = layer(h, batch, prefix, encoder=False, moe=self.moe_backend)
