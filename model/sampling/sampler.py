@@ -95,6 +95,11 @@ class CanvasConstraint:
             )
         return torch.where(self.pinned[:, None], vocab[None, :] == self.pin_ids[:, None], allowed)
 
+    def to(self, device: torch.device | str) -> CanvasConstraint:
+        """This constraint with its tables on `device` (once per canvas, not per step)."""
+        masks = self.class_masks.to(device) if self.class_masks is not None else None
+        return CanvasConstraint(self.pin_ids.to(device), self.class_ids.to(device), masks)
+
 
 @dataclass
 class RowState:
@@ -133,6 +138,7 @@ class RowState:
             )
             canvas = canvas[0].to(device)
         if constraint is not None:
+            constraint = constraint.to(device)
             canvas = torch.where(constraint.pinned, constraint.pin_ids, canvas)
         return cls(params, seed, canvas, canvas.clone(), canvas_index, constraint=constraint)
 
