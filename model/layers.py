@@ -158,13 +158,14 @@ class Attention(nn.Module):
             out = q.new_zeros(B, H, T, d)
             s_max = k.shape[2] - T
             for b in range(B):
-                if spans is not None:
+                if spans is not None:  # slices of host-known sizes: no sync, no index upload
                     s, n = spans[b]
-                    qi = slice(0, n)
-                    ki = torch.cat([torch.arange(s), torch.arange(s_max, s_max + n)]).to(k.device)
-                else:
-                    qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
-                    ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
+                    kb, vb = (_prefix_and_new(t[b : b + 1], s, s_max, n) for t in (k, v))
+                    sub = torch.cat([mask[b, :n, :s], mask[b, :n, s_max : s_max + n]], dim=-1)[None]
+                    out[b, :, :n] = self._sdpa(q[b : b + 1, :, :n], kb, vb, sub)[0]
+                    continue
+                qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
+                ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
                 sub = mask[b][qi][:, ki][None]
                 out[b, :, qi] = self._sdpa(
                     q[b : b + 1, :, qi], k[b : b + 1, :, ki], v[b : b + 1, :, ki], sub
@@ -179,6 +180,11 @@ class Attention(nn.Module):
         # Queries that see no key at all (pure padding) would produce NaN; give them one harmless key.
         mask = mask | ~mask.any(-1, keepdim=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
+
+
+def _prefix_and_new(t: torch.Tensor, s: int, s_max: int, n: int) -> torch.Tensor:
+    """[1, G, S_max+T, d] over [padded prefix | new] -> the row's s valid prefix and n valid new entries."""
+    return torch.cat([t[:, :, :s], t[:, :, s_max : s_max + n]], dim=2)
 
 
 def attention_mask(

@@ -23,6 +23,7 @@ on other processes (the ExpertShard deployment) each return a partial [T, D] tha
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import Linear, RMSNorm, gelu_tanh, min_gemm_rows
+
+log = logging.getLogger("blockserve.moe")
 
 
 class Router(nn.Module):
@@ -148,7 +151,11 @@ def _grouped_linear(
     """Rows x [N, Din] of expert groups ending at offsets [E] times weight [E, Dout, Din].T -> [N, Dout].
     Rows past the last group are left undefined (the caller never reads them)."""
     if grouped:
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        try:
+            return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        except RuntimeError as e:  # a shape the kernel rejects (alignment): fall back from now on, and say so
+            _GROUPED_MM_OK[(str(x.device), x.dtype)] = False
+            log.warning("torch._grouped_mm failed (%s); using one GEMM per expert", e)
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0
     for e, end in enumerate(offsets.tolist()):  # fallback: one host sync, one GEMM per non-empty expert
