@@ -22,7 +22,7 @@ export https_proxy := http://127.0.0.1:9
 export no_proxy := localhost,127.0.0.1,::1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: venv protos lint test test-fast serve tiny-model bench
+.PHONY: venv protos lint test test-fast serve tiny-model bench helm-schema serve-config
 
 venv: $(STAMP)
 
@@ -49,6 +49,14 @@ test-fast: venv
 
 serve: venv
 	$(VENV)/bin/blockserve serve $(if $(CONFIG),--config $(CONFIG))
+
+# The Helm chart's values.schema.json, generated from cluster/config.py (tests/helm fails while it is stale).
+helm-schema: venv
+	$(VENV)/bin/blockserve helm-schema --output helm/blockserve/values.schema.json
+
+# The Serve config document `make serve` deploys and the chart embeds (CONFIG=cluster.yaml to choose).
+serve-config: venv
+	$(VENV)/bin/blockserve render-serve-config $(if $(CONFIG),--config $(CONFIG))
 
 tiny-model: venv
 	$(PY) -m model.training.train_tiny

@@ -11,11 +11,16 @@ The Router is the app's one ingress for both proxies: Serve's gRPC proxy calls i
 HTTP proxy (`server.http_port`) hands it HTTP requests through `serve.ingress`, which serves the FastAPI app the
 class builds per replica (the OpenAI-compatible API). The app's route prefix is "/" so that API answers at
 /v1/... on the HTTP port (gRPC ignores the prefix, but needs one to be set).
+
+`app_builder` is the `import_path` of the Serve config document (cluster/serve_config.py): Serve calls it
+with the document's `args`, which are the ClusterConfig itself, so `blockserve serve`, `serve run` and a
+KubeRay RayService all build the app from the same configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ray import serve
 from ray.serve.config import gRPCOptions
@@ -36,6 +41,7 @@ GRPC_SERVICERS = [
     "deployments.wire.add_BlockDiffusion_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
+BUILDER_IMPORT_PATH = "cluster.app:app_builder"
 
 
 def grpc_options(config: ClusterConfig) -> gRPCOptions:
@@ -89,34 +95,49 @@ def engine_actor_options(config: ClusterConfig) -> dict:
     return options
 
 
-def build_app(config: ClusterConfig):
+def engine_options(config: ClusterConfig) -> dict[str, Any]:
     e = config.engine
-    settings = config.to_engine_settings()
-    shards: list = []
-    if e.execution_mode == "disaggregated":
-        shards, routes = build_shards(config)
-        settings = dataclasses.replace(settings, shards=routes)
-    engine = serve.deployment(
-        Engine,
+    return dict(
         name="Engine",
         **engine_scaling(config),
         ray_actor_options=engine_actor_options(config),
         # every streaming request stays "ongoing" until it finishes: admit all rows plus the engine queue
         max_ongoing_requests=e.max_rows + e.max_queue + 8,
         health_check_period_s=5,
-    ).bind(settings, shards)
-    router = serve.deployment(
-        serve.ingress()(OpenAIRouter),  # HTTP: the class's FastAPI app; gRPC: its RPC methods
+    )
+
+
+def router_options(config: ClusterConfig) -> dict[str, Any]:
+    e = config.engine
+    return dict(
         name="Router",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=(e.max_rows + e.max_queue) * e.most_replicas + 8,
         max_queued_requests=config.server.max_queued_requests,
-    ).bind(engine, config.to_router_settings())
-    return router
+    )
+
+
+def build_app(config: ClusterConfig):
+    settings = config.to_engine_settings()
+    shards: list = []
+    if config.engine.execution_mode == "disaggregated":
+        shards, routes = build_shards(config)
+        settings = dataclasses.replace(settings, shards=routes)
+    engine = serve.deployment(Engine, **engine_options(config)).bind(settings, shards)
+    router = serve.ingress()(OpenAIRouter)  # HTTP: the class's FastAPI app; gRPC: its RPC methods
+    return serve.deployment(router, **router_options(config)).bind(engine, config.to_router_settings())
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve's application builder: `args` is a ClusterConfig document (validated here, errors name fields)."""
+    return build_app(ClusterConfig.model_validate(args))
 
 
 def start(config: ClusterConfig):
-    """Start Serve (gRPC on the configured port) and deploy the app on the Ray cluster already initialised."""
+    """Start Serve (gRPC on the configured port) and deploy the app on the Ray cluster already initialised.
+
+    The imperative `serve.run` path, kept for tests that swap configs quickly; `blockserve serve` deploys the
+    Serve config document instead (cluster/serve_config.py `deploy`)."""
     serve.start(
         http_options={"host": config.server.host, "port": config.server.http_port},
         grpc_options=grpc_options(config),

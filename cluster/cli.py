@@ -1,8 +1,10 @@
 """`blockserve` command line: `serve` a local cluster, `generate` against it, `status` of a running cluster,
-`plan` memory for a shape.
+`plan` memory for a shape, `render-serve-config` (the Serve config document a RayService embeds), `helm-schema`
+(the chart's values schema).
 
 `serve` starts a single-node Ray on loopback (cluster/env.py applies the rules before Ray is imported),
-deploys the app and serves gRPC on 127.0.0.1:<port> until interrupted. `generate` is a gRPC client that shows
+deploys the Serve config document rendered from the ClusterConfig (cluster/serve_config.py, the document the
+Helm chart embeds) and serves gRPC on 127.0.0.1:<port> until interrupted. `generate` is a gRPC client that shows
 the draft canvas refining live (one terminal line per canvas) and prints throughput at the end.
 """
 
@@ -25,8 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster import preflight
-    from cluster.app import start
     from cluster.config import ClusterConfig
+    from cluster.serve_config import deploy, render_serve_config
 
     config = ClusterConfig.load(args.config)
     if args.model:
@@ -34,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         config.server.grpc_port = args.port
     preflight.check(config)  # fail before starting Ray: a checkpoint that cannot load, a port in use
+    # absolute: Ray workers (and the Serve app builder) may run in another directory
+    config.model.path = config.model_path()
     if config.engine.execution_mode == "disaggregated":
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
     context = ray.init(
@@ -43,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
         signal.signal(sig, lambda *_: stop.set())
     try:
-        start(config)
+        deploy(render_serve_config(config), blocking=True)
         print(
             f"blockserve: serving {config.model.name} on {config.server.host}:{config.server.grpc_port} (gRPC) and "
             f"http://{config.server.host}:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
@@ -192,6 +196,30 @@ def _status(args: argparse.Namespace) -> int:
     return main_status(args.address, args.json)
 
 
+def _render_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.config import ClusterConfig
+    from cluster.serve_config import deploy_schema, render_serve_config
+
+    document = render_serve_config(ClusterConfig.load(args.config))
+    deploy_schema(document)  # what Serve would reject fails here, not on the cluster
+    print(yaml.safe_dump(document, sort_keys=False), end="")
+    return 0
+
+
+def _helm_schema(args: argparse.Namespace) -> int:
+    from cluster.helm_schema import values_schema_text
+
+    text = values_schema_text()
+    if args.output == "-":
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text)
+        print(f"blockserve: wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="blockserve", description="Serve block-diffusion MoE models on Ray."
@@ -239,6 +267,19 @@ def main(argv: list[str] | None = None) -> int:
         "--hop-us", type=float, default=20.0, help="latency of one GPU-to-GPU message, microseconds"
     )
     p.set_defaults(fn=_plan)
+    r = sub.add_parser(
+        "render-serve-config",
+        help="print the Serve config document (RayService serveConfigV2, `serve run` input) of a config",
+    )
+    r.add_argument("--config", help="ClusterConfig YAML file (default: every default)")
+    r.set_defaults(fn=_render_serve_config)
+    h = sub.add_parser(
+        "helm-schema", help="write the Helm chart's values.schema.json, generated from ClusterConfig"
+    )
+    h.add_argument(
+        "--output", default="helm/blockserve/values.schema.json", help="file to write, or - for stdout"
+    )
+    h.set_defaults(fn=_helm_schema)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

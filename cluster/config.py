@@ -1,7 +1,10 @@
 """`ClusterConfig`: everything an operator sets, loaded from YAML (and mirrored by the Helm chart's values).
 
-Pydantic lives only here, at the edge (STYLE.md #2); `to_engine_settings()` / `to_router_settings()` turn it
-into the plain settings objects the deployments take.
+Pydantic lives only here, at the edge; `to_engine_settings()` / `to_router_settings()` turn it into the plain
+settings objects the deployments take. Each default lives once: a field that names a setting of a plain
+settings object (SamplingParams, SchedulerLimits, RequestLimits, EngineSettings) takes its default from that
+object, so the library, the YAML config and the Helm chart's values schema (generated from this module by
+`blockserve helm-schema`) cannot disagree.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
 from deployments.scheduler import SchedulerLimits
 from model.sampling.params import SamplingParams
+
+# The homes of the defaults this module mirrors.
+_SAMPLING = SamplingParams()
+_SCHEDULER = SchedulerLimits()
+_REQUESTS = RequestLimits()
+_ENGINE = EngineSettings(model_path="")
 
 
 class _Strict(BaseModel):
@@ -92,10 +101,18 @@ class EngineSection(_Strict):
     autoscaling: AutoscalingSection | None = Field(
         None, description="Scale Engine replicas to the SLO; without it the replica count stays `replicas`"
     )
-    max_rows: int = Field(64, ge=1, le=4096, description="Most canvases denoised together in one forward")
-    max_queue: int = Field(256, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED")
-    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache memory budget per Engine, GiB")
-    prefill_chunk: int = Field(512, ge=1, description="Prompt tokens prefilled per engine iteration")
+    max_rows: int = Field(
+        _SCHEDULER.max_rows, ge=1, le=4096, description="Most canvases denoised together in one forward"
+    )
+    max_queue: int = Field(
+        _SCHEDULER.max_queue, ge=0, description="Requests waiting for a row before RESOURCE_EXHAUSTED"
+    )
+    kv_cache_gib: float = Field(
+        _SCHEDULER.kv_cache_bytes / 2**30, gt=0, description="KV-cache memory budget per Engine, GiB"
+    )
+    prefill_chunk: int = Field(
+        _SCHEDULER.prefill_chunk, ge=1, description="Prompt tokens prefilled per engine iteration"
+    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -122,7 +139,7 @@ class EngineSection(_Strict):
         "and routers; experts live on ExpertShard deployments (the `experts` section), called per layer",
     )
     micro_batches: int = Field(
-        2,
+        _ENGINE.micro_batches,
         ge=1,
         le=8,
         description="disaggregated mode: micro-batches of rows in flight per denoising step, so the Engine "
@@ -173,16 +190,18 @@ class ExpertsSection(_Strict):
         0.0, ge=0, description="GPUs per shard replica (fractional shares one GPU between shards; 0 on CPU)"
     )
     transport: Literal["actor", "serve"] = Field(
-        "actor",
+        _ENGINE.transport,
         description="Engine -> shard data path per layer: `actor` calls each replica's expert worker as a plain "
         "Ray actor (measured the fastest hop, see bench/disaggregated.py); `serve` goes through a Serve "
         "DeploymentHandle",
     )
     call_timeout_s: float = Field(
-        30.0, gt=0, description="Seconds one shard call may take before it is retried on another replica"
+        _ENGINE.shard_timeout_s,
+        gt=0,
+        description="Seconds one shard call may take before it is retried on another replica",
     )
     unavailable_after_s: float = Field(
-        60.0,
+        _ENGINE.shard_wait_s,
         gt=0,
         description="Seconds a shard may go without a live replica (while Serve replaces one) before the "
         "requests in flight fail with UNAVAILABLE",
@@ -218,13 +237,19 @@ class ExpertsSection(_Strict):
 
 
 class SamplingSection(_Strict):
-    max_new_tokens: int = Field(256, ge=1, description="Default max_new_tokens")
-    max_denoising_steps: int = Field(48, ge=1, description="Default denoising-step limit per canvas")
-    entropy_bound: float = Field(0.1, gt=0, description="Default entropy bound (nats)")
-    t_min: float = Field(0.4, gt=0, description="Default final temperature")
-    t_max: float = Field(0.8, gt=0, description="Default initial temperature")
-    stability_threshold: int = Field(1, ge=0, description="Default stability steps")
-    confidence_threshold: float = Field(0.005, gt=0, description="Default mean-entropy stop threshold")
+    max_new_tokens: int = Field(_SAMPLING.max_new_tokens, ge=1, description="Default max_new_tokens")
+    max_denoising_steps: int = Field(
+        _SAMPLING.max_denoising_steps, ge=1, le=1024, description="Default denoising-step limit per canvas"
+    )
+    entropy_bound: float = Field(_SAMPLING.entropy_bound, gt=0, description="Default entropy bound (nats)")
+    t_min: float = Field(_SAMPLING.t_min, gt=0, description="Default final temperature")
+    t_max: float = Field(_SAMPLING.t_max, gt=0, description="Default initial temperature")
+    stability_threshold: int = Field(
+        _SAMPLING.stability_threshold, ge=0, le=64, description="Default stability steps"
+    )
+    confidence_threshold: float = Field(
+        _SAMPLING.confidence_threshold, gt=0, description="Default mean-entropy stop threshold"
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -238,12 +263,18 @@ class SamplingSection(_Strict):
 
 
 class LimitsSection(_Strict):
-    max_new_tokens: int = Field(4096, ge=1, description="Largest max_new_tokens a request may ask for")
-    max_prompt_chars: int = Field(
-        1 << 20, ge=1, description="Longest prompt text, characters (checked before tokenizing)"
+    max_new_tokens: int = Field(
+        _REQUESTS.max_new_tokens, ge=1, description="Largest max_new_tokens a request may ask for"
     )
-    max_prompt_tokens: int = Field(32768, ge=1, description="Longest prompt, tokens")
-    max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request")
+    max_prompt_chars: int = Field(
+        _REQUESTS.max_prompt_chars,
+        ge=1,
+        description="Longest prompt text, characters (checked before tokenizing)",
+    )
+    max_prompt_tokens: int = Field(_REQUESTS.max_prompt_tokens, ge=1, description="Longest prompt, tokens")
+    max_stop_strings: int = Field(
+        _REQUESTS.max_stop_strings, ge=0, description="Most stop strings per request"
+    )
     max_request_s: float = Field(
         600.0, gt=0, description="Deadline of every request, seconds: its engine row is freed after this long"
     )
@@ -360,10 +391,19 @@ class ClusterConfig(_Strict):
             for i, r in enumerate(self.expert_ranges())
         ]
 
+    def replica_model_path(self) -> str:
+        """The checkpoint path the replicas open: absolute when it exists here, else as written.
+
+        The Serve application is built wherever Ray schedules its build task (on Kubernetes, any pod), which
+        need not mount the checkpoint; the replicas that load it report a missing one.
+        """
+        path = Path(self.model.path)
+        return str(path.resolve()) if path.exists() else self.model.path
+
     def to_engine_settings(self) -> EngineSettings:
         e = self.engine
         return EngineSettings(
-            model_path=self.model_path(),
+            model_path=self.replica_model_path(),
             dtype=self.model.dtype,
             device=self.model.device,
             limits=SchedulerLimits(
@@ -386,7 +426,7 @@ class ClusterConfig(_Strict):
     def to_router_settings(self) -> RouterSettings:
         lim = self.limits
         return RouterSettings(
-            model_path=self.model_path(),
+            model_path=self.replica_model_path(),
             model_name=self.model.name,
             defaults=self.sampling.to_params(),
             limits=RequestLimits(

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2
 from deployments.auth import ApiKeys, Unauthenticated
 from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
 from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
-from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent
+from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, SchedulerLimits
 from deployments.wire import UndecodableRequest
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
@@ -54,7 +54,7 @@ class RouterSettings:
     model_name: str = "diffusiongemma"
     defaults: SamplingParams = field(default_factory=SamplingParams)
     limits: RequestLimits = field(default_factory=RequestLimits)
-    max_rows: int = 64
+    max_rows: int = SchedulerLimits.max_rows  # the Engine's row limit, reported by ModelInfo
     execution_mode: str = "fused"
     health_timeout_s: float = 2.0
     chat_format: ChatFormat = field(default_factory=ChatFormat)
