@@ -65,7 +65,7 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
 
 
 # Fields whose valid values depend on the checkpoint (the default model has 8 experts).
-EXAMPLES: dict[str, list[Any]] = {"experts.split": [[3, 5]]}
+EXAMPLES: dict[str, list[Any]] = {"experts.split": [[3, 5]], "auth.keys_file": ["/etc/blockserve/keys"]}
 
 
 def _candidates(path: str, value: Any, annotation: Any) -> list[Any]:

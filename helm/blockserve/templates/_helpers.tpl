@@ -37,7 +37,7 @@ are applied by the app builder from cluster/config.py.
 {{- define "blockserve.serveConfig" -}}
 {{- $server := .Values.config.server -}}
 {{- $http := dict "host" (required "config.server.host is required (0.0.0.0 in a pod)" $server.host) "port" (required "config.server.http_port is required" $server.http_port) -}}
-{{- $servicers := list "protos.blockserve.v1.blockserve_pb2_grpc.add_BlockDiffusionServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
+{{- $servicers := list "deployments.wire.add_BlockDiffusion_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
 {{- $grpc := dict "port" (include "blockserve.grpcPort" . | int) "grpc_servicer_functions" $servicers -}}
 {{- $app := dict "name" "blockserve" "route_prefix" "/" "import_path" "cluster.app:app_builder" "args" .Values.config -}}
 {{- toPrettyJson (dict "proxy_location" "EveryNode" "http_options" $http "grpc_options" $grpc "applications" (list $app)) -}}
