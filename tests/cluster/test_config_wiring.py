@@ -64,8 +64,13 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-# Fields whose valid values depend on the checkpoint (the default model has 8 experts).
-EXAMPLES: dict[str, list[Any]] = {"experts.split": [[3, 5]], "auth.keys_file": ["/etc/blockserve/keys"]}
+# Fields whose valid values are constrained beyond their type (the default model has 8 experts; devices are
+# cpu, cuda or cuda:N).
+EXAMPLES: dict[str, list[Any]] = {
+    "experts.split": [[3, 5]],
+    "auth.keys_file": ["/etc/blockserve/keys"],
+    "model.device": ["cuda", "cuda:1"],
+}
 
 
 def _candidates(path: str, value: Any, annotation: Any) -> list[Any]:
@@ -109,7 +114,7 @@ def _baselines() -> list[dict]:
     """The default config, and each variant that switches on a mode or an optional section: a field that
     matters only in `disaggregated` mode, or only with autoscaling on, is checked where it matters."""
     base = ClusterConfig.model_validate({"model": {"path": str(DEFAULT_MODEL_PATH)}}).model_dump(mode="json")
-    out = [base]
+    out = [base, _with(base, "model.device", "cuda")]  # GPU-only fields (engine.num_gpus) matter on cuda
     for path, annotation in _leaves(ClusterConfig):
         value = _get(base, path)
         if typing.get_origin(annotation) is Literal:
