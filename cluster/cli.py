@@ -79,12 +79,13 @@ def _request(args: argparse.Namespace):
     if args.json_schema:
         req.json_schema = Path(args.json_schema).read_text()
     elif args.template:
-        req.template.CopyFrom(parse_template(args.template))
+        req.template.CopyFrom(parse_template(args.template, args.slot_min_tokens))
     return req
 
 
-def parse_template(spec: str):
-    """`"def {{body:40}}\\n"` -> Template: text with `{{name:max_tokens}}` slots."""
+def parse_template(spec: str, min_tokens: int | None = None):
+    """`"def {{body:40}}\\n"` -> Template: text with `{{name:max_tokens}}` or `{{name:max_tokens:min_tokens}}`
+    slots; `min_tokens` (the --slot-min-tokens flag) applies to slots that do not give their own."""
     import re
 
     from protos.blockserve.v1 import blockserve_pb2 as pb
@@ -92,10 +93,14 @@ def parse_template(spec: str):
     spec = spec.replace("\\n", "\n").replace("\\t", "\t")  # shell-friendly escapes
     template = pb.Template()
     pos = 0
-    for m in re.finditer(r"\{\{(\w+):(\d+)\}\}", spec):
+    for m in re.finditer(r"\{\{(\w+):(\d+)(?::(\d+))?\}\}", spec):
         if m.start() > pos:
             template.parts.add(text=spec[pos : m.start()])
-        template.parts.add(slot=pb.Slot(name=m.group(1), max_tokens=int(m.group(2))))
+        slot = pb.Slot(name=m.group(1), max_tokens=int(m.group(2)))
+        least = int(m.group(3)) if m.group(3) is not None else min_tokens
+        if least is not None:
+            slot.min_tokens = least
+        template.parts.add(slot=slot)
         pos = m.end()
     if pos < len(spec):
         template.parts.add(text=spec[pos:])
@@ -240,7 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--t-min", type=float)
     g.add_argument("--t-max", type=float)
     g.add_argument("--no-drafts", action="store_true", help="do not stream draft canvases")
-    g.add_argument("--template", help="text with {{name:max_tokens}} slots, e.g. 'def {{fn:12}}():'")
+    g.add_argument(
+        "--template",
+        help="text with {{name:max_tokens}} or {{name:max_tokens:min_tokens}} slots, e.g. 'def {{fn:12}}():'",
+    )
+    g.add_argument(
+        "--slot-min-tokens",
+        type=int,
+        help="fewest tokens every template slot must hold (server default: 1; 0 = may be empty)",
+    )
     g.add_argument("--json-schema", help="file holding a JSON Schema the output must satisfy")
     g.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
     g.set_defaults(fn=_generate)

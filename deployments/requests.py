@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import torch
 from google.protobuf.json_format import MessageToDict
 
 from deployments.chat import (
@@ -30,12 +31,9 @@ from deployments.scheduler import EngineRequest
 from model.config import ModelConfig
 from model.sampling.params import SamplingParams
 from model.sampling.sampler import CanvasConstraint
-from model.structured.json_schema import (
-    InvalidSchemaError,
-    SchemaLimits,
-    UnsupportedSchemaError,
-    compile_schema,
-)
+from model.structured.constraint import RegularLayout, compile_json_schema
+from model.structured.decode import SlotCanvas, SlotRun
+from model.structured.schema_regular import RegularLimits
 from model.structured.templates import Fixed, Layout, Slot, Template, TemplateError, TemplateLimits, layout
 from model.structured.token_classes import token_classes_for
 from model.tokenizer import Tokenizer
@@ -48,6 +46,11 @@ SAMPLING_FIELDS = (
     "t_max",
     "stability_threshold",
     "confidence_threshold",
+)
+
+
+DEFAULT_SLOT_MIN_TOKENS = (
+    1  # an infill slot without min_tokens holds content (the filler no longer wins by default)
 )
 
 
@@ -67,6 +70,7 @@ class RequestLimits:
     max_schema_chars: int = 65536
     max_template_parts: int = 1024
     max_template_chars: int = 65536
+    schema: RegularLimits = field(default_factory=RegularLimits)
 
 
 SLOT_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -96,7 +100,7 @@ class ChatPlan:
 class Prepared:
     engine: EngineRequest
     stop: list[str] = field(default_factory=list)
-    layout: Layout | None = None
+    layout: Layout | RegularLayout | None = None
     client_request_id: str = ""
     chat: ChatPlan | None = None
 
@@ -165,34 +169,58 @@ def _stop(req: pb.GenerateRequest, limits: RequestLimits, errors) -> list[str]:
     return stop
 
 
-def _template(
-    req: pb.GenerateRequest, tokenizer: Tokenizer, limits: RequestLimits, errors
-) -> Template | None:
-    which = req.WhichOneof("structure")
-    if which is None:
+def schema_layout(
+    schema, tokenizer: Tokenizer, cfg: ModelConfig, max_new_tokens: int, limits: RequestLimits
+) -> RegularLayout:
+    """A parsed JSON Schema -> the layout a request carries (compiled once per schema and vocabulary, cached).
+
+    The entry point for every schema-constrained request (json_schema, and chat response formats / forced tool
+    calls): max_new_tokens bounds the document. Raises ValueError (UnsupportedSchemaError, InvalidSchemaError,
+    AutomatonTooLarge, or a too-small max_new_tokens) with a message that says what to change."""
+    compiled = compile_json_schema(schema, token_classes_for(tokenizer, cfg.vocab_size), limits.schema)
+    canvases = math.ceil(max_new_tokens / cfg.canvas_length)
+    if compiled.min_tokens > canvases * cfg.canvas_length:
+        raise ValueError(
+            f"the shortest valid document takes {compiled.min_tokens} tokens but max_new_tokens "
+            f"allows {canvases * cfg.canvas_length}; raise max_new_tokens"
+        )
+    return RegularLayout(compiled, cfg.canvas_length, canvases, tokenizer.pad_id)
+
+
+def _json_schema(
+    req: pb.GenerateRequest,
+    tokenizer: Tokenizer,
+    cfg: ModelConfig,
+    params: SamplingParams,
+    limits: RequestLimits,
+    errors,
+) -> RegularLayout | None:
+    if len(req.json_schema) > limits.max_schema_chars:
+        errors.append(
+            f"json_schema has {len(req.json_schema)} characters; the limit is {limits.max_schema_chars}"
+        )
         return None
-    if which == "json_schema":
-        if len(req.json_schema) > limits.max_schema_chars:
-            errors.append(
-                f"json_schema has {len(req.json_schema)} characters; the limit is {limits.max_schema_chars}"
-            )
-            return None
-        try:
-            schema = json.loads(req.json_schema)
-        except json.JSONDecodeError as e:
-            errors.append(f"json_schema is not valid JSON: {e}")
-            return None
-        except RecursionError:
-            errors.append("json_schema is nested too deeply to parse; flatten it")
-            return None
-        try:
-            return compile_schema(schema, tokenizer, SchemaLimits())
-        except (UnsupportedSchemaError, InvalidSchemaError, TemplateError) as e:
-            errors.append(f"json_schema: {e}")
-            return None
-        except RecursionError:
-            errors.append("json_schema is nested too deeply; flatten it or use $defs")
-            return None
+    try:
+        schema = json.loads(req.json_schema)
+    except json.JSONDecodeError as e:
+        errors.append(f"json_schema is not valid JSON: {e}")
+        return None
+    except RecursionError:
+        errors.append("json_schema is nested too deeply to parse; flatten it")
+        return None
+    try:
+        return schema_layout(schema, tokenizer, cfg, params.max_new_tokens, limits)
+    except ValueError as e:
+        errors.append(f"json_schema: {e}")
+        return None
+    except RecursionError:
+        errors.append("json_schema is nested too deeply; flatten it or use $defs")
+        return None
+
+
+def _template(req: pb.GenerateRequest, limits: RequestLimits, errors) -> Template | None:
+    if req.WhichOneof("structure") != "template":
+        return None
     return _user_template(req.template, limits, errors)
 
 
@@ -223,7 +251,13 @@ def _user_template(template: pb.Template, limits: RequestLimits, errors) -> Temp
                     f"template.parts[{i}].slot.max_tokens must be >= 1 (got {part.slot.max_tokens})"
                 )
             valid_name = name if SLOT_NAME.fullmatch(name) else f"part{i}"  # the error is already recorded
-            parts.append(Slot(valid_name, max(1, part.slot.max_tokens)))
+            most = max(1, part.slot.max_tokens)
+            least = (
+                part.slot.min_tokens
+                if part.slot.HasField("min_tokens")
+                else min(DEFAULT_SLOT_MIN_TOKENS, most)
+            )
+            parts.append(Slot(valid_name, most, min_tokens=least))
         else:
             problems.append(f"template.parts[{i}] is empty: set text or slot")
     if not any(isinstance(p, Slot) for p in parts):
@@ -244,12 +278,20 @@ def _slot_tokens(template: Template) -> int:
     return sum(p.max_tokens for p in template.parts if isinstance(p, Slot))
 
 
-def _constraints(lay: Layout) -> list[CanvasConstraint]:
+def _constraints(lay: Layout | RegularLayout) -> list[CanvasConstraint]:
+    if isinstance(lay, RegularLayout):  # every position may hold any token of the automaton; the DP ties them
+        allowed = torch.from_numpy(lay.compiled.automaton.allowed)  # [V]
+        table = torch.stack([torch.ones_like(allowed), allowed])
+        L = lay.canvas_length
+        free, classes = torch.full((L,), -1, dtype=torch.long), torch.ones(L, dtype=torch.long)
+        return [CanvasConstraint(free, classes, table, joint=c) for c in lay.canvases()]
     table = lay.mask_table()  # [C, V], row 0 all True; shared by every canvas of the request
+    minimums = lay.slot_minimums
+    run = SlotRun(minimums, lay.canvas_length, lay.pad_id) if minimums else None
     out = []
     for i in range(lay.num_canvases):
         pins, classes = lay.canvas(i)
-        out.append(CanvasConstraint(pins, classes, table))
+        out.append(CanvasConstraint(pins, classes, table, joint=SlotCanvas(run, i) if run else None))
     return out
 
 
@@ -274,13 +316,15 @@ def prepare(
             f"request_id has {len(req.request_id)} characters; the limit is {limits.max_request_id_chars}"
         )
     before = len(errors)
-    template = _template(req, tokenizer, limits, errors)
+    template = _template(req, limits, errors)
+    lay: Layout | RegularLayout | None = None
+    if req.WhichOneof("structure") == "json_schema":
+        lay = _json_schema(req, tokenizer, cfg, params, limits, errors)
     if plan is not None and (
         plan.forced_tool or plan.choose_tool
     ):  # the schema came from the tool, not the client
         where = f"chat.tools[{plan.forced_tool!r}].parameters" if plan.forced_tool else "chat.tools names"
         errors[before:] = [e.replace("json_schema", where, 1) for e in errors[before:]]
-    lay = None
     if template is not None and _slot_tokens(template) > limits.max_new_tokens:
         errors.append(
             f"the {req.WhichOneof('structure')} asks for {_slot_tokens(template)} tokens in its slots; this "
@@ -293,11 +337,10 @@ def prepare(
             lay = layout(template, tokenizer, cfg.canvas_length, TemplateLimits(), classes)
         except (TemplateError, ValueError) as e:
             errors.append(f"template: {e}")
-        except RecursionError:
-            errors.append("json_schema is nested too deeply; flatten it or use $defs")
-    if template is not None and stop:
+    if req.WhichOneof("structure") is not None and stop:
         errors.append("stop strings cannot be combined with template or json_schema (their length is fixed)")
-    if lay is not None and lay.num_content_positions > limits.max_new_tokens:
+    # a json_schema's positions are bounded by max_new_tokens already (schema_layout); a template's are its own
+    if isinstance(lay, Layout) and lay.num_content_positions > limits.max_new_tokens:
         errors.append(
             f"the {req.WhichOneof('structure')} needs {lay.num_content_positions} generated positions; this server's "
             f"limit (limits.max_new_tokens) is {limits.max_new_tokens}: use fewer or smaller slots"

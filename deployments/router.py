@@ -345,7 +345,9 @@ class Router:
         forced = pb.GenerateRequest()
         forced.CopyFrom(request)
         forced.chat.tool_name = name
-        return self._prepare(forced, grpc_context)
+        return await asyncio.to_thread(
+            self._prepare, forced, grpc_context
+        )  # the tool schema compiles off the loop
 
     def _draft(self, ev: DraftEvent) -> pb.Draft:
         return pb.Draft(

@@ -32,6 +32,9 @@ packed status tensor: one device-to-host sync per step.
 Constraints (infill / JSON): a row's canvas may pin positions (never re-noised; the only allowed token is the pin,
 so its entropy is 0 and it is always accepted) and restrict others to an allowed-token class, applied before
 sampling, argmax and entropy for all rows of a chunk at once. A batch without constraints skips all of it.
+A canvas may also carry a joint constraint (`CanvasConstraint.joint`: a JSON Schema's automaton, or slot minimums):
+then its sampled and argmax canvases are replaced by the best ones that satisfy it (model/structured/decode.py);
+that is one narrow hook in `_draw_group` (`JointStep`), skipped when no row has one.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch
 
 from model.sampling import noise
 from model.sampling.params import SamplingParams
+from model.structured.decode import JointStep, RegularCanvas, SlotCanvas
 
 VOCAB_CHUNK = 8192
 # Most logits elements alive per chunk on CPU: [rows, L, C]. Each element has a handful of fp32 / int64
@@ -77,6 +81,7 @@ class CanvasConstraint:
     pin_ids: torch.Tensor  # [L] long, -1 where free
     class_ids: torch.Tensor  # [L] long, 0 = any token
     class_masks: torch.Tensor | None = None  # [n_classes, V] bool; row 0 unused
+    joint: RegularCanvas | SlotCanvas | None = None  # ties positions together (model/structured/decode.py)
 
     @property
     def pinned(self) -> torch.Tensor:
@@ -98,7 +103,7 @@ class CanvasConstraint:
     def to(self, device: torch.device | str) -> CanvasConstraint:
         """This constraint with its tables on `device` (once per canvas, not per step)."""
         masks = self.class_masks.to(device) if self.class_masks is not None else None
-        return CanvasConstraint(self.pin_ids.to(device), self.class_ids.to(device), masks)
+        return CanvasConstraint(self.pin_ids.to(device), self.class_ids.to(device), masks, self.joint)
 
 
 @dataclass
@@ -223,6 +228,7 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
             inv_t[i : i + group, None, None],
             keys[i : i + group],
             tables.rows(i, i + group) if tables is not None else None,
+            JointStep.begin(rows[i : i + group], L),  # None unless a row carries a joint constraint
         )
         for i in range(0, R, group)
     ]
@@ -234,7 +240,12 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
 
 
 def _draw_group(
-    model, hidden: torch.Tensor, inv_t: torch.Tensor, keys: torch.Tensor, tables: ConstraintTables | None
+    model,
+    hidden: torch.Tensor,
+    inv_t: torch.Tensor,
+    keys: torch.Tensor,
+    tables: ConstraintTables | None,
+    joint: JointStep | None = None,
 ) -> StepDraws:
     R, L, D = hidden.shape
     dev = hidden.device
@@ -266,7 +277,10 @@ def _draw_group(
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
         # Gumbel-max sample with keyed noise: the same numbers whatever the batch and the chunking
-        kval, kidx = (logits + noise.gumbel(keys, start, stop)).max(-1)
+        keyed = logits + noise.gumbel(keys, start, stop)
+        kval, kidx = keyed.max(-1)
+        if joint is not None:
+            joint.chunk(logits, keyed, start)
         better = kval > key_val
         key_val, key_idx = torch.where(better, kval, key_val), torch.where(better, kidx + start, key_idx)
         # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
@@ -283,6 +297,8 @@ def _draw_group(
         soft = soft * alpha[..., None] + (e.to(w.dtype) @ w).float()
         m = new_m
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
+    if joint is not None:
+        best_idx, key_idx = joint.finish(best_idx, key_idx)
     soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale().to(dev)
     return StepDraws(key_idx, best_idx, entropy, soft)
 

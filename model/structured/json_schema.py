@@ -136,7 +136,9 @@ def _literal(value: Any, path: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: only the \uXXXX escape can carry them
         text = json.dumps(value, allow_nan=False)
-    return text
+    # "<" only occurs inside JSON strings; escaping it keeps special-token text ("<bos>") out of the
+    # pinned tokens while the parsed value stays the same
+    return text.replace("<", "\\u003c")
 
 
 def _matches_type(value: Any, type_: str) -> bool:

@@ -78,6 +78,7 @@ class Slot:
     kind: str = "free"
     max_chars: int | None = None  # json_string_body only: bound on the decoded code points
     options: tuple[str, ...] = ()  # choice only: the literal texts the slot resolves to
+    min_tokens: int = 0  # fewest non-filler tokens (free / json_string_body slots)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", tuple(self.options))
@@ -94,6 +95,16 @@ def _check_slot(slot: Slot) -> None:
         raise TemplateError(
             f"{where} has max_tokens {slot.max_tokens!r}; give an integer >= 1 or drop the slot"
         )
+    if (
+        isinstance(slot.min_tokens, bool)
+        or not isinstance(slot.min_tokens, int)
+        or not (0 <= slot.min_tokens <= slot.max_tokens)
+    ):
+        raise TemplateError(
+            f"{where} has min_tokens {slot.min_tokens!r}; give an integer in [0, max_tokens={slot.max_tokens}]"
+        )
+    if slot.min_tokens and slot.kind not in ("free", "json_string_body"):
+        raise TemplateError(f"{where}: min_tokens only applies to kinds free and json_string_body")
     if slot.kind == "json_minus" and slot.max_tokens != 1:
         raise TemplateError(
             f"{where}: kind json_minus takes exactly 1 position, got max_tokens {slot.max_tokens}"
@@ -181,6 +192,15 @@ class Layout:
     @property
     def num_positions(self) -> int:
         return int(self.pin_ids.shape[0])
+
+    @property
+    def slot_minimums(self) -> list[tuple[int, int, int]]:
+        """(start, end, min_tokens) of every slot that must hold content."""
+        return [
+            (s.start, s.end, s.part.min_tokens)
+            for s in self.segments
+            if isinstance(s.part, Slot) and s.part.min_tokens > 0
+        ]
 
     @property
     def num_canvases(self) -> int:
@@ -379,7 +399,10 @@ def fill(layout: Layout, generated_ids: Sequence[int] | torch.Tensor, tokenizer:
     """Assemble the result of a laid-out template from the sampler's ids (all positions, in order).
 
     Refuses ids that break a pin or an allowed set: the guarantees rest on the sampler keeping them.
+    A `constraint.RegularLayout` (schema-constrained output) assembles its own document.
     """
+    if getattr(layout, "regular", False):
+        return layout.fill(generated_ids, tokenizer.token_bytes)
     ids = (
         generated_ids.tolist() if isinstance(generated_ids, torch.Tensor) else [int(i) for i in generated_ids]
     )

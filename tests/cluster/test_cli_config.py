@@ -43,3 +43,10 @@ def test_plan_prints_the_published_shape(capsys):
     assert main(["plan", "diffusiongemma-26b-a4b"]) == 0
     out = capsys.readouterr().out
     assert '"total": "25.25B"' in out and '"active": "3.84B"' in out
+
+
+def test_parse_template_slot_min_tokens_from_the_spec_or_the_flag():
+    t = parse_template("a {{x:4}} b {{y:6:2}}", min_tokens=3)
+    slots = [p.slot for p in t.parts if p.HasField("slot")]
+    assert [(s.name, s.max_tokens, s.min_tokens) for s in slots] == [("x", 4, 3), ("y", 6, 2)]
+    assert not parse_template("{{x:4}}").parts[0].slot.HasField("min_tokens")  # unset: the server's default

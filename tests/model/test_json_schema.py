@@ -334,3 +334,19 @@ def test_invalid_schema_errors(schema, message):
 
 def test_errors_are_value_errors():
     assert issubclass(UnsupportedSchemaError, ValueError) and issubclass(InvalidSchemaError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"enum": ["<bos>", "a<eos>"]},
+        {"const": "<pad>"},
+        {"type": "object", "properties": {"<bos>": {"type": "string", "enum": ["x<unk>"]}}},
+    ],
+)
+def test_special_token_text_in_literals_is_escaped_not_refused(schema):
+    """Regression: literal strings spelling special tokens used to fail layout; JSON escapes '<' instead."""
+    for seed in range(3):
+        text = generate(schema, seed)
+        assert "<" not in text
+        assert_valid(text, schema)

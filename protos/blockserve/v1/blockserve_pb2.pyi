@@ -61,12 +61,14 @@ class TemplatePart(_message.Message):
     def __init__(self, text: _Optional[str] = ..., slot: _Optional[_Union[Slot, _Mapping]] = ...) -> None: ...
 
 class Slot(_message.Message):
-    __slots__ = ("name", "max_tokens")
+    __slots__ = ("name", "max_tokens", "min_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_tokens: int
-    def __init__(self, name: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    min_tokens: int
+    def __init__(self, name: _Optional[str] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ...) -> None: ...
 
 class Template(_message.Message):
     __slots__ = ("parts",)

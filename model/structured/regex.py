@@ -1,0 +1,330 @@
+"""Byte-level regular expressions: an expression tree, Thompson NFA, subset-construction DFA, minimisation.
+
+The one byte-level alphabet of structured generation: symbols 0..255 are bytes, symbol 256 (`FILLER`)
+is the canvas filler (the pad token), which may only follow a complete document. Every constraint
+(JSON Schema, `pattern`, formats) is built as an expression over this alphabet, compiled once to a
+minimal DFA, and lifted to the token level by `model/structured/automaton.py`.
+
+Expressions are plain tuples (cheap to build, hashable):
+  ("set", mask)        one symbol from `mask` (a Python int used as a 257-bit set)
+  ("seq", (e, ...))    concatenation; ("seq", ()) is the empty string
+  ("alt", (e, ...))    alternation;   ("alt", ()) matches nothing
+  ("rep", e, lo, hi)   e repeated lo..hi times (hi None: unbounded)
+  ("dfa", Dfa)         the language of a compiled DFA (e.g. an intersection), embedded as is
+
+Shape legend: S DFA states, K = 257 symbols.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FILLER = 256
+SYMBOLS = 257
+DEAD = -1
+
+EMPTY = ("seq", ())
+NOTHING = ("alt", ())
+
+
+class AutomatonTooLarge(ValueError):
+    """The constraint's automaton exceeds a size bound; the message says which and how to shrink it."""
+
+
+def byteset(chars: bytes | range | list[int]) -> tuple:
+    mask = 0
+    for b in chars:
+        mask |= 1 << b
+    return ("set", mask)
+
+
+def lit(raw: bytes) -> tuple:
+    return seq(*(("set", 1 << b) for b in raw))
+
+
+def seq(*parts: tuple) -> tuple:
+    flat: list[tuple] = []
+    for p in parts:
+        if p == NOTHING:
+            return NOTHING
+        flat.extend(p[1] if p[0] == "seq" else (p,))
+    return flat[0] if len(flat) == 1 else ("seq", tuple(flat))
+
+
+def alt(*parts: tuple) -> tuple:
+    flat: list[tuple] = []
+    for p in parts:
+        for q in p[1] if p[0] == "alt" else (p,):
+            if q not in flat:
+                flat.append(q)
+    return flat[0] if len(flat) == 1 else ("alt", tuple(flat))
+
+
+def rep(e: tuple, lo: int, hi: int | None) -> tuple:
+    if hi == 0:
+        return EMPTY
+    if e == NOTHING:
+        return EMPTY if lo == 0 else NOTHING
+    return ("rep", e, lo, hi)
+
+
+def opt(e: tuple) -> tuple:
+    return alt(EMPTY, e)
+
+
+class _Nfa:
+    """Thompson NFA: per state epsilon targets and (mask, target) symbol edges."""
+
+    def __init__(self, max_states: int):
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int]]] = []
+        self.max_states = max_states
+
+    def state(self) -> int:
+        if len(self.eps) >= self.max_states:
+            raise AutomatonTooLarge(
+                f"the constraint needs more than {self.max_states} automaton states; "
+                "lower maxLength/maxItems bounds or simplify the schema"
+            )
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def build(self, e: tuple) -> tuple[int, int]:
+        kind = e[0]
+        start, end = self.state(), self.state()
+        if kind == "set":
+            self.edges[start].append((e[1], end))
+        elif kind == "seq":
+            cur = start
+            for part in e[1]:
+                s, t = self.build(part)
+                self.eps[cur].append(s)
+                cur = t
+            self.eps[cur].append(end)
+        elif kind == "alt":
+            for part in e[1]:
+                s, t = self.build(part)
+                self.eps[start].append(s)
+                self.eps[t].append(end)
+        elif kind == "dfa":
+            self._embed(e[1], start, end)
+        else:
+            _, body, lo, hi = e
+            cur = start
+            for _ in range(lo):
+                s, t = self.build(body)
+                self.eps[cur].append(s)
+                cur = t
+            if hi is None:
+                s, t = self.build(body)
+                self.eps[cur] += [s, end]
+                self.eps[t] += [s, end]
+            else:
+                for _ in range(hi - lo):
+                    s, t = self.build(body)
+                    self.eps[cur] += [s, end]
+                    cur = t
+            self.eps[cur].append(end)
+        return start, end
+
+    def _embed(self, dfa: Dfa, start: int, end: int) -> None:
+        ids = [self.state() for _ in range(dfa.num_states)]
+        if ids:
+            self.eps[start].append(ids[0])
+        for s, row in enumerate(dfa.trans):
+            if dfa.accept[s]:
+                self.eps[ids[s]].append(end)
+            masks: dict[int, int] = {}
+            for sym in np.nonzero(row >= 0)[0].tolist():
+                masks[int(row[sym])] = masks.get(int(row[sym]), 0) | (1 << sym)
+            self.edges[ids[s]] += [(m, ids[t]) for t, m in masks.items()]
+
+    def closure(self, states) -> frozenset[int]:
+        seen = set(states)
+        todo = list(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen)
+
+
+def _symbol_classes(masks: set[int]) -> list[list[int]]:
+    """Partition of the symbols into classes no mask tells apart."""
+    groups: dict[tuple, list[int]] = {}
+    ordered = sorted(masks)
+    for sym in range(SYMBOLS):
+        key = tuple((m >> sym) & 1 for m in ordered)
+        groups.setdefault(key, []).append(sym)
+    return list(groups.values())
+
+
+class Dfa:
+    """A trimmed, minimal DFA over the 257 symbols. State 0 is the start; `trans[s, sym]` is DEAD or a state."""
+
+    def __init__(self, trans: np.ndarray, accept: np.ndarray):
+        self.trans = trans  # [S, K] int32
+        self.accept = accept  # [S] bool
+
+    @property
+    def num_states(self) -> int:
+        return int(self.trans.shape[0])
+
+    def run(self, raw, state: int = 0) -> int:
+        for sym in raw:
+            if state == DEAD:
+                return DEAD
+            state = int(self.trans[state, sym])
+        return state
+
+    def matches(self, raw: bytes) -> bool:
+        state = self.run(raw)
+        return state != DEAD and bool(self.accept[state])
+
+    def is_empty(self) -> bool:
+        return self.num_states == 0
+
+
+def compile_dfa(e: tuple, max_states: int = 20000) -> Dfa:
+    """Expression -> trimmed minimal DFA (raises AutomatonTooLarge past `max_states` NFA or DFA states).
+
+    Subset construction over symbol classes; a DFA state is the set of NFA states with symbol edges
+    (plus the final state) reachable through epsilons, so sets stay small."""
+    nfa = _Nfa(max_states * 8)
+    start, final = nfa.build(e)
+    masks = {m for edges in nfa.edges for m, _ in edges}
+    classes = _symbol_classes(masks)
+    reps = [c[0] for c in classes]
+    classes_of = {m: [i for i, sym in enumerate(reps) if (m >> sym) & 1] for m in masks}
+    closures: dict[int, frozenset[int]] = {}
+
+    def closure(state: int) -> frozenset[int]:
+        if state not in closures:
+            closures[state] = frozenset(s for s in nfa.closure([state]) if nfa.edges[s] or s == final)
+        return closures[state]
+
+    first = closure(start)
+    index = {first: 0}
+    order = [first]
+    rows: list[list[int]] = []
+    while len(rows) < len(order):
+        buckets: dict[int, set[int]] = {}
+        for s in order[len(rows)]:
+            for m, t in nfa.edges[s]:
+                targets = closure(t)
+                for c in classes_of[m]:
+                    buckets.setdefault(c, set()).update(targets)
+        row = [DEAD] * SYMBOLS
+        for c, targets in buckets.items():
+            nxt = frozenset(targets)
+            if nxt not in index:
+                if len(order) >= max_states:
+                    raise AutomatonTooLarge(
+                        f"the constraint needs more than {max_states} automaton states; "
+                        "lower maxLength/maxItems bounds or simplify the schema"
+                    )
+                index[nxt] = len(order)
+                order.append(nxt)
+            for sym in classes[c]:
+                row[sym] = index[nxt]
+        rows.append(row)
+    trans = np.array(rows, dtype=np.int32).reshape(len(rows), SYMBOLS)
+    accept = np.array([final in s for s in order], dtype=bool)
+    return minimise(trim(Dfa(trans, accept)))
+
+
+def trim(dfa: Dfa) -> Dfa:
+    """Drop states that cannot reach an accepting state (their transitions become DEAD)."""
+    S = dfa.num_states
+    live = dfa.accept.copy()
+    while True:
+        succ_live = np.zeros(S, dtype=bool)
+        t = dfa.trans
+        ok = t >= 0
+        succ_live = (ok & live[np.where(ok, t, 0)]).any(1)
+        grown = live | succ_live
+        if (grown == live).all():
+            break
+        live = grown
+    if S == 0 or not live[0]:
+        return Dfa(np.zeros((0, SYMBOLS), dtype=np.int32), np.zeros(0, dtype=bool))
+    return _renumber(dfa, live)
+
+
+def _renumber(dfa: Dfa, keep: np.ndarray) -> Dfa:
+    new_id = np.full(dfa.num_states + 1, DEAD, dtype=np.int32)
+    new_id[np.nonzero(keep)[0]] = np.arange(int(keep.sum()), dtype=np.int32)
+    t = dfa.trans[keep]
+    return Dfa(np.where(t >= 0, new_id[t], DEAD).astype(np.int32), dfa.accept[keep])
+
+
+def minimise(dfa: Dfa) -> Dfa:
+    """Moore partition refinement; state 0 stays the start."""
+    S = dfa.num_states
+    if S == 0:
+        return dfa
+    part = dfa.accept.astype(np.int64)
+    columns = np.unique(dfa.trans, axis=1)  # [S, K']: symbols that behave alike are one column
+    while True:
+        succ = np.where(columns >= 0, part[np.maximum(columns, 0)], -1)  # [S, K']
+        key = np.concatenate([part[:, None], succ], axis=1)
+        _, new = np.unique(key, axis=0, return_inverse=True)
+        new = new.reshape(-1)
+        if len(np.unique(new)) == len(np.unique(part)):
+            break
+        part = new
+    # renumber blocks so the start's block is 0, in first-seen order
+    _, first_seen = np.unique(part, return_index=True)
+    order = np.argsort(first_seen)
+    block_of = np.empty_like(order)
+    block_of[order] = np.arange(len(order))
+    blocks = block_of[np.searchsorted(np.unique(part), part)]
+    reps = first_seen[order]
+    t = dfa.trans[reps]
+    trans = np.where(t >= 0, blocks[np.maximum(t, 0)], DEAD).astype(np.int32)
+    return Dfa(trans, dfa.accept[reps])
+
+
+def intersects(a: Dfa, b: Dfa) -> bool:
+    """Whether two DFAs accept a common string (product reachability)."""
+    if a.is_empty() or b.is_empty():
+        return False
+    seen = {(0, 0)}
+    todo = [(0, 0)]
+    while todo:
+        x, y = todo.pop()
+        if a.accept[x] and b.accept[y]:
+            return True
+        tx, ty = a.trans[x], b.trans[y]
+        both = (tx >= 0) & (ty >= 0)
+        for pair in set(zip(tx[both].tolist(), ty[both].tolist(), strict=True)):
+            if pair not in seen:
+                seen.add(pair)
+                todo.append(pair)
+    return False
+
+
+def intersect(a: Dfa, b: Dfa, max_states: int = 20000) -> Dfa:
+    """The product DFA accepting what both accept (trimmed and minimised)."""
+    if a.is_empty() or b.is_empty():
+        return Dfa(np.zeros((0, SYMBOLS), dtype=np.int32), np.zeros(0, dtype=bool))
+    index = {(0, 0): 0}
+    order = [(0, 0)]
+    rows = []
+    while len(rows) < len(order):
+        x, y = order[len(rows)]
+        tx, ty = a.trans[x], b.trans[y]
+        row = np.full(SYMBOLS, DEAD, dtype=np.int32)
+        for sym in np.nonzero((tx >= 0) & (ty >= 0))[0].tolist():
+            pair = (int(tx[sym]), int(ty[sym]))
+            if pair not in index:
+                if len(order) >= max_states:
+                    raise AutomatonTooLarge(f"an intersection needs more than {max_states} automaton states")
+                index[pair] = len(order)
+                order.append(pair)
+            row[sym] = index[pair]
+        rows.append(row)
+    accept = np.array([bool(a.accept[x] and b.accept[y]) for x, y in order])
+    return minimise(trim(Dfa(np.stack(rows).astype(np.int32), accept)))
