@@ -138,7 +138,7 @@ def test_forced_tool_call_is_generated_under_its_schema(served):
         (
             pb.Chat(
                 messages=[pb.ChatMessage(role="user", content="x")],
-                tools=[pb.Tool(name="f", parameters='{"type": "string", "pattern": "x"}')],
+                tools=[pb.Tool(name="f", parameters='{"type": "string", "not": {"const": "x"}}')],
                 tool_name="f",
             ),
             "chat.tools['f'].parameters",
