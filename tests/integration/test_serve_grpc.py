@@ -134,7 +134,9 @@ INVALID = {
     "too many stops": pb.GenerateRequest(prompt="x", stop=[str(i) for i in range(50)]),
     "long request id": pb.GenerateRequest(prompt="x", request_id="r" * 1000),
     "bad schema json": pb.GenerateRequest(prompt="x", json_schema="{not json"),
-    "unsupported schema": pb.GenerateRequest(prompt="x", json_schema='{"type": "string", "not": {"const": "a"}}'),
+    "unsupported schema": pb.GenerateRequest(
+        prompt="x", json_schema='{"type": "string", "not": {"const": "a"}}'
+    ),
     "empty template": pb.GenerateRequest(prompt="x", template=pb.Template()),
     "zero-token slot": pb.GenerateRequest(
         prompt="x", template=pb.Template(parts=[pb.TemplatePart(slot=pb.Slot(name="a", max_tokens=0))])
