@@ -17,6 +17,8 @@ Shape legend: S DFA states, K = 257 symbols.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 FILLER = 256
@@ -187,7 +189,7 @@ class Dfa:
         return self.num_states == 0
 
 
-def compile_dfa(e: tuple, max_states: int = 20000) -> Dfa:
+def compile_dfa(e: tuple, max_states: int = 20000, deadline: float | None = None) -> Dfa:
     """Expression -> trimmed minimal DFA (raises AutomatonTooLarge past `max_states` NFA or DFA states).
 
     Subset construction over symbol classes; a DFA state is the set of NFA states with symbol edges
@@ -210,6 +212,10 @@ def compile_dfa(e: tuple, max_states: int = 20000) -> Dfa:
     order = [first]
     rows: list[list[int]] = []
     while len(rows) < len(order):
+        if deadline is not None and time.monotonic() > deadline:
+            raise AutomatonTooLarge(
+                "compiling the constraint took too long; simplify the schema or lower its bounds"
+            )
         buckets: dict[int, set[int]] = {}
         for s in order[len(rows)]:
             for m, t in nfa.edges[s]:

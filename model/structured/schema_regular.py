@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,7 @@ class RegularLimits:
     max_ref_depth: int = 3  # times a recursive $ref is unrolled
     any_depth: int = 1  # nesting of arrays/objects inside a value with no schema ({})
     max_states: int = 20000  # DFA states of the whole document or any part
-    max_build_seconds: float = 30.0  # lifting the DFA to the vocabulary
+    max_build_seconds: float = 30.0  # building the DFA, and again lifting it to the vocabulary
 
 
 def _ptr(key: Any) -> str:
@@ -84,11 +85,12 @@ def _ptr(key: Any) -> str:
 class _Compiler:
     def __init__(self, root: Any, limits: RegularLimits):
         self.root, self.limits = root, limits
+        self.deadline = time.monotonic() + limits.max_build_seconds
         self.ref_depth: dict[str, int] = {}
 
     def dfa(self, e: tuple) -> tuple:
         """Minimise a sub-language now so that its copies in the parent stay small."""
-        return ("dfa", compile_dfa(e, self.limits.max_states))
+        return ("dfa", compile_dfa(e, self.limits.max_states, self.deadline))
 
     # --- dispatch ---------------------------------------------------------------------------------
 
@@ -383,10 +385,10 @@ class _Compiler:
         if "pattern" in schema:
             shapes.append(("pattern", schema["pattern"]))
         if shapes:
-            dfa = compile_dfa(body, self.limits.max_states) if (lo or hi is not None) else None
+            dfa = compile_dfa(body, self.limits.max_states, self.deadline) if (lo or hi is not None) else None
             for key, source in shapes:
                 try:
-                    shape = compile_dfa(pattern(source), self.limits.max_states)
+                    shape = compile_dfa(pattern(source), self.limits.max_states, self.deadline)
                 except PatternError as exc:
                     raise UnsupportedSchemaError(key, f"{path}/{key}", str(exc)) from None
                 dfa = shape if dfa is None else intersect(dfa, shape, self.limits.max_states)
@@ -532,7 +534,7 @@ def schema_dfa(schema: Any, limits: RegularLimits | None = None) -> Dfa:
     """Compile a JSON Schema to the byte-level DFA of its documents (see module docstring)."""
     limits = limits or RegularLimits()
     compiler = _Compiler(schema, limits)
-    dfa = compile_dfa(document(compiler.value(schema, "")), limits.max_states)
+    dfa = compile_dfa(document(compiler.value(schema, "")), limits.max_states, compiler.deadline)
     if dfa.is_empty():
         raise UnsupportedSchemaError(
             "schema",

@@ -375,3 +375,10 @@ def test_slot_minimum_straddling_canvases_counts_what_earlier_canvases_committed
     assert run.needs(1) == [(0, 0, 4, 2)]  # 5 - 1 committed - 2 positions in canvas 2
     run.counts[(1, 0)] = 2
     assert run.needs(2) == [(0, 0, 2, 2)]
+
+
+def test_compilation_time_is_bounded():
+    with pytest.raises(ValueError, match="too long"):
+        schema_dfa(
+            {"type": "object", "properties": {"a": {"type": "string"}}}, RegularLimits(max_build_seconds=0)
+        )
