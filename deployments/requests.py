@@ -179,6 +179,11 @@ def schema_layout(
     AutomatonTooLarge, or a too-small max_new_tokens) with a message that says what to change."""
     compiled = compile_json_schema(schema, token_classes_for(tokenizer, cfg.vocab_size), limits.schema)
     canvases = math.ceil(max_new_tokens / cfg.canvas_length)
+    if compiled.min_tokens > limits.max_new_tokens:
+        raise ValueError(
+            f"the shortest valid document takes {compiled.min_tokens} tokens; this server's limit "
+            f"(limits.max_new_tokens) is {limits.max_new_tokens}: lower minItems/minLength or simplify the schema"
+        )
     if compiled.min_tokens > canvases * cfg.canvas_length:
         raise ValueError(
             f"the shortest valid document takes {compiled.min_tokens} tokens but max_new_tokens "
@@ -257,7 +262,11 @@ def _user_template(template: pb.Template, limits: RequestLimits, errors) -> Temp
                 if part.slot.HasField("min_tokens")
                 else min(DEFAULT_SLOT_MIN_TOKENS, most)
             )
-            parts.append(Slot(valid_name, most, min_tokens=least))
+            try:
+                parts.append(Slot(valid_name, most, min_tokens=least))
+            except TemplateError as e:
+                problems.append(f"template.parts[{i}]: {e}")
+                parts.append(Slot(valid_name, most))  # the error is already recorded
         else:
             problems.append(f"template.parts[{i}] is empty: set text or slot")
     if not any(isinstance(p, Slot) for p in parts):

@@ -62,7 +62,7 @@ def test_every_valid_line_of_the_proto_has_a_test_here():
         for name in globals()
         if name.startswith("test_") and name != "test_every_valid_line_of_the_proto_has_a_test_here"
     ]
-    assert len(rules) == len(tests) == 16  # a new "Valid:" rule in the proto needs its test here
+    assert len(rules) == len(tests) == 17  # a new "Valid:" rule in the proto needs its test here
 
 
 def test_max_denoising_steps_1_to_1024(env):
@@ -159,7 +159,23 @@ def test_json_schema_size_nesting_and_positions(env):
     deep = '{"type": "array", "items": ' * 2000 + '{"type": "integer"}' + "}" * 2000
     bad(env, "nested too deeply|depth|nest", json_schema=deep)
     big = '{"type": "array", "minItems": 60, "maxItems": 60, "items": {"type": "string", "maxLength": 200}}'
-    bad(env, "limits.max_new_tokens", json_schema=big)
+    bad(env, "automaton states", json_schema=big)
+    long = (
+        '{"type": "array", "minItems": 300, "maxItems": 300, "items": {"enum": [1]}}'  # shortest: 601 tokens
+    )
+    bad(env, "limits.max_new_tokens", json_schema=long, max_new_tokens=256)
+    short = '{"type": "array", "minItems": 20, "maxItems": 20, "items": {"enum": [1]}}'  # shortest: 41 tokens
+    bad(env, "raise max_new_tokens", json_schema=short, max_new_tokens=16)
+    ok(env, json_schema=short, max_new_tokens=48)
+
+
+def test_slot_min_tokens_at_most_max_tokens(env):
+    req = make(template=["x = "])
+    req.template.parts.add(slot=pb.Slot(name="a", max_tokens=4, min_tokens=4))
+    run(env, req)
+    req.template.parts[1].slot.min_tokens = 5
+    with pytest.raises(InvalidRequest, match="min_tokens 5"):
+        run(env, req)
 
 
 def test_request_id_at_most_128_chars(env):
