@@ -69,9 +69,13 @@ def randint(keys: torch.Tensor, high: int) -> torch.Tensor:
     return _shr(mix(keys), 1) % high
 
 
+U_MAX = 1.0 - 2.0**-24  # largest float32 below 1
+
+
 def uniform(bits: torch.Tensor) -> torch.Tensor:
     """float32 in (0, 1) from the top 24 bits of each int64 word: exactly representable, never 0 or 1."""
-    return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))
+    # the top word's midpoint (2^24 - 0.5) rounds up to 2^24 in float32: clamp it to the largest float below 1
+    return ((_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
 
 
 def gumbel(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -91,5 +95,5 @@ def gumbel(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             h.mul_(mult)
     torch.bitwise_right_shift(h, 40, out=t)
     u = t.bitwise_and_((1 << 24) - 1).float()
-    u.add_(0.5).mul_(1.0 / (1 << 24))
+    u.add_(0.5).mul_(1.0 / (1 << 24)).clamp_(max=U_MAX)  # U = 1 would give +inf noise
     return u.log_().neg_().log_().neg_()

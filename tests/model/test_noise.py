@@ -101,3 +101,12 @@ def test_gumbel_moments():
     euler_gamma = 0.5772156649
     torch.testing.assert_close(g.mean().item(), euler_gamma, atol=5e-3, rtol=0)
     torch.testing.assert_close(g.var().item(), torch.pi**2 / 6, atol=2e-2, rtol=0)
+
+
+def test_the_top_word_stays_below_one_and_its_gumbel_noise_is_finite():
+    top = torch.tensor([-1], dtype=torch.long)  # all 64 bits set: the largest 24-bit word
+    assert noise.uniform(top).item() < 1.0
+    # 2^25 draws hold the top 24-bit word about twice: none of them may give +inf noise
+    keys = torch.arange(1 << 16, dtype=torch.long) * 7919
+    g = noise.gumbel(keys, 0, 512)  # [65536, 512]: ~2 draws of the top word expected
+    assert torch.isfinite(g).all()
