@@ -65,6 +65,14 @@ _OBJECT = ("properties", "required", "additionalProperties", "minProperties", "m
 _ARRAY = ("items", "minItems", "maxItems", "uniqueItems")
 _STRING = ("minLength", "maxLength", "pattern", "format")
 _NUMBER = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_VALIDATING = frozenset(
+    ("type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "patternProperties")
+    + _OBJECT
+    + _ARRAY
+    + _STRING
+    + _NUMBER
+    + tuple(_REFUSED)
+)
 
 
 @dataclass(frozen=True)
@@ -189,18 +197,9 @@ class _Compiler:
 
     @staticmethod
     def _constraining(schema: dict) -> bool:
-        quiet = {
-            "title",
-            "description",
-            "$comment",
-            "default",
-            "examples",
-            "$defs",
-            "definitions",
-            "$id",
-            "$schema",
-        }
-        return any(k not in quiet for k in schema)
+        """Whether `schema` narrows the set of values: annotations and unknown keywords (ignored, as the spec
+        says) do not, so a const/enum beside them is generated as it is, escapes included."""
+        return any(k in _VALIDATING for k in schema)
 
     def merge_all_of(self, schema: dict, path: str) -> dict:
         parts = schema["allOf"]

@@ -382,3 +382,20 @@ def test_compilation_time_is_bounded():
         schema_dfa(
             {"type": "object", "properties": {"a": {"type": "string"}}}, RegularLimits(max_build_seconds=0)
         )
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"const": "\x1f", "unknownKeyword": 1},
+        {"anyOf": [{"const": "\x1f"}], "description": "x", "unknownKeyword": 1},
+        {"enum": ["a\nb", 3], "x-vendor": {"type": "string"}},
+    ],
+)
+def test_unknown_keywords_beside_a_literal_do_not_constrain_it(schema):
+    # Found by hypothesis: an unknown keyword was taken as a constraint, intersecting the literal's escaped
+    # text with the generic JSON language (which generates no escapes) and leaving nothing to generate.
+    for seed in (0, 1):
+        text = _generate(schema, seed)
+        assert text is not None
+        jsonschema.validate(json.loads(text), schema)
