@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster import preflight
+    from cluster import preflight, telemetry
     from cluster.config import ClusterConfig
     from cluster.serve_config import deploy, render_serve_config
 
@@ -40,8 +40,10 @@ def _serve(args: argparse.Namespace) -> int:
     config.model.path = config.model_path()
     if config.engine.execution_mode == "disaggregated":
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
+    traced = telemetry.apply_config(config.telemetry)  # before ray.init: every Ray process inherits it
     context = ray.init(
-        **env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host)
+        **env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host),
+        **telemetry.ray_init_metrics_kwargs(config.server.metrics_port),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a shell's background job starts with it ignored
@@ -51,7 +53,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"blockserve: serving {config.model.name} on {config.server.host}:{config.server.grpc_port} (gRPC) and "
             f"http://{config.server.host}:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
-            f"`blockserve status --address {context.address_info['gcs_address']}` shows replicas and autoscaling"
+            f"metrics on {config.server.host}:{config.server.metrics_port}/metrics; "
+            + (f"traces to {traced['OTEL_EXPORTER_OTLP_TRACES_ENDPOINT']}" if traced else "tracing off")
+            + f"; `blockserve status --address {context.address_info['gcs_address']}` shows replicas and autoscaling"
         )
         sys.stdout.flush()
         while not stop.wait(0.5):

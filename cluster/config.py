@@ -19,6 +19,7 @@ from cluster import env
 from deployments.chat import ChatFormat
 from deployments.engine import EngineSettings, resolve_dtype
 from deployments.experts import ExpertShardSettings
+from deployments.observability import RequestLogSettings
 from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
 from deployments.scheduler import SchedulerLimits
@@ -309,6 +310,39 @@ class ServerSection(_Strict):
     )
     max_queued_requests: int = Field(1024, ge=1, description="Router queue bound at the proxy")
     ray_num_cpus: int = Field(32, ge=1, description="Logical CPUs of a local Ray head started by `serve`")
+    metrics_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Port of Ray's Prometheus endpoint, where `ray_blockserve_*` metrics are scraped "
+        "(bound to the node address: 127.0.0.1 for a local `serve`)",
+    )
+
+
+class TelemetrySection(_Strict):
+    otlp_endpoint: str = Field(
+        "",
+        description="OTLP/gRPC collector address for traces, e.g. http://127.0.0.1:4317. Empty: the standard "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT variables; tracing is off when neither "
+        "is set",
+    )
+    sampling_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of requests traced when the client sends no traceparent (a client's sampled "
+        "traceparent is always followed)",
+    )
+    service_name: str = Field(
+        "blockserve", description="service.name of the spans (the OTEL_SERVICE_NAME variable wins)"
+    )
+    log_requests: bool = Field(
+        True,
+        description="Log one JSON line per finished request (id, status, tokens, canvases, steps, seconds)",
+    )
+    log_prompts: bool = Field(
+        False, description="Include the prompt text in the request log line (it may hold personal data)"
+    )
 
 
 class AuthSection(_Strict):
@@ -333,6 +367,7 @@ class ClusterConfig(_Strict):
     chat: ChatSection = Field(default_factory=ChatSection)
     slo: SloSection = Field(default_factory=SloSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
 
     @model_validator(mode="after")
     def _check(self):
@@ -442,6 +477,9 @@ class ClusterConfig(_Strict):
             max_request_s=lim.max_request_s,
             api_keys_file=self.auth.keys_file,
             api_keys_env=self.auth.keys_env,
+            request_log=RequestLogSettings(
+                enabled=self.telemetry.log_requests, include_prompt=self.telemetry.log_prompts
+            ),
         )
 
 

@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deployments import observability as obs
 from deployments.engine_metrics import EngineMetrics, MetricsSettings
 from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.leases import LeaseTable
 from deployments.scheduler import (
+    CanvasEvent,
     EngineRequest,
     ErrorEvent,
     Event,
@@ -122,6 +124,7 @@ class Engine:
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
         self.scheduler = Scheduler(self.model, settings.limits)
+        self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -208,6 +211,9 @@ class Engine:
             self._drain_inbox()
             self._expire()
             if not self.scheduler.has_work:
+                s = self.scheduler
+                self._prometheus.idle(len(s.waiting), len(s.active), s.reserved)
+                self._prometheus.expert_load(lambda: self.experts.stats()["expert_load"])
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
@@ -218,6 +224,9 @@ class Engine:
                 self._busy_s += stats.seconds
                 self.metrics.on_iteration(stats.rows, stats.seconds, self.scheduler.tokens_delivered - before)
                 self._error = None  # a good iteration after a failure: the engine has recovered
+                s = self.scheduler
+                self._prometheus.iteration(stats.rows, len(s.waiting), len(s.active), s.reserved)
+                self._prometheus.expert_load(lambda: self.experts.stats()["expert_load"])
             except ShardsUnavailable as e:  # not the Engine's fault: fail what is in flight, keep serving
                 log.error("expert shards unavailable: %s", e)
                 self._fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")
@@ -248,18 +257,23 @@ class Engine:
         `lease_s`: it is freed unless `renew` names it at least this often."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        span = obs.EngineTrace(
+            request.request_id, request.params.max_denoising_steps, len(request.prompt_ids)
+        )
 
         def sink(event: Event) -> None:
+            span.stamp(isinstance(event, CanvasEvent))  # canvas end times, taken in the scheduler thread
             try:  # the caller's loop may be gone (replica shutting down): that must not reach the scheduler
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except Exception as e:
                 log.warning("dropping an event for request %s: %s", request.request_id, e)
 
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
         self._inbox.put(("submit", request, sink, timeout_s, lease_s))
         self._wake.set()
         done = False
+        seen: list[Event] = []
         try:
             while not done:
                 # Everything already queued travels as one item: each streamed item costs ~1 ms of Ray Serve
@@ -269,8 +283,13 @@ class Engine:
                 while not events.empty():
                     batch.append(events.get_nowait())
                 done = any(isinstance(e, FinalEvent | ErrorEvent) for e in batch)
+                if span.active:
+                    seen.extend(batch)
+                    if done:
+                        span.end(*obs.engine_outcome(seen))
                 yield batch
         finally:
+            span.end(*obs.engine_outcome(seen))  # cancelled: what was done so far (no-op once ended)
             if not done:  # consumer left early: free the row
                 self._inbox.put(("cancel", request.request_id))
                 self._wake.set()

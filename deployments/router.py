@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2
 
+from deployments import observability as obs
 from deployments.auth import ApiKeys, Unauthenticated
 from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
 from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
@@ -63,6 +64,8 @@ class RouterSettings:
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     health_poll_s: float = 1.0
+
+    request_log: obs.RequestLogSettings = field(default_factory=obs.RequestLogSettings)
 
 
 HEALTH_SERVICES = ("", "blockserve.v1.BlockDiffusion")
@@ -176,6 +179,11 @@ class Router:
             bos_id=self.config.bos_token_id,
         )
         self.chat_support = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
+        # a span per tokenizer call of a traced request; the same object, so caches keyed on it still hit
+        self.tokenizer.encode = obs.traced_encode(self.tokenizer.encode)
+        self._metrics = obs.make_metrics(obs.ROUTER_METRICS)
+        if settings.request_log.enabled:
+            obs.configure_request_log()
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _authenticate(self, grpc_context) -> None:
@@ -215,16 +223,19 @@ class Router:
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
         # The answer echoes the client's id (else Serve's); the engine gets a unique one since client ids may repeat.
         rid = request.request_id or (grpc_context.request_id() if grpc_context else None) or uuid.uuid4().hex
+        rr = obs.router_request()
+        rr.identify(rid, request.prompt)
         try:
-            prepared = prepare(
-                request,
-                self.tokenizer,
-                self.config,
-                self.settings.defaults,
-                self.settings.limits,
-                f"{rid}-{uuid.uuid4().hex[:8]}",
-                self.chat_support,
-            )
+            with rr.stage("router.validate"):
+                prepared = prepare(
+                    request,
+                    self.tokenizer,
+                    self.config,
+                    self.settings.defaults,
+                    self.settings.limits,
+                    f"{rid}-{uuid.uuid4().hex[:8]}",
+                    self.chat_support,
+                )
         except InvalidRequest as e:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except RecursionError:  # a pathological structure the validators did not catch themselves
@@ -258,9 +269,10 @@ class Router:
         all_tokens: list[int] = []
         rid = prepared.engine.request_id
         s = self.settings
-        stream = self.engine.options(stream=True).generate.remote(
-            prepared.engine, timeout_s=s.max_request_s, lease_s=s.lease_s
-        )
+        with obs.router_request().current():  # the Engine's spans become children of this RPC's span
+            stream = self.engine.options(stream=True).generate.remote(
+                prepared.engine, timeout_s=s.max_request_s, lease_s=s.lease_s
+            )
         self._track(rid)
         finished = False
         try:
@@ -290,11 +302,14 @@ class Router:
                 yield pb.GenerateEvent(draft=self._draft(ev))
             elif isinstance(ev, CanvasEvent):
                 all_tokens.extend(ev.token_ids)
-                if prepared.layout is None:
-                    delta = text.add(ev.token_ids, final=ev.last)
-                else:  # filler removal and normalisation need the whole layout: the text comes at the end
-                    text.tokens.extend(t for t in ev.token_ids if t != self.config.pad_token_id)
-                    delta = self._slots(prepared, all_tokens)[0] if ev.last else ""
+                with obs.router_request().stage(
+                    "router.detokenize", **{"blockserve.canvas_index": ev.canvas_index}
+                ):
+                    if prepared.layout is None:
+                        delta = text.add(ev.token_ids, final=ev.last)
+                    else:  # filler removal and normalisation need the whole layout: the text comes at the end
+                        text.tokens.extend(t for t in ev.token_ids if t != self.config.pad_token_id)
+                        delta = self._slots(prepared, all_tokens)[0] if ev.last else ""
                 canvas = pb.Canvas(
                     canvas_index=ev.canvas_index, text_delta=delta, token_ids=ev.token_ids, steps=ev.steps
                 )
@@ -391,18 +406,30 @@ class Router:
         return pb.GenerateEvent(final=final)
 
     # -- RPCs --------------------------------------------------------------------------------------------
+    def _observe(self, rpc: str) -> obs.RouterRequest:
+        return obs.RouterRequest(rpc, self._metrics, self.settings.request_log)
+
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator:
+        rr = self._observe("GenerateStream")
         try:
             prepared = await self._admit(request, grpc_context)
             prepared = await self._with_chosen_tool(request, prepared, grpc_context)
             async for event in self._events(prepared):
+                if event.HasField("final"):
+                    rr.finish(obs.outcome_of_final(event.final))
                 yield event
+            rr.finish(obs.Outcome(code="INTERNAL", message="the engine stream ended without a final event"))
         except RequestFailed as e:
             # Serve applies a streaming call's status only when the generator raises after setting it
+            rr.finish(obs.Outcome(code=e.code.name, message=str(e)))
             self._abort(grpc_context, e)
+            raise
+        except BaseException as e:
+            rr.finish(obs.outcome_of_exception(e))
             raise
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        rr = self._observe("Generate")
         try:
             prepared = await self._admit(request, grpc_context)
             prepared = await self._with_chosen_tool(request, prepared, grpc_context)
@@ -413,6 +440,7 @@ class Router:
                     tokens.extend(event.canvas.token_ids)
                 elif event.HasField("final"):
                     f = event.final
+                    rr.finish(obs.outcome_of_final(f))
                     ids = tokens if prepared.layout is not None else self._delivered(tokens, f)
                     return pb.GenerateResponse(
                         text=f.text,
@@ -426,8 +454,12 @@ class Router:
                     )
             raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine stream ended without a final event")
         except RequestFailed as e:
+            rr.finish(obs.Outcome(code=e.code.name, message=str(e)))
             self._abort(grpc_context, e)
             return pb.GenerateResponse()
+        except BaseException as e:
+            rr.finish(obs.outcome_of_exception(e))
+            raise
 
     @staticmethod
     def _delivered(tokens: list[int], final: pb.Final) -> list[int]:

@@ -71,6 +71,7 @@ class CanvasEvent:
     token_ids: list[int]  # committed tokens delivered to the client (trimmed at EOS / max_new_tokens)
     steps: int
     last: bool = False  # no canvas follows: the request's final event comes next
+    started_s: float = 0.0  # time.monotonic() when the canvas's first denoising step began (for tracing)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Sequence:
     admitted: float = 0.0
     first_canvas: float = 0.0
     canvas_index: int = 0
+    canvas_started: float = 0.0
     row: RowState | None = None
     pending_encode: list[int] | None = None  # tokens to encode next iteration (prompt or committed canvas)
     tokens: list[int] = field(default_factory=list)
@@ -292,6 +294,7 @@ class Scheduler:
                     canvas_index=s.canvas_index,
                     device=self.model.device,
                 )
+                s.canvas_started = time.monotonic()
 
     def _prefix_for(self, rows: list[Sequence]) -> PrefixBatch:
         # the prefix of a row is fixed while its canvas is denoised: rebuild only when the batch changes
@@ -344,7 +347,7 @@ class Scheduler:
         delivered, reason = outcome.delivered, outcome.finish_reason
         s.tokens.extend(delivered)
         self.tokens_delivered += len(delivered)
-        s.sink(CanvasEvent(s.canvas_index, delivered, s.row.steps, last=reason is not None))
+        s.sink(CanvasEvent(s.canvas_index, delivered, s.row.steps, reason is not None, s.canvas_started))
         s.row = None
         s.canvas_index += 1
         if reason is not None:

@@ -5,14 +5,36 @@ Ray and every subprocess a test starts inherit it: nothing a test starts reaches
 """
 
 import os
+import socket
 
 import pytest
 import torch
 
 from cluster.env import apply_loopback_env, ray_init_kwargs
+from cluster.telemetry import tracing_env
+
+
+def _reserve_port() -> tuple[socket.socket, int]:
+    """A loopback port held for the whole session by a bound, non-listening socket, so that no process takes it
+    before the test that listens there starts. SO_REUSEPORT lets that test's gRPC server (which sets it too, on
+    Linux) bind the same port; connections only ever go to listening sockets."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    held.bind(("127.0.0.1", 0))
+    return held, held.getsockname()[1]
+
 
 # Serve replicas push autoscaling metrics every 10 s by default; tests that watch scaling need them sooner.
 TEST_ENV = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
+
+# Tracing is on for the session's Ray processes (Serve reads its tracing variables only when a process starts),
+# but samples no request by itself (ratio 0): only a request that carries a sampled `traceparent` is traced
+# (tests/integration/test_telemetry.py), and its spans go to the receiver that test runs on this loopback port.
+# `environ={}`: a developer's own OTEL_* settings never send test spans anywhere else.
+_TRACE_PORT_HOLDER, TRACE_RECEIVER_PORT = _reserve_port()
+TEST_ENV.update(tracing_env(f"http://127.0.0.1:{TRACE_RECEIVER_PORT}", sampling_ratio=0.0, environ={}))
+# Spans leave a process within 0.2 s (default 5 s) and Ray exports metrics every second (default 10 s).
+TEST_ENV.update({"OTEL_BSP_SCHEDULE_DELAY": "200", "RAY_metrics_report_interval_ms": "1000"})
 
 apply_loopback_env()
 os.environ.update(TEST_ENV)
