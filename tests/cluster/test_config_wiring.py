@@ -20,6 +20,13 @@ from cluster.serve_config import render_serve_config
 # Fields read outside the Serve app, each with the reason.
 NOT_IN_THE_APP = {
     "server.ray_num_cpus": "logical CPUs of the Ray head `blockserve serve` starts locally (cluster/cli.py)",
+    "server.metrics_port": "Prometheus port of the Ray head `blockserve serve` starts (ray.init, cluster/cli.py); "
+    "the Helm chart's telemetry.metricsExportPort on Kubernetes",
+    "telemetry.otlp_endpoint": "tracing variables set before ray.init so every Ray process, proxies included, "
+    "inherits them (cluster/telemetry.py); the Helm chart's telemetry values on Kubernetes",
+    "telemetry.sampling_ratio": "tracing variable set before ray.init (cluster/telemetry.py); the Helm chart's "
+    "telemetry.samplingRatio on Kubernetes",
+    "telemetry.service_name": "OTEL_SERVICE_NAME set before ray.init (cluster/telemetry.py)",
 }
 
 

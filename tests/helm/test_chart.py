@@ -180,6 +180,21 @@ def test_ports_telemetry_and_volumes(values_file):
             assert any(path.startswith(m) for m in mounts if m != "/dev/shm")
 
 
+@pytest.mark.parametrize("endpoint", ["", "http://otel-collector.observability:4317"])
+def test_tracing_exporter_is_set_only_with_an_endpoint(endpoint):
+    docs = render({"telemetry": {"otlpEndpoint": endpoint}})
+    cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", []):
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        if endpoint:
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+            module, _, function = env["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"].partition(":")
+            assert callable(getattr(importlib.import_module(module), function))  # Serve imports it by name
+        else:  # no collector: Serve installs no exporter that would retry a missing endpoint
+            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+            assert "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH" not in env
+
+
 @pytest.mark.parametrize("with_file", [False, True])
 def test_dashboard_configmap_only_when_the_file_exists(tmp_path, with_file):
     import helm_python

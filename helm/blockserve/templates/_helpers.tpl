@@ -104,10 +104,10 @@ Engine replica count to size for). Prints a number.
 {{- if .otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .otlpEndpoint | quote }}
-{{- end }}
 {{- if .exporterImportPath }}
 - name: RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH
   value: {{ .exporterImportPath | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if .Values.checkpoint.download.tokenSecret }}
