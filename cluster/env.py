@@ -5,8 +5,8 @@ one-line comment and a parser, and is read as a module attribute (`env.BLOCKSERV
 parsed on every access, so a changed `os.environ` (a test, a CLI flag) is seen at once, and a bad value fails
 with a message naming the variable.
 
-`LOOPBACK_ENV` / `apply_loopback_env` / `ray_init_kwargs` keep a local Ray cluster on loopback (facts in
-../shared/RAY_NOTES.md, "Starting Ray here"). The Makefile exports the same values; a test holds them equal.
+`LOOPBACK_ENV` / `apply_loopback_env` / `ray_init_kwargs` keep a local Ray cluster on loopback (each entry of
+LOOPBACK_ENV says why it is needed, as checked on Ray 2.60). The Makefile exports the same values; a test holds them equal.
 """
 
 from __future__ import annotations

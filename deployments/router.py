@@ -11,7 +11,7 @@ client is connected (`_renew_leases`), so the Engine frees the rows of a vanishe
 dead or unreachable Engine replica is UNAVAILABLE (retryable) with a one-line message, never a traceback.
 
 Method names are the RPC names because Ray Serve routes `BlockDiffusion/GenerateStream` to the ingress
-deployment's `GenerateStream` method (RAY_NOTES.md). The Engine is injected as a handle-like object with
+deployment's `GenerateStream` method (Ray Serve 2.60's gRPC proxy routes by method name). The Engine is injected as a handle-like object with
 `.options(stream=True).generate.remote(request)` and `.ready.remote()`.
 """
 

@@ -1,6 +1,6 @@
 """The committed gRPC code matches its .proto, and the messages behave as the API documents.
 
-Generated code stays generated (STYLE.md #9): this regenerates it the way `make protos` does and compares
+Generated code stays generated: this regenerates it the way `make protos` does and compares
 bytes, so an edited .proto without `make protos` (or a hand edit of the output) fails here.
 """
 
