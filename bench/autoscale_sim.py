@@ -351,8 +351,9 @@ def calibrate(rows_list=(1, 2, 4, 8), steps: int = 6) -> tuple[float, float]:
     import torch
 
     from cluster.env import DEFAULT_MODEL_PATH
+    from deployments.engine_core import EngineCore
     from deployments.engine_metrics import step_time_fit
-    from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits
+    from deployments.scheduler import EngineRequest, SchedulerLimits
     from model.sampling.params import SamplingParams
     from model.weights import load_model
 
@@ -360,7 +361,7 @@ def calibrate(rows_list=(1, 2, 4, 8), steps: int = 6) -> tuple[float, float]:
     model = load_model(str(DEFAULT_MODEL_PATH))
     samples = []
     for rows in rows_list:
-        sched = Scheduler(model, SchedulerLimits(max_rows=rows))
+        sched = EngineCore(model, SchedulerLimits(max_rows=rows))
         params = SamplingParams(max_new_tokens=CANVAS, max_denoising_steps=48, confidence_threshold=1e-9)
         for k in range(rows):
             sched.submit(EngineRequest(f"c{rows}-{k}", [1, 2, 3, 4], params, seed=k), lambda e: None)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/constrained.py [--model DIR] [--requests N] [--steps S]
 
 Each kind runs N requests through `deployments.requests.prepare` (the Router's validation and template layout)
-and the Engine's `Scheduler` (batched, all N in flight), with the same sampling settings. Columns:
+and the Engine's `EngineCore` (batched, all N in flight), with the same sampling settings. Columns:
 - canvases/req, forwards: committed canvases per request and batched decoder forwards for the whole kind
 - tokens/s: generated positions (every committed canvas position the request asked the model for: for plain
   generation the completion tokens, for templates the slot positions) per wall-clock second
@@ -26,8 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.env import DEFAULT_MODEL_PATH  # noqa: E402
+from deployments.engine_core import EngineCore  # noqa: E402
 from deployments.requests import RequestLimits, prepare  # noqa: E402
-from deployments.scheduler import CanvasEvent, Scheduler, SchedulerLimits  # noqa: E402
+from deployments.scheduler import CanvasEvent, SchedulerLimits  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.sampling.sampler import SamplingParams  # noqa: E402
 from model.structured.templates import fill  # noqa: E402
@@ -69,7 +70,7 @@ def run_kind(model, tok, cfg, kind: str, n: int, steps: int, max_new: int) -> di
         prepare(r, tok, cfg, defaults, RequestLimits(), f"{kind}{i}")
         for i, r in enumerate(requests(kind, n, max_new))
     ]
-    sched = Scheduler(model, SchedulerLimits(max_rows=n))
+    sched = EngineCore(model, SchedulerLimits(max_rows=n))
     events = {p.engine.request_id: [] for p in prepared}
     t0 = time.perf_counter()
     for p in prepared:

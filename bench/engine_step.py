@@ -8,13 +8,14 @@ Command (from the repo root; about 2 minutes on a busy 2-core machine):
 One run, one small random checkpoint (built and saved by transformers: vocab 4096, hidden 128, 4 layers, canvas
 64 — the speed checkpoint of bench/model_vs_reference.py), printed side by side:
 
-1. batch 1: delivered tokens/s of our `generate` (rng="fast", the serving sampler) against transformers'
-   `generate`, same prompt and settings, and the ratio;
-2. batching: aggregate delivered tokens/s of one Scheduler running 1 / 4 / 16 / 64 requests at once (each
+1. batch 1: delivered tokens/s of one request through the serving engine (EngineCore) and through our plain
+   `generate` loop (rng="fast"), against transformers' `generate`, same prompt and settings, and the ratios;
+2. batching: aggregate delivered tokens/s of one EngineCore (Scheduler + ModelRunner) running 1 / 4 / 16 / 64 requests at once (each
    request 2 canvases of 64 tokens, 16 denoising steps, distinct seeds), and the gain over 1 row;
-3. per denoising iteration at each row count: wall time, the part spent inside the model (forward passes) and
-   the sampler, the rest (Python bookkeeping), and the host syncs counted by wrapping `Tensor.item`, `tolist`,
-   `__bool__`, `__int__`, `__float__` and `nonzero`;
+3. per denoising iteration at each row count: wall time, the part spent inside the model's forward passes
+   (encode + denoise), the part in the sampler step (`draw_keyed` + `advance_rows`), the rest (Python
+   bookkeeping: planning, events, buffer gathers), and the host syncs counted by wrapping `Tensor.item`,
+   `tolist`, `__bool__`, `__int__`, `__float__` and `nonzero`;
 4. KV memory: what admission reserved against the largest amount the caches and the per-step padded prefix
    copy really held at once.
 """
@@ -37,8 +38,9 @@ sys.path.insert(0, str(ROOT / "bench"))  # the checkpoint recipe of model_vs_ref
 
 import model_vs_reference as mvr  # noqa: E402
 
-from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits  # noqa: E402
-from model.sampling import sampler as sampler_mod  # noqa: E402
+import deployments.model_runner as runner_mod  # noqa: E402
+from deployments.engine_core import EngineCore  # noqa: E402
+from deployments.scheduler import EngineRequest, SchedulerLimits  # noqa: E402
 from model.sampling.generate import generate  # noqa: E402
 from model.sampling.params import SamplingParams  # noqa: E402
 from model.weights import load_model  # noqa: E402
@@ -51,6 +53,7 @@ class Counters:
     def __init__(self):
         self.syncs = 0
         self.model_s = 0.0
+        self.sampler_s = 0.0
 
 
 @contextmanager
@@ -67,51 +70,67 @@ def instrumented(model, counters: Counters):
 
         return wrapper
 
-    def timed(fn):
+    def timed(fn, field):
         def wrapper(*a, **k):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                counters.model_s += time.perf_counter() - t0
+                setattr(counters, field, getattr(counters, field) + time.perf_counter() - t0)
 
         return wrapper
 
     patched = {"denoise": model.denoise, "encode": model.encode}
-    draw, advance = sampler_mod.draw_fast, sampler_mod.advance
-    import deployments.scheduler as sched_mod
-
+    draw, advance = runner_mod.draw_keyed, runner_mod.advance_rows
     try:
         for m in SYNC_METHODS:
             setattr(torch.Tensor, m, counting(m))
         for name, fn in patched.items():
-            setattr(model, name, timed(fn))
-        sched_mod.draw_fast, sched_mod.advance = timed(draw), timed(advance)
+            setattr(model, name, timed(fn, "model_s"))
+        runner_mod.draw_keyed, runner_mod.advance_rows = timed(draw, "sampler_s"), timed(advance, "sampler_s")
         yield
     finally:
         for m, fn in saved.items():
             setattr(torch.Tensor, m, fn)
         for name in patched:
             delattr(model, name)
-        sched_mod.draw_fast, sched_mod.advance = draw, advance
+        runner_mod.draw_keyed, runner_mod.advance_rows = draw, advance
+
+
+def engine_once(model, prompt, params, seed: int) -> int:
+    """One request through an EngineCore alone: tokens delivered."""
+    core = EngineCore(model, SchedulerLimits(max_rows=1))
+    delivered = []
+    core.submit(EngineRequest("one", prompt, params, seed=seed), delivered.append)
+    while core.has_work:
+        core.iterate()
+    return sum(len(e.token_ids) for e in delivered if hasattr(e, "token_ids") and hasattr(e, "last"))
 
 
 def batch_one(ref, ours, prompt, params, repeats: int) -> dict:
-    rates = {"ours": [], "transformers": []}
-    generate(ours, prompt, SamplingParams(max_new_tokens=64, max_denoising_steps=2), seed=99)  # warm-up
+    """Median delivered tokens/s of the serving engine, the plain loop and transformers, one request each."""
+    runs = {
+        "engine": lambda seed: engine_once(ours, prompt, params, seed),
+        "generate": lambda seed: len(generate(ours, prompt, params, seed=seed).token_ids),
+        "transformers": lambda seed: len(
+            reference_generate(ref, prompt, params, seed, eos=None)[: params.max_new_tokens]
+        ),
+    }
+    warm = SamplingParams(max_new_tokens=64, max_denoising_steps=2)
+    generate(ours, prompt, warm, seed=99)
+    engine_once(ours, prompt, warm, 99)
+    rates = {k: [] for k in runs}
     for seed in range(repeats):
-        t0 = time.perf_counter()
-        n = len(generate(ours, prompt, params, seed=seed).token_ids)
-        rates["ours"].append(n / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            n = len(reference_generate(ref, prompt, params, seed, eos=None)[: params.max_new_tokens])
-        rates["transformers"].append(n / (time.perf_counter() - t0))
+        for name, run in runs.items():  # interleaved, so a load spike on the shared machine hits all three
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                n = run(seed)
+            rates[name].append(n / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
 def engine_run(model, prompt, params, rows: int) -> dict:
-    sched = Scheduler(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
+    sched = EngineCore(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
     delivered = []
     for i in range(rows):
         sched.submit(EngineRequest(f"r{i}", prompt, params, seed=i), delivered.append)
@@ -120,26 +139,26 @@ def engine_run(model, prompt, params, rows: int) -> dict:
     t_start = time.perf_counter()
     with instrumented(model, counters):
         while sched.has_work:
-            before = (counters.syncs, counters.model_s)
+            before = (counters.syncs, counters.model_s, counters.sampler_s)
             t0 = time.perf_counter()
             stats = sched.iterate()
             wall = time.perf_counter() - t0
             if stats.rows:
-                iterations.append((wall, counters.model_s - before[1], counters.syncs - before[0]))
-            caches = sum(s.cache.nbytes() for s in sched.active.values())
-            prefix = sched._prefix  # the padded copy the denoise step reads
-            copy = sum(lp.keys.nbytes + lp.values.nbytes for lp in prefix.layers) if prefix is not None else 0
-            peak_kv = max(peak_kv, caches + copy)
+                spent = (counters.model_s - before[1], counters.sampler_s - before[2])
+                iterations.append((wall, *spent, counters.syncs - before[0]))
+            peak_kv = max(peak_kv, sched.runner.kv_bytes())  # caches + the padded prefix copy the step reads
             reserved = max(reserved, sched.reserved)
     total = time.perf_counter() - t_start
     tokens = sum(len(e.token_ids) for e in delivered if hasattr(e, "token_ids") and hasattr(e, "last"))
-    walls, models, syncs = zip(*iterations, strict=True)
+    walls, models, samplers, syncs = zip(*iterations, strict=True)
     return {
         "rows": rows,
         "tokens_per_s": tokens / total,
         "step_ms": 1e3 * statistics.median(walls),
         "model_ms": 1e3 * statistics.median(models),
-        "python_ms": 1e3 * statistics.median(w - m for w, m in zip(walls, models, strict=True)),
+        "sampler_ms": 1e3 * statistics.median(samplers),
+        "python_ms": 1e3
+        * statistics.median(w - m - s for w, m, s in zip(walls, models, samplers, strict=True)),
         "syncs": statistics.median(syncs),
         "kv_reserved": reserved,
         "kv_peak": peak_kv,
@@ -162,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         f"checkpoint: vocab 4096, hidden 128, 4 layers, canvas 64; prompt 48; {params}; threads {args.threads}"
     )
     one = batch_one(ref, ours, prompt, params, args.repeats)
+    tf = one["transformers"]
     print(
-        f"batch 1: ours {one['ours']:.0f} tok/s, transformers {one['transformers']:.0f} tok/s, "
-        f"ratio {one['ours'] / one['transformers']:.2f}x"
+        f"batch 1: engine {one['engine']:.0f} tok/s ({one['engine'] / tf:.2f}x), plain loop {one['generate']:.0f} "
+        f"tok/s ({one['generate'] / tf:.2f}x), transformers {tf:.0f} tok/s"
     )
     print(
-        f"{'rows':>5} {'tok/s':>8} {'gain':>6} {'step ms':>8} {'model ms':>9} {'python ms':>10} {'syncs':>6} "
-        f"{'KV reserved':>12} {'KV peak':>10}"
+        f"{'rows':>5} {'tok/s':>8} {'gain':>6} {'step ms':>8} {'model ms':>9} {'sampler ms':>11} {'python ms':>10} "
+        f"{'syncs':>6} {'KV reserved':>12} {'KV peak':>10}"
     )
     base = None
     for rows in (int(r) for r in args.rows.split(",")):
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         base = base or r["tokens_per_s"]
         print(
             f"{rows:>5} {r['tokens_per_s']:>8.0f} {r['tokens_per_s'] / base:>5.1f}x {r['step_ms']:>8.1f} "
-            f"{r['model_ms']:>9.1f} {r['python_ms']:>10.1f} {r['syncs']:>6.0f} "
+            f"{r['model_ms']:>9.1f} {r['sampler_ms']:>11.1f} {r['python_ms']:>10.1f} {r['syncs']:>6.0f} "
             f"{r['kv_reserved'] / 2**20:>10.2f}Mi {r['kv_peak'] / 2**20:>8.2f}Mi"
         )
     print("syncs: per denoising iteration (median); KV peak: caches + the padded prefix copy the step reads")

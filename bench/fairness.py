@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--chunks 4096,512] [--normal 4] [--model PATH]
 
-In-process `deployments.scheduler.Scheduler` (no Ray, no gRPC) on the default model: first `--normal` normal
+In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
 requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then the same
 requests submitted right after one long prompt of `--prompt-tokens` tokens (1 new token) has started to prefill.
 Each `--chunks` value is the scheduler's `prefill_chunk` (tokens prefilled per iteration; 0 = the whole prompt
@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cluster.env import DEFAULT_MODEL_PATH  # noqa: E402
-from deployments.scheduler import EngineRequest, FinalEvent, Scheduler, SchedulerLimits  # noqa: E402
+from deployments.engine_core import EngineCore  # noqa: E402
+from deployments.scheduler import EngineRequest, FinalEvent, SchedulerLimits  # noqa: E402
 from model.sampling.params import SamplingParams  # noqa: E402
 from model.weights import load_model  # noqa: E402
 
@@ -34,7 +35,7 @@ NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 def run(model, chunk: int, prompt_tokens: int, normals: int) -> list[float]:
     limits = SchedulerLimits(max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=chunk or 1 << 30)
-    sched = Scheduler(model, limits)
+    sched = EngineCore(model, limits)
     done: dict[str, float] = {}
 
     def sink_for(rid):

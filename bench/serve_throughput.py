@@ -11,7 +11,7 @@ loop: a client's next request starts when its previous one has finished), on two
            proxy, the Router and the Engine replica of an app this script starts (cluster/app.py) on a local
            Ray cluster bound to loopback (cluster/env.py). Only 127.0.0.1 is targeted.
   in-proc  the same requests, tokenized and validated by the Router's own `prepare()` before timing, driven
-           straight through `deployments.scheduler.Scheduler` (no Ray, no gRPC, no threads): N requests are
+           straight through `deployments.engine_core.EngineCore` (no Ray, no gRPC, no threads): N requests are
            kept in flight, and when one finishes its client's next one is submitted before the next iteration.
 
 Every request has a fixed seed and fixed sampling settings (all of them sent explicitly), so both paths
@@ -257,9 +257,10 @@ class _InFlight:
 
 
 def run_inproc(model, limits, prepared: dict, clients: int, s: BenchSettings, deadline: Deadline):
-    from deployments.scheduler import CanvasEvent, ErrorEvent, FinalEvent, Scheduler
+    from deployments.engine_core import EngineCore
+    from deployments.scheduler import CanvasEvent, ErrorEvent, FinalEvent
 
-    sched = Scheduler(model, limits)
+    sched = EngineCore(model, limits)
     k = s.requests_per_client
     next_i = [0] * clients
     done: list[_InFlight] = []

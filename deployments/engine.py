@@ -1,8 +1,8 @@
 """The Engine: one model replica running the continuous-batching scheduler.
 
 A plain class (Ray Serve LLM's `LLMServer` habit): it can be built and driven without Serve, and
-cluster/app.py wraps it with `serve.deployment(...)`. The scheduler (deployments/scheduler.py) runs in one
-background thread that owns the model; callers talk to it only through a queue, so the asyncio loop that
+cluster/app.py wraps it with `serve.deployment(...)`. Its iterations (deployments/engine_core.py: the Scheduler's
+plan, the ModelRunner's step) run in one background thread that owns the model; callers talk to it only through a queue, so the asyncio loop that
 serves requests never blocks on a forward pass. `generate()` is an async generator of scheduler events; when
 its consumer goes away (client cancelled, deadline passed) the request is cancelled and its row freed at the
 next iteration.
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deployments import observability as obs
+from deployments.engine_core import EngineCore
 from deployments.engine_metrics import EngineMetrics, MetricsSettings
 from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.leases import LeaseTable
@@ -40,7 +41,6 @@ from deployments.scheduler import (
     FinalEvent,
     QueueFull,
     RequestTooLarge,
-    Scheduler,
     SchedulerLimits,
 )
 from deployments.shard_client import ActorShardClient, ServeShardClient, ShardRoute
@@ -123,7 +123,8 @@ class Engine:
             self.model = load_model(settings.model_path, dtype=dtype, device=settings.device)
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
-        self.scheduler = Scheduler(self.model, settings.limits)
+        self.core = EngineCore(self.model, settings.limits)
+        self.scheduler = self.core.scheduler  # the host bookkeeping: queues, rows, counters
         self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -219,7 +220,7 @@ class Engine:
                 continue
             try:
                 before = self.scheduler.tokens_delivered
-                stats = self.scheduler.iterate()
+                stats = self.core.iterate()
                 self._record(self.scheduler.tokens_delivered - before, stats.rows)
                 self._busy_s += stats.seconds
                 self.metrics.on_iteration(stats.rows, stats.seconds, self.scheduler.tokens_delivered - before)
@@ -237,7 +238,7 @@ class Engine:
 
     def _fail_all(self, message: str, code: str = "INTERNAL") -> None:
         try:
-            self.scheduler.fail_all(message, code=code)  # sinks are guarded, so every request hears of it
+            self.core.fail_all(message, code=code)  # sinks are guarded, so every request hears of it
         except Exception:
             log.exception("failing the engine's requests failed")
         self._leases = LeaseTable()

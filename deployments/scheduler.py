@@ -1,21 +1,23 @@
-"""Continuous batching at denoising-step granularity (pure: no Ray, no gRPC, no threads).
+"""Continuous batching at denoising-step granularity: the host bookkeeping (no model, no device tensors).
 
-Shape legend: R active rows (one canvas each), L canvas, D hidden.
+Shape legend: R rows (one canvas each), L canvas.
 
-Every `iterate()`:
-  1. drop cancelled sequences and free their rows and KV reservations;
-  2. admit waiting requests while a row is free and their worst-case KV cache fits the memory budget;
-  3. one batched encoder call for all encoder work: prompt prefills of admitted requests and commits of the
-     canvases that finished in the previous iteration;
-  4. start a fresh canvas for every sequence that needs one;
-  5. one batched decoder forward over every active canvas — rows at different steps, with different prefix
-     lengths, temperatures and stopping states — then the sampler step (model/sampling/sampler.py);
-  6. emit events: a draft per row that asked for them, a committed canvas per finished row, a final event for
-     finished requests.
+The engine's iteration is split in three (deployments/engine_core.py drives it):
+  1. `Scheduler.schedule()` decides, on the host, what this iteration does and returns a `StepPlan`: which row
+     slots to release (cancelled or finished sequences), which waiting requests to admit into which free slot
+     (while a slot is free and their worst-case KV cache fits the memory budget), which encoder work runs under
+     the per-iteration token budget (prompt prefill in chunks, commits of finished canvases), which slots start
+     a fresh canvas, and which slots are denoised;
+  2. `ModelRunner.execute(plan)` (deployments/model_runner.py) does it on the device and reads back one packed
+     status per row (`StepResult`);
+  3. `Scheduler.update(plan, result)` applies the finish rules (model/sampling/finish.py `canvas_outcome`) and
+     emits events to each request's sink: a draft per row that asked for them, a committed canvas per finished
+     row, a final event for finished requests.
 
-A request's tokens do not depend on its batch-mates: its random numbers are keyed noise of its own seed
-(model/sampling/noise.py), and it owns its cache and its row state. The plain loop
-`model.sampling.generate.generate` is the reference this scheduler is tested against.
+A sequence keeps one row slot from admission to its end: the runner's per-row device buffers and its KV cache
+are indexed by that slot. A request's tokens do not depend on its batch-mates: its random numbers are keyed
+noise of its own seed (model/sampling/noise.py), and it owns its cache and its slot. The plain loop
+`model.sampling.generate.generate` is the reference the scheduler + runner pair is tested against.
 """
 
 from __future__ import annotations
@@ -26,13 +28,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
-from model.kv_cache import PrefixBatch, SequenceCache
+from model.config import ModelConfig
 from model.sampling.finish import canvas_outcome
 from model.sampling.params import SamplingParams
-from model.sampling.sampler import CanvasConstraint, RowState, StepDraws, advance, draw_fast
-from model.transformer import DiffusionGemma, TokenBatch
+from model.sampling.sampler import CanvasConstraint
 
 
 class QueueFull(RuntimeError):
@@ -100,18 +99,68 @@ Sink = Callable[[Event], None]
 class Sequence:
     request: EngineRequest
     sink: Sink
-    cache: SequenceCache
     reserved_bytes: int
+    kv_tokens: int  # worst-case tokens of its KV cache (prompt + every canvas): the runner's capacity hint
     submitted: float
+    slot: int = -1  # row slot while admitted
     admitted: float = 0.0
     first_canvas: float = 0.0
     canvas_index: int = 0
     canvas_started: float = 0.0
-    row: RowState | None = None
+    denoising: bool = False  # a canvas is being denoised in its slot
+    steps_done: int = 0  # denoising steps of the current canvas
     pending_encode: list[int] | None = None  # tokens to encode next iteration (prompt or committed canvas)
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     done: bool = False
+
+
+@dataclass(frozen=True)
+class Admit:
+    slot: int
+    kv_tokens: int  # worst-case cache size (tokens) admission reserved for it
+
+
+@dataclass(frozen=True)
+class Encode:
+    slot: int
+    tokens: list[int]  # appended to the slot's cache (a prompt piece or a committed canvas)
+
+
+@dataclass(frozen=True)
+class StartCanvas:
+    slot: int
+    params: SamplingParams
+    seed: int
+    canvas_index: int
+    constraint: CanvasConstraint | None
+
+
+@dataclass
+class StepPlan:
+    """What one iteration does, in this order: release, admit, encode, start canvases, denoise."""
+
+    release: list[int] = field(default_factory=list)  # slots whose sequence ended: drop their caches
+    admit: list[Admit] = field(default_factory=list)
+    encode: list[Encode] = field(default_factory=list)
+    start: list[StartCanvas] = field(default_factory=list)
+    denoise: list[int] = field(default_factory=list)  # slots denoised by one batched forward
+    drafts: list[int] = field(default_factory=list)  # the subset of `denoise` whose argmax canvas is streamed
+    self_conditioning: bool = False  # some denoised row has a previous step (else the soft input is all zero)
+
+    @property
+    def encoded_tokens(self) -> int:
+        return sum(len(e.tokens) for e in self.encode)
+
+
+@dataclass
+class StepResult:
+    """What the runner read back for the plan's denoised rows (in `plan.denoise` order)."""
+
+    finished: list[bool]
+    accepted: list[int]  # positions accepted in this step
+    drafts: dict[int, list[int]] = field(default_factory=dict)  # slot -> argmax canvas (for plan.drafts)
+    committed: dict[int, list[int]] = field(default_factory=dict)  # slot -> argmax canvas of a finished row
 
 
 @dataclass
@@ -164,16 +213,19 @@ def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk
 
 
 class Scheduler:
-    def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
-        self.model = model
+    """Admission, row slots, canvases, finish rules and events of every request in one engine."""
+
+    def __init__(self, config: ModelConfig, limits: SchedulerLimits, kv_itemsize: int = 4):
+        """`kv_itemsize`: bytes of one cached K or V element (the model dtype's size)."""
+        self.config = config
         self.limits = limits
-        self.config = model.config
+        self.kv_itemsize = kv_itemsize
         self.waiting: deque[Sequence] = deque()
         self.active: dict[str, Sequence] = {}
         self.cancelled: set[str] = set()
         self.reserved = 0
-        self._prefix_key: tuple | None = None
-        self._prefix: PrefixBatch | None = None
+        self._free_slots = list(range(limits.max_rows - 1, -1, -1))  # a stack: the lowest slot is taken first
+        self._to_release: list[int] = []
         self._encode_turn = 0
         # running totals for stats / autoscaling
         self.forwards = 0
@@ -182,14 +234,16 @@ class Scheduler:
         self.max_rows_seen = 0
 
     # -- admission ---------------------------------------------------------------------------------------
-    def kv_bytes_needed(self, request: EngineRequest) -> int:
-        cfg = self.config
+    def kv_tokens_needed(self, request: EngineRequest) -> int:
+        """Tokens of the request's KV cache at its longest: the prompt and every canvas it may commit."""
         canvases = request.num_canvases
         if canvases < 0:
-            canvases = math.ceil(request.params.max_new_tokens / cfg.canvas_length)
-        tokens = len(request.prompt_ids) + canvases * cfg.canvas_length
-        itemsize = torch.empty((), dtype=self.model.dtype).element_size()
-        return tokens * cfg.kv_bytes_per_token(itemsize) + cfg.sliding_kv_bytes(itemsize)
+            canvases = math.ceil(request.params.max_new_tokens / self.config.canvas_length)
+        return len(request.prompt_ids) + canvases * self.config.canvas_length
+
+    def kv_bytes_needed(self, request: EngineRequest) -> int:
+        cfg, size = self.config, self.kv_itemsize
+        return self.kv_tokens_needed(request) * cfg.kv_bytes_per_token(size) + cfg.sliding_kv_bytes(size)
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         if request.request_id in self.active or any(
@@ -206,7 +260,7 @@ class Scheduler:
             raise QueueFull(
                 f"the engine queue is full ({self.limits.max_queue} waiting requests); retry later"
             )
-        seq = Sequence(request, sink, self.model.new_cache(), need, time.monotonic())
+        seq = Sequence(request, sink, need, self.kv_tokens_needed(request), time.monotonic())
         self.waiting.append(seq)
 
     def cancel(self, request_id: str) -> None:
@@ -224,46 +278,49 @@ class Scheduler:
         for rid in list(self.cancelled):
             seq = self.active.pop(rid, None)
             if seq is not None:
-                self.reserved -= seq.reserved_bytes
+                self._free(seq)
         self.cancelled.clear()
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.limits.max_rows:
+    def _free(self, seq: Sequence) -> None:
+        self.reserved -= seq.reserved_bytes
+        self._to_release.append(seq.slot)
+        seq.slot = -1
+
+    def _admit(self, plan: StepPlan) -> None:
+        while self.waiting and self._free_slots:
             seq = self.waiting[0]
             if self.reserved + seq.reserved_bytes > self.limits.kv_cache_bytes and self.active:
                 break  # wait for memory; an idle engine always admits (submit() checked it fits alone)
             self.waiting.popleft()
             self.reserved += seq.reserved_bytes
             seq.admitted = time.monotonic()
+            seq.slot = self._free_slots.pop()
             seq.pending_encode = list(seq.request.prompt_ids)
             self.active[seq.request.request_id] = seq
+            plan.admit.append(Admit(seq.slot, seq.kv_tokens))
 
-    # -- one iteration -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def iterate(self) -> IterationStats:
-        t0 = time.perf_counter()
+    # -- one iteration: plan -----------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
         self._drop_cancelled()
-        self._admit()
-        encoded_rows, encoded_tokens = self._encode_pending()
-        self._start_canvases()
-        rows = [s for s in self.active.values() if s.row is not None and not s.row.finished]
-        finished = 0
-        if rows:
-            draws = self._denoise(rows)
-            advance([s.row for s in rows], draws, self.config.vocab_size)
-            finished = self._emit(rows)
-        return IterationStats(len(rows), encoded_rows, encoded_tokens, finished, time.perf_counter() - t0)
+        plan.release, self._to_release = self._to_release, []
+        self._free_slots.extend(plan.release)
+        self._free_slots.sort(reverse=True)
+        self._admit(plan)
+        self._plan_encode(plan)
+        self._plan_canvases(plan)
+        return plan
 
-    def _encode_pending(self) -> tuple[int, int]:
+    def _plan_encode(self, plan: StepPlan) -> None:
         todo = [s for s in self.active.values() if s.pending_encode]
         if not todo:
-            return 0, 0
+            return
         # rotate who is served first, so a small budget still reaches every sequence in turn
         shift = self._encode_turn % len(todo)
         todo = todo[shift:] + todo[:shift]
         self._encode_turn += 1
         L = self.config.canvas_length
-        denoising = sum(1 for s in self.active.values() if s.row is not None and not s.row.finished)
+        denoising = sum(1 for s in self.active.values() if s.denoising)
         budget = max(self.limits.token_budget - denoising * L, self.limits.token_budget // 2)
         grant = share_encoder_tokens(
             [len(s.pending_encode) for s in todo],
@@ -271,84 +328,66 @@ class Scheduler:
             budget,
             self.limits.prefill_chunk,
         )
-        todo, grant = [s for s, g in zip(todo, grant, strict=True) if g], [g for g in grant if g]
-        pieces = [s.pending_encode[:g] for s, g in zip(todo, grant, strict=True)]
-        starts = [s.cache.length for s in todo]
-        batch = TokenBatch.from_lists(pieces, starts, self.config.pad_token_id, self.model.device)
-        self.model.encode(batch, [s.cache for s in todo])
-        for s, piece in zip(todo, pieces, strict=True):
-            s.pending_encode = s.pending_encode[len(piece) :] or None
-        return len(todo), sum(len(p) for p in pieces)
+        for s, g in zip(todo, grant, strict=True):
+            if g:
+                plan.encode.append(Encode(s.slot, s.pending_encode[:g]))
+                s.pending_encode = s.pending_encode[g:] or None
 
-    def _start_canvases(self) -> None:
-        cfg = self.config
+    def _plan_canvases(self, plan: StepPlan) -> None:
         for s in self.active.values():
-            if s.row is None and not s.done and not s.pending_encode:
+            if (
+                not s.denoising and not s.pending_encode
+            ):  # prompt (or last commit) fully encoded: a new canvas
                 cons = s.request.constraints[s.canvas_index] if s.request.constraints else None
-                s.row = RowState.start(
-                    s.request.params,
-                    cfg.vocab_size,
-                    cfg.canvas_length,
-                    s.request.seed,
-                    cons,
-                    canvas_index=s.canvas_index,
-                    device=self.model.device,
-                )
+                plan.start.append(StartCanvas(s.slot, s.request.params, s.request.seed, s.canvas_index, cons))
+                s.denoising, s.steps_done = True, 0
                 s.canvas_started = time.monotonic()
+            if s.denoising:
+                plan.denoise.append(s.slot)
+                plan.self_conditioning |= s.steps_done > 0
+                if s.request.stream_drafts:
+                    plan.drafts.append(s.slot)
 
-    def _prefix_for(self, rows: list[Sequence]) -> PrefixBatch:
-        # the prefix of a row is fixed while its canvas is denoised: rebuild only when the batch changes
-        key = tuple((s.request.request_id, s.cache.length) for s in rows)
-        if key != self._prefix_key:
-            self._prefix_key, self._prefix = key, PrefixBatch([s.cache for s in rows])
-        return self._prefix
-
-    def _denoise(self, rows: list[Sequence]) -> StepDraws:
-        canvas = torch.stack([s.row.canvas for s in rows])  # [R, L]
-        soft = None
-        if any(s.row.soft is not None for s in rows):
-            D = self.config.hidden_size
-            zeros = torch.zeros(
-                self.config.canvas_length, D, dtype=self.model.dtype, device=self.model.device
-            )
-            soft = torch.stack([s.row.soft if s.row.soft is not None else zeros for s in rows])  # [R, L, D]
-        hidden = self.model.denoise(canvas, self._prefix_for(rows), soft)
+    # -- one iteration: results --------------------------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> int:
+        """Apply the runner's result to the plan's rows and emit their events. Returns canvases finished."""
+        if not plan.denoise:
+            return 0
         self.forwards += 1
-        self.rows_forwarded += len(rows)
-        self.max_rows_seen = max(self.max_rows_seen, len(rows))
-        return draw_fast(self.model, hidden, [s.row for s in rows])
-
-    def _emit(self, rows: list[Sequence]) -> int:
+        self.rows_forwarded += len(plan.denoise)
+        self.max_rows_seen = max(self.max_rows_seen, len(plan.denoise))
+        by_slot = {s.slot: s for s in self.active.values()}
         finished = 0
-        for s in rows:
-            row = s.row
-            if s.request.stream_drafts:
-                s.sink(DraftEvent(s.canvas_index, row.steps, row.argmax.tolist(), row.accepted))
-            if row.finished:
+        for slot, done, accepted in zip(plan.denoise, result.finished, result.accepted, strict=True):
+            s = by_slot.get(slot)
+            if s is None:  # failed or cancelled meanwhile: nobody to tell
+                continue
+            s.steps_done += 1
+            if slot in result.drafts:
+                s.sink(DraftEvent(s.canvas_index, s.steps_done, result.drafts[slot], accepted))
+            if done:
                 finished += 1
-                self._finish_canvas(s)
+                self._finish_canvas(s, result.committed[slot])
         return finished
 
-    def _finish_canvas(self, s: Sequence) -> None:
-        cfg = self.config
+    def _finish_canvas(self, s: Sequence, committed: list[int]) -> None:
         req = s.request
-        committed = s.row.argmax.tolist()
-        s.steps.append(s.row.steps)
+        s.steps.append(s.steps_done)
         if not s.first_canvas:
             s.first_canvas = time.monotonic()
         outcome = canvas_outcome(
             committed,
             delivered_so_far=len(s.tokens),
             max_new_tokens=req.params.max_new_tokens,
-            eos_ids=cfg.eos_token_ids,
+            eos_ids=self.config.eos_token_ids,
             template_canvases=len(req.constraints) if req.constraints else None,
             canvas_index=s.canvas_index,
         )
         delivered, reason = outcome.delivered, outcome.finish_reason
         s.tokens.extend(delivered)
         self.tokens_delivered += len(delivered)
-        s.sink(CanvasEvent(s.canvas_index, delivered, s.row.steps, reason is not None, s.canvas_started))
-        s.row = None
+        s.sink(CanvasEvent(s.canvas_index, delivered, s.steps_done, reason is not None, s.canvas_started))
+        s.denoising = False
         s.canvas_index += 1
         if reason is not None:
             self._finish(s, reason)
@@ -359,7 +398,7 @@ class Scheduler:
         now = time.monotonic()
         s.done = True
         self.active.pop(s.request.request_id, None)
-        self.reserved -= s.reserved_bytes
+        self._free(s)
         s.sink(
             FinalEvent(
                 finish_reason=reason,
@@ -374,9 +413,12 @@ class Scheduler:
         )
 
     def fail_all(self, message: str, code: str = "INTERNAL") -> None:
-        """Tell every request in flight that the engine failed (their rows are gone)."""
+        """Tell every request in flight that the engine failed (their rows are gone; the runner is reset too)."""
         for s in list(self.waiting) + list(self.active.values()):
             s.sink(ErrorEvent(message, code))
         self.waiting.clear()
         self.active.clear()
+        self.cancelled.clear()
         self.reserved = 0
+        self._to_release = []
+        self._free_slots = list(range(self.limits.max_rows - 1, -1, -1))

@@ -209,18 +209,51 @@ def _row_tensor(rows: list[RowState], value, dtype, device) -> torch.Tensor:
     return torch.tensor([value(r) for r in rows], dtype=dtype, device=device)
 
 
+def inverse_temperature(
+    t_min: torch.Tensor, t_max: torch.Tensor, max_steps: torch.Tensor, steps: torch.Tensor
+) -> torch.Tensor:
+    """[R] float32 1 / temperature for rows at `steps` (all [R]; t_min / t_max float64). The same float64
+    operations, in the same order, as `SamplingParams.temperature`, so the device and the host agree bit for bit."""
+    remaining = (max_steps - steps).double()
+    return (1.0 / (t_min + (t_max - t_min) * (remaining / max_steps))).float()
+
+
 def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
     """Chunked online softmax + keyed Gumbel-max over the vocabulary for all rows. hidden [R, L, D]."""
-    R, L, D = hidden.shape
     device = hidden.device
-    inv_t = _row_tensor(rows, lambda r: 1.0 / r.params.temperature(r.steps), torch.float32, device)
-    seeds = _row_tensor(rows, lambda r: r.seed, torch.long, device)
-    canvas_idx = _row_tensor(rows, lambda r: r.canvas_index, torch.long, device)
-    steps = _row_tensor(rows, lambda r: r.steps, torch.long, device)
-    keys = noise.position_keys(noise.row_keys(seeds, canvas_idx, steps, noise.STREAM_GUMBEL), L)  # [R, L]
-    tables = ConstraintTables.build(rows, L, model.embed_tokens.weight.shape[0], device)
+    f64 = lambda value: _row_tensor(rows, value, torch.float64, device)  # noqa: E731
+    i64 = lambda value: _row_tensor(rows, value, torch.long, device)  # noqa: E731
+    steps = i64(lambda r: r.steps)
+    inv_t = inverse_temperature(
+        f64(lambda r: r.params.t_min),
+        f64(lambda r: r.params.t_max),
+        i64(lambda r: r.params.max_denoising_steps),
+        steps,
+    )
+    L, V = hidden.shape[1], model.embed_tokens.weight.shape[0]
+    tables = ConstraintTables.build(rows, L, V, device)
+    return draw_keyed(
+        model, hidden, inv_t, i64(lambda r: r.seed), i64(lambda r: r.canvas_index), steps, tables, rows
+    )
+
+
+def draw_keyed(
+    model,
+    hidden: torch.Tensor,
+    inv_t: torch.Tensor,
+    seeds: torch.Tensor,
+    canvas_index: torch.Tensor,
+    steps: torch.Tensor,
+    tables: ConstraintTables | None,
+    constrained: list | None = None,
+) -> StepDraws:
+    """The fast draw of R rows from device tensors: hidden [R, L, D]; inv_t [R] float32; seeds, canvas_index,
+    steps [R] long (the coordinates of each row's keyed noise). `constrained`: R objects with a `.constraint`
+    (for joint constraints), or None when no row carries one. No host sync (unless a joint constraint runs)."""
+    R, L, D = hidden.shape
+    keys = noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_GUMBEL), L)  # [R, L]
     # A fixed chunk size, whatever the batch: online-softmax rounding then depends on the row alone.
-    group = max(1, element_budget(device) // (L * VOCAB_CHUNK))
+    group = max(1, element_budget(hidden.device) // (L * VOCAB_CHUNK))
     parts = [
         _draw_group(
             model,
@@ -228,7 +261,7 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
             inv_t[i : i + group, None, None],
             keys[i : i + group],
             tables.rows(i, i + group) if tables is not None else None,
-            JointStep.begin(rows[i : i + group], L),  # None unless a row carries a joint constraint
+            JointStep.begin(constrained[i : i + group], L) if constrained is not None else None,
         )
         for i in range(0, R, group)
     ]
@@ -335,47 +368,104 @@ def _pins(rows: list[RowState], L: int, device) -> torch.Tensor | None:
     return torch.stack([free if r.constraint is None else r.constraint.pin_ids.to(device) for r in rows])
 
 
+def keyed_renoise(
+    seeds: torch.Tensor, canvas_index: torch.Tensor, steps: torch.Tensor, L: int, vocab_size: int
+) -> torch.Tensor:
+    """[R, L] replacement tokens for rejected positions, keyed by each row's (seed, canvas, step) ([R] each)."""
+    keys = noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_RENOISE), L)
+    return noise.randint(keys, vocab_size)
+
+
 def _renoise(rows: list[RowState], R: int, L: int, vocab_size: int, device) -> torch.Tensor:
     """[R, L] replacement tokens for rejected positions."""
     if rows[0].seed is None:  # reference mode (one row): the global RNG, as the transformers loop
         return torch.randint(low=0, high=vocab_size, size=(1, L))[0][None].to(device)
-    return keyed_randint(
-        [r.seed for r in rows],
-        [r.canvas_index for r in rows],
-        [r.steps for r in rows],
-        noise.STREAM_RENOISE,
-        L,
-        vocab_size,
-        device,
+    i64 = lambda value: _row_tensor(rows, value, torch.long, device)  # noqa: E731
+    return keyed_renoise(
+        i64(lambda r: r.seed), i64(lambda r: r.canvas_index), i64(lambda r: r.steps), L, vocab_size
     )
+
+
+@dataclass
+class RowUpdate:
+    """What one step did to R rows (all device tensors; nothing read back yet)."""
+
+    canvas: torch.Tensor  # [R, L] the next step's input canvas
+    steps: torch.Tensor  # [R] long, steps done
+    streak: torch.Tensor  # [R] long, latest steps with one argmax canvas
+    finished: torch.Tensor  # [R] bool, the row stops (its argmax canvas is committed)
+    accepted: torch.Tensor  # [R] long, positions accepted this step
+
+
+@dataclass
+class RowRules:
+    """The stopping and acceptance settings of R rows ([R] device tensors)."""
+
+    entropy_bound: torch.Tensor  # float32
+    confidence_threshold: torch.Tensor  # float32
+    stability_threshold: torch.Tensor  # long
+    max_steps: torch.Tensor  # long
+
+
+def advance_rows(
+    draws: StepDraws,
+    canvas: torch.Tensor,
+    argmax: torch.Tensor,
+    steps: torch.Tensor,
+    streak: torch.Tensor,
+    rules: RowRules,
+    renoise: torch.Tensor,
+    pins: torch.Tensor | None,
+) -> RowUpdate:
+    """Acceptance, re-noising and the stopping test of R rows, all tensor ops (no host sync). canvas / argmax
+    [R, L]: the rows' current canvas and previous argmax canvas; steps / streak [R] long: before this step;
+    renoise [R, L]: tokens for rejected positions; pins [R, L] (-1 where free) or None."""
+    entropy = draws.entropy
+    if pins is not None:
+        entropy = torch.where(pins >= 0, torch.zeros_like(entropy), entropy)
+    accepted = accept_mask(entropy, rules.entropy_bound[:, None])  # [R, L]
+    canvas = torch.where(accepted, draws.sampled, canvas)
+    canvas = torch.where(accepted, canvas, renoise)
+    if pins is not None:
+        canvas = torch.where(pins >= 0, pins, canvas)
+    same = (draws.argmax == argmax).all(-1)  # [R]
+    confident = entropy.mean(-1) < rules.confidence_threshold
+    # streak counts the latest steps with one argmax canvas; the first step has no predecessor
+    streak = torch.where((steps > 0) & same, streak + 1, torch.ones_like(streak))
+    steps = steps + 1
+    finished = ((streak > rules.stability_threshold) & confident) | (steps >= rules.max_steps)
+    return RowUpdate(canvas, steps, streak, finished, accepted.sum(-1))
 
 
 def advance(rows: list[RowState], draws: StepDraws, vocab_size: int) -> None:
     """Apply acceptance, re-noising and the stopping test to every row, in place; one host sync."""
     R, L = draws.entropy.shape
     device = draws.entropy.device
-    entropy = draws.entropy
-    pins = _pins(rows, L, device)
-    if pins is not None:
-        entropy = torch.where(pins >= 0, torch.zeros_like(entropy), entropy)
-    bounds = _row_tensor(rows, lambda r: r.params.entropy_bound, torch.float32, device)
-    accepted = accept_mask(entropy, bounds[:, None])  # [R, L]
-    canvas = torch.where(accepted, draws.sampled, torch.stack([r.canvas for r in rows]))
-    canvas = torch.where(accepted, canvas, _renoise(rows, R, L, vocab_size, device))
-    if pins is not None:
-        canvas = torch.where(pins >= 0, pins, canvas)
-    same = (draws.argmax == torch.stack([r.argmax for r in rows])).all(-1)  # [R]
-    thresholds = _row_tensor(rows, lambda r: r.params.confidence_threshold, torch.float32, device)
-    confident = entropy.mean(-1) < thresholds
-    status = torch.stack([same.long(), confident.long(), accepted.sum(-1)], dim=1).tolist()  # the one sync
-    for r, (row, (same_r, confident_r, n_accepted)) in enumerate(zip(rows, status, strict=True)):
-        # streak counts the latest steps with one argmax canvas; the first step has no predecessor
-        row.streak = row.streak + 1 if row.steps > 0 and same_r else 1
-        stable = row.streak > row.params.stability_threshold
-        row.canvas, row.argmax, row.soft = canvas[r], draws.argmax[r], draws.soft[r]
+    f32 = lambda value: _row_tensor(rows, value, torch.float32, device)  # noqa: E731
+    i64 = lambda value: _row_tensor(rows, value, torch.long, device)  # noqa: E731
+    rules = RowRules(
+        f32(lambda r: r.params.entropy_bound),
+        f32(lambda r: r.params.confidence_threshold),
+        i64(lambda r: r.params.stability_threshold),
+        i64(lambda r: r.params.max_denoising_steps),
+    )
+    update = advance_rows(
+        draws,
+        torch.stack([r.canvas for r in rows]),
+        torch.stack([r.argmax for r in rows]),
+        i64(lambda r: r.steps),
+        i64(lambda r: r.streak),
+        rules,
+        _renoise(rows, R, L, vocab_size, device),
+        _pins(rows, L, device),
+    )
+    status = torch.stack([update.streak, update.finished.long(), update.accepted], dim=1).tolist()  # one sync
+    for r, (row, (streak, finished, n_accepted)) in enumerate(zip(rows, status, strict=True)):
+        row.canvas, row.argmax, row.soft = update.canvas[r], draws.argmax[r], draws.soft[r]
         row.steps += 1
+        row.streak = streak
         row.accepted = n_accepted
-        row.finished = (stable and bool(confident_r)) or row.steps >= row.params.max_denoising_steps
+        row.finished = bool(finished)
 
 
 def step(model, hidden: torch.Tensor, rows: list[RowState], rng: str = "fast") -> None:

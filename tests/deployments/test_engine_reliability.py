@@ -100,7 +100,7 @@ def test_a_failing_sink_and_a_bad_inbox_item_fail_alone(engine):
 
 
 def test_a_failed_iteration_is_unhealthy_until_one_succeeds(engine, monkeypatch):
-    real = engine.scheduler.iterate
+    real = engine.core.iterate
     calls = {"n": 0}
 
     def fail_once():
@@ -109,7 +109,7 @@ def test_a_failed_iteration_is_unhealthy_until_one_succeeds(engine, monkeypatch)
             raise RuntimeError("device fell over")
         return real()
 
-    monkeypatch.setattr(engine.scheduler, "iterate", fail_once)
+    monkeypatch.setattr(engine.core, "iterate", fail_once)
     events = asyncio.run(collect(engine, req("first")))
     assert isinstance(events[-1], ErrorEvent) and "device fell over" in events[-1].message
     assert not engine.ready()

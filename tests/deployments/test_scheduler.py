@@ -1,177 +1,190 @@
-"""The batched scheduler against the plain single-request loop (model.sampling.generate.generate)."""
+"""The Scheduler's bookkeeping with no model: plans checked, results fabricated by hand.
+
+tests/deployments/test_engine_core.py runs the same Scheduler with the real ModelRunner against the plain loop.
+"""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deployments.scheduler import (
     CanvasEvent,
     DraftEvent,
     EngineRequest,
+    ErrorEvent,
     FinalEvent,
     QueueFull,
     RequestTooLarge,
     Scheduler,
     SchedulerLimits,
+    StepPlan,
+    StepResult,
 )
 from model.config import from_name
-from model.sampling.generate import generate
 from model.sampling.params import SamplingParams
 from model.sampling.sampler import CanvasConstraint
-from model.transformer import DiffusionGemma
-from model.weights import init_random
+
+CFG = from_name("tiny-test")  # canvas 16, EOS id 1
+L = CFG.canvas_length
+EOS = CFG.eos_token_ids[0]
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return init_random(DiffusionGemma(from_name("tiny-test")), seed=5).eval()
+def canvas(*head: int, fill: int = 7) -> list[int]:
+    return list(head) + [fill] * (L - len(head))
 
 
-def run(scheduler: Scheduler, requests: list[EngineRequest]) -> dict[str, list]:
+def step(sched: Scheduler, ends: dict[str, list[int]] | None = None) -> tuple[StepPlan, int]:
+    """One iteration with a fabricated runner: the rows of the requests in `ends` finish with those canvases,
+    every other row keeps denoising; drafts are the row's slot number repeated."""
+    plan = sched.schedule()
+    ends = {sched.active[rid].slot: c for rid, c in (ends or {}).items() if rid in sched.active}
+    result = StepResult(
+        finished=[s in ends for s in plan.denoise],
+        accepted=[3] * len(plan.denoise),
+        drafts={s: [s] * L for s in plan.drafts},
+        committed={s: ends[s] for s in plan.denoise if s in ends},
+    )
+    return plan, sched.update(plan, result)
+
+
+def req(rid: str, prompt: int = 3, **params) -> EngineRequest:
+    return EngineRequest(rid, list(range(3, 3 + prompt)), SamplingParams(**params), seed=1)
+
+
+def collect(sched: Scheduler, *requests: EngineRequest) -> dict[str, list]:
     events = {r.request_id: [] for r in requests}
     for r in requests:
-        scheduler.submit(r, events[r.request_id].append)
-    for _ in range(10_000):
-        if not scheduler.has_work:
-            break
-        scheduler.iterate()
-    assert not scheduler.has_work
+        sched.submit(r, events[r.request_id].append)
     return events
 
 
-def tokens(events) -> list[int]:
-    return [t for e in events if isinstance(e, CanvasEvent) for t in e.token_ids]
+def test_admission_waits_for_kv_budget_and_frees_it_at_the_end():
+    probe = Scheduler(CFG, SchedulerLimits())
+    need = probe.kv_bytes_needed(req("p", max_new_tokens=32))
+    assert need == (3 + 2 * L) * CFG.kv_bytes_per_token(4) + CFG.sliding_kv_bytes(4)
+    sched = Scheduler(CFG, SchedulerLimits(max_rows=8, kv_cache_bytes=int(need * 2.5)))
+    events = collect(sched, *(req(f"r{i}", max_new_tokens=32) for i in range(4)))
+    plan, _ = step(sched)
+    assert [a.slot for a in plan.admit] == [0, 1]  # memory, not rows, is the limit
+    assert all(a.kv_tokens == 3 + 2 * L for a in plan.admit)
+    assert [e.slot for e in plan.encode] == [0, 1] and plan.denoise == [0, 1]  # prefill, then the first step
+    assert len(sched.waiting) == 2 and sched.reserved == 2 * need
+    plan, finished = step(sched, {"r0": canvas(9, EOS)})  # r0 ends at EOS: its slot and memory come back
+    assert finished == 1 and isinstance(events["r0"][-1], FinalEvent) and sched.reserved == need
+    assert not plan.admit  # the slot is released by the next plan
+    plan, _ = step(sched)
+    assert plan.release == [0] and [a.slot for a in plan.admit] == [0]  # the freed slot goes to r2
+    assert sched.active["r2"].slot == 0 and len(sched.waiting) == 1
 
 
-REQUESTS = [  # (prompt length, max_new_tokens, steps, confidence threshold)
-    (4, 20, 5, 0.005),
-    (21, 40, 7, 10.0),  # confident at once: canvases stop early at different steps
-    (9, 16, 3, 0.005),
-    (2, 50, 6, 10.0),
-    (13, 5, 4, 0.005),
-]
+def test_an_idle_engine_admits_a_request_larger_than_what_is_left():
+    sched = Scheduler(
+        CFG, SchedulerLimits(kv_cache_bytes=Scheduler(CFG, SchedulerLimits()).kv_bytes_needed(req("x")))
+    )
+    collect(sched, req("a"), req("b"))
+    plan, _ = step(sched)
+    assert [a.slot for a in plan.admit] == [0] and len(sched.waiting) == 1
 
 
-@pytest.mark.parametrize("max_rows", [1, 2, 5])
-def test_batched_requests_match_the_plain_loop(model, max_rows):
-    reqs = [
-        EngineRequest(
-            f"r{i}",
-            list(range(3, 3 + n)),
-            SamplingParams(max_new_tokens=mn, max_denoising_steps=st, confidence_threshold=ct),
-            seed=100 + i,
-        )
-        for i, (n, mn, st, ct) in enumerate(REQUESTS)
-    ]
-    sched = Scheduler(model, SchedulerLimits(max_rows=max_rows))
-    events = run(sched, reqs)
-    for r in reqs:
-        ref = generate(model, r.prompt_ids, r.params, seed=r.seed)
-        final = events[r.request_id][-1]
-        assert isinstance(final, FinalEvent)
-        assert tokens(events[r.request_id]) == ref.token_ids
-        assert final.steps_per_canvas == ref.steps_per_canvas
-        assert final.finish_reason == ref.finish_reason
-        assert final.completion_tokens == len(ref.token_ids)
-    assert sched.max_rows_seen == min(max_rows, len(reqs))
-    assert sched.reserved == 0 and not sched.active
-
-
-def test_chunked_prefill_gives_the_same_tokens(model):
-    p = SamplingParams(max_new_tokens=20, max_denoising_steps=4)
-    reqs = [EngineRequest(f"c{i}", list(range(3, 3 + n)), p, seed=i) for i, n in enumerate((37, 5, 21))]
-    sched = Scheduler(model, SchedulerLimits(prefill_chunk=3))  # 37 prompt tokens take several iterations
-    events = run(sched, reqs)
-    for r in reqs:
-        assert tokens(events[r.request_id]) == generate(model, r.prompt_ids, p, seed=r.seed).token_ids
-
-
-def test_drafts_only_for_rows_that_ask(model):
-    p = SamplingParams(max_new_tokens=16, max_denoising_steps=3)
-    a = EngineRequest("a", [5, 6], p, seed=1, stream_drafts=True)
-    b = EngineRequest("b", [5, 6], p, seed=1, stream_drafts=False)
-    events = run(Scheduler(model, SchedulerLimits()), [a, b])
-    drafts = [e for e in events["a"] if isinstance(e, DraftEvent)]
-    assert [d.step for d in drafts] == [1, 2, 3]
-    assert not any(isinstance(e, DraftEvent) for e in events["b"])
-    assert drafts[-1].token_ids == [t for e in events["a"] if isinstance(e, CanvasEvent) for t in e.token_ids]
-
-
-def test_cancel_frees_row_and_reservation(model):
-    sched = Scheduler(model, SchedulerLimits(max_rows=2))
-    p = SamplingParams(max_new_tokens=160, max_denoising_steps=8)
-    got = []
-    sched.submit(EngineRequest("x", [3, 4], p, seed=1), got.append)
-    sched.submit(EngineRequest("y", [3, 4], p, seed=2), got.append)
-    sched.iterate()
-    assert len(sched.active) == 2 and sched.reserved > 0
-    sched.cancel("x")
-    sched.cancel("y")
-    sched.iterate()
-    assert not sched.active and sched.reserved == 0 and not sched.has_work
-
-
-def test_queue_bound_and_oversized_requests(model):
-    sched = Scheduler(model, SchedulerLimits(max_rows=1, max_queue=1, kv_cache_bytes=1 << 20))
-    p = SamplingParams(max_new_tokens=16)
-    sched.submit(EngineRequest("a", [3], p, seed=1), lambda e: None)
+def test_queue_bound_oversized_and_duplicate_requests():
+    sched = Scheduler(CFG, SchedulerLimits(max_rows=1, max_queue=1, kv_cache_bytes=1 << 20))
+    sched.submit(req("a"), lambda e: None)
     with pytest.raises(QueueFull, match="queue is full"):
-        sched.submit(EngineRequest("b", [3], p, seed=1), lambda e: None)
+        sched.submit(req("b"), lambda e: None)
     with pytest.raises(RequestTooLarge, match="KV cache"):
-        sched.submit(
-            EngineRequest("c", [3] * 100, SamplingParams(max_new_tokens=100_000), seed=1), lambda e: None
-        )
+        sched.submit(req("c", prompt=100, max_new_tokens=100_000), lambda e: None)
     with pytest.raises(ValueError, match="already in flight"):
-        sched.submit(EngineRequest("a", [3], p, seed=1), lambda e: None)
+        sched.submit(req("a"), lambda e: None)
+    step(sched)  # "a" admitted: the queue has room again, and a running id is still a duplicate
+    sched.submit(req("b"), lambda e: None)
+    with pytest.raises(ValueError, match="already in flight"):
+        sched.submit(req("a"), lambda e: None)
 
 
-def test_kv_budget_limits_admission(model):
-    p = SamplingParams(max_new_tokens=32, max_denoising_steps=2)
-    probe = Scheduler(model, SchedulerLimits())
-    need = probe.kv_bytes_needed(EngineRequest("p", [3, 4], p, seed=0))
-    sched = Scheduler(model, SchedulerLimits(max_rows=8, kv_cache_bytes=int(need * 2.5)))
-    for i in range(4):
-        sched.submit(EngineRequest(f"r{i}", [3, 4], p, seed=i), lambda e: None)
-    sched.iterate()
-    assert len(sched.active) == 2 and len(sched.waiting) == 2  # memory, not rows, is the limit
-    while sched.has_work:
-        sched.iterate()
-    assert sched.reserved == 0
+def test_cancelling_a_waiting_and_an_active_request():
+    sched = Scheduler(CFG, SchedulerLimits(max_rows=1))
+    events = collect(sched, req("run"), req("wait"))
+    step(sched)
+    assert sched.active["run"].slot == 0 and len(sched.waiting) == 1
+    sched.cancel("wait")
+    plan, _ = step(sched)
+    assert not sched.waiting and plan.denoise == [0]  # the waiting one is gone, the running one runs on
+    sched.cancel("run")
+    plan, _ = step(sched)
+    assert plan.release == [0] and not plan.denoise and not sched.has_work and sched.reserved == 0
+    assert events == {"run": [], "wait": []}  # the Engine tells the caller; the scheduler only frees
 
 
-def test_template_constraints_pin_tokens_in_every_canvas(model):
-    L = model.config.canvas_length
-    pins = torch.full((L,), -1)
-    pins[:4] = torch.tensor([7, 8, 9, 10])
-    cons = [CanvasConstraint(pins.clone(), torch.zeros(L, dtype=torch.long)) for _ in range(2)]
-    req = EngineRequest("t", [3, 4, 5], SamplingParams(max_denoising_steps=3), seed=9, constraints=cons)
-    events = run(Scheduler(model, SchedulerLimits()), [req])
-    canvases = [e.token_ids for e in events["t"] if isinstance(e, CanvasEvent)]
-    assert len(canvases) == 2 and all(c[:4] == [7, 8, 9, 10] for c in canvases)
+def test_max_new_tokens_trims_the_last_canvas_and_commits_are_encoded_whole():
+    sched = Scheduler(CFG, SchedulerLimits())
+    events = collect(sched, req("a", max_new_tokens=L + 5))
+    step(sched)
+    plan, _ = step(sched, {"a": canvas(4, 5)})
+    assert events["a"][-1] == CanvasEvent(0, canvas(4, 5), 2, False, events["a"][-1].started_s)
+    plan, _ = step(sched)
+    assert [e.tokens for e in plan.encode] == [canvas(4, 5)]  # the commit, whole
+    assert plan.start and plan.start[0].canvas_index == 1 and plan.denoise == [0]
+    assert not plan.self_conditioning  # a fresh canvas has no previous step
+    plan, _ = step(sched, {"a": canvas(6, 8, 8, 8, 8, 8, EOS)})  # EOS past the limit: "length", trimmed to 5
+    assert plan.self_conditioning
+    canvases = [e for e in events["a"] if isinstance(e, CanvasEvent)]
+    assert canvases[-1].token_ids == [6, 8, 8, 8, 8] and canvases[-1].last and canvases[-1].steps == 2
+    final = events["a"][-1]
+    assert final.finish_reason == "length" and final.completion_tokens == L + 5
+    assert final.steps_per_canvas == [2, 2]
+
+
+def test_eos_ends_plain_generation_but_not_a_template():
+    sched = Scheduler(CFG, SchedulerLimits())
+    free = CanvasConstraint.__new__(CanvasConstraint)  # the scheduler only counts and forwards constraints
+    tpl = EngineRequest("t", [3], SamplingParams(), seed=2, constraints=[free, free])
+    events = collect(sched, req("p", max_new_tokens=100), tpl)
+    step(sched)
+    step(sched, {"p": canvas(5, EOS, 6), "t": canvas(EOS, 9)})
+    assert events["p"][-1].finish_reason == "eos" and events["p"][-2].token_ids == [5]
+    assert not any(isinstance(e, FinalEvent) for e in events["t"])  # EOS does not stop a template
+    plan, _ = step(sched)
+    assert plan.start[0].constraint is free and plan.start[0].canvas_index == 1
+    step(sched, {"t": canvas(8)})
     assert events["t"][-1].finish_reason == "template"
-    ref = generate(model, [3, 4, 5], SamplingParams(max_denoising_steps=3), seed=9, constraints=cons)
-    assert ref.canvases == canvases
+    assert [e.token_ids for e in events["t"] if isinstance(e, CanvasEvent)] == [canvas(EOS, 9), canvas(8)]
 
 
-def test_a_long_prompt_is_prefilled_in_budgeted_pieces_while_a_stream_keeps_denoising(model):
-    p = SamplingParams(max_new_tokens=48, max_denoising_steps=5)
-    sched = Scheduler(model, SchedulerLimits(prefill_chunk=8, token_budget=24))
-    got = {"a": [], "b": []}
-    a = EngineRequest("a", [3, 4, 5], p, seed=1)
-    b = EngineRequest("b", list(range(3, 63)), p, seed=2)  # 60 prompt tokens
-    sched.submit(a, got["a"].append)
-    sched.iterate()
-    sched.submit(b, got["b"].append)
-    encoded = []
-    while "b" not in sched.active or sched.active["b"].pending_encode:
-        stats = sched.iterate()
-        assert stats.rows >= 1  # the running stream is stepped in every iteration of the long prefill
-        encoded.append(stats.encoded_tokens)
-    # budget 24 - one canvas of 16 = 8, raised to half the budget (12), capped by the prefill chunk (8)
-    assert len(encoded) >= 60 // 8 and max(encoded) <= 8 + 16  # a prompt piece, plus at most one commit
-    while sched.has_work:
-        sched.iterate()
-    for r in (a, b):
-        assert tokens(got[r.request_id]) == generate(model, r.prompt_ids, p, seed=r.seed).token_ids
+def test_drafts_only_for_rows_that_ask():
+    sched = Scheduler(CFG, SchedulerLimits())
+    a = EngineRequest("a", [3], SamplingParams(max_new_tokens=L), seed=1, stream_drafts=True)
+    events = collect(sched, a, req("b", max_new_tokens=L))
+    plan, _ = step(sched)
+    plan, _ = step(sched)
+    assert plan.drafts == [0] and plan.denoise == [0, 1]
+    drafts = [e for e in events["a"] if isinstance(e, DraftEvent)]
+    assert [(d.step, d.accepted, d.token_ids) for d in drafts] == [(1, 3, [0] * L), (2, 3, [0] * L)]
+    assert not events["b"]
+
+
+def test_the_token_budget_splits_prefill_while_a_stream_keeps_denoising():
+    sched = Scheduler(CFG, SchedulerLimits(prefill_chunk=8, token_budget=24))
+    collect(sched, req("a"))
+    step(sched)
+    collect(sched, req("b", prompt=60))
+    pieces = []
+    while True:
+        plan, _ = step(sched)
+        assert 0 in plan.denoise  # "a" is stepped in every iteration of the long prefill
+        pieces += [len(e.tokens) for e in plan.encode if e.slot == 1]
+        if 1 in plan.denoise:
+            break
+    # budget 24 - one running canvas of 16 = 8, raised to half the budget (12), capped by the chunk (8)
+    assert pieces == [8] * 7 + [4]
+
+
+def test_fail_all_tells_everyone_and_resets_slots():
+    sched = Scheduler(CFG, SchedulerLimits(max_rows=1))
+    events = collect(sched, req("a"), req("b"))
+    step(sched)
+    sched.fail_all("boom", code="UNAVAILABLE")
+    assert all(ev == [ErrorEvent("boom", "UNAVAILABLE")] for ev in events.values())
+    assert not sched.has_work and sched.reserved == 0
+    collect(sched, req("c"))
+    plan, _ = step(sched)
+    assert [a.slot for a in plan.admit] == [0] and not plan.release

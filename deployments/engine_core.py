@@ -1,0 +1,78 @@
+"""One engine iteration: the Scheduler plans, the ModelRunner executes, the Scheduler applies the result.
+
+`EngineCore` pairs the host bookkeeping (deployments/scheduler.py) with the device side
+(deployments/model_runner.py) for one model. It is what the Engine's background thread drives, and what benches
+and tests drive in-process (no Ray, no gRPC, no threads).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from deployments.model_runner import ModelRunner
+from deployments.scheduler import EngineRequest, IterationStats, Scheduler, SchedulerLimits, Sink
+from model.transformer import DiffusionGemma
+
+
+class EngineCore:
+    def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
+        itemsize = torch.empty((), dtype=model.dtype).element_size()
+        self.scheduler = Scheduler(model.config, limits, kv_itemsize=itemsize)
+        self.runner = ModelRunner(model, limits.max_rows)
+
+    def submit(self, request: EngineRequest, sink: Sink) -> None:
+        self.scheduler.submit(request, sink)
+
+    def cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def iterate(self) -> IterationStats:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        result = self.runner.execute(plan)
+        finished = self.scheduler.update(plan, result)
+        return IterationStats(
+            len(plan.denoise), len(plan.encode), plan.encoded_tokens, finished, time.perf_counter() - t0
+        )
+
+    def fail_all(self, message: str, code: str = "INTERNAL") -> None:
+        """Every request in flight hears of the failure; every cache and row is dropped."""
+        try:
+            self.scheduler.fail_all(message, code=code)
+        finally:
+            self.runner.reset()
+
+    # counters and queues, read by stats, metrics and benches
+    @property
+    def active(self):
+        return self.scheduler.active
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def reserved(self) -> int:
+        return self.scheduler.reserved
+
+    @property
+    def forwards(self) -> int:
+        return self.scheduler.forwards
+
+    @property
+    def rows_forwarded(self) -> int:
+        return self.scheduler.rows_forwarded
+
+    @property
+    def tokens_delivered(self) -> int:
+        return self.scheduler.tokens_delivered
+
+    @property
+    def max_rows_seen(self) -> int:
+        return self.scheduler.max_rows_seen

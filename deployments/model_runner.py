@@ -1,0 +1,244 @@
+"""The device side of the engine: the model, every sequence's KV cache, and per-row device buffers.
+
+Shape legend: S row slots (the scheduler's `max_rows`), R rows denoised this step, L canvas, D hidden, V vocab.
+
+`ModelRunner.execute(plan)` runs one `StepPlan` (deployments/scheduler.py): release and create caches, one
+batched encoder call, start new canvases, one batched decoder forward, the fast sampler step
+(model/sampling/sampler.py `draw_keyed` + `advance_rows`). Everything a row carries between steps lives in
+buffers allocated once and indexed by row slot — canvas and argmax canvas [S, L], self-conditioning input
+[S, L, D], step / streak / seed / canvas index [S], the row's temperature range, entropy bound and stopping
+thresholds [S], constraint pins and classes [S, L] — so a step gathers R rows with one index, writes them back
+with one index, and builds no per-row tensor. Host work per step is O(layers), not O(rows x ops).
+
+One device-to-host read per step: a packed [R, 2 + drafts x L] status (finished, accepted, and the argmax
+canvases of rows that stream drafts); the argmax canvases of rows that finished are read only when one did.
+`syncs` counts these reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import torch
+
+from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
+from model.kv_cache import PrefixBatch
+from model.sampling import noise
+from model.sampling.sampler import (
+    CanvasConstraint,
+    ConstraintTables,
+    RowRules,
+    advance_rows,
+    as_int64,
+    draw_keyed,
+    inverse_temperature,
+    keyed_renoise,
+)
+from model.transformer import DiffusionGemma, TokenBatch
+
+
+class RowBuffers:
+    """Per-slot device state of S rows (see the module docstring)."""
+
+    def __init__(self, slots: int, L: int, D: int, dtype: torch.dtype, device: torch.device):
+        long = dict(dtype=torch.long, device=device)
+        self.canvas = torch.zeros(slots, L, **long)
+        self.argmax = torch.zeros(slots, L, **long)
+        self.soft = torch.zeros(slots, L, D, dtype=dtype, device=device)
+        self.pins = torch.full((slots, L), -1, **long)  # -1 where free
+        self.classes = torch.zeros(slots, L, **long)  # row of the shared class table (0: any token)
+        # per-row scalars, packed by type so a canvas start writes them with two copies
+        self.ints = torch.zeros(slots, 6, **long)  # seed, canvas index, steps, streak, stability, max steps
+        self.floats = torch.zeros(
+            slots, 4, dtype=torch.float64, device=device
+        )  # t_min, t_max, bound, confidence
+
+    SEED, CANVAS, STEPS, STREAK, STABILITY, MAX_STEPS = range(6)
+    T_MIN, T_MAX, BOUND, CONFIDENCE = range(4)
+
+
+class ModelRunner:
+    def __init__(self, model: DiffusionGemma, max_rows: int):
+        self.model = model
+        self.config = model.config
+        self.device = model.device
+        cfg = self.config
+        self.rows = RowBuffers(max_rows, cfg.canvas_length, cfg.hidden_size, model.dtype, self.device)
+        self.caches: dict[int, object] = {}  # slot -> its sequence's KV cache
+        self._generation = [0] * max_rows  # bumped when a slot gets a new sequence (prefix cache key)
+        self.constraints: list[CanvasConstraint | None] = [None] * max_rows
+        self._table: torch.Tensor | None = None  # [1 + classes of all constrained slots, V] bool
+        self._prefix_key: tuple | None = None
+        self._prefix: PrefixBatch | None = None
+        self._index_key: tuple | None = None
+        self._index: torch.Tensor | None = None
+        self._sized_caches = "capacity_tokens" in inspect.signature(model.new_cache).parameters
+        self.syncs = 0  # device-to-host reads
+
+    # -- sequences ---------------------------------------------------------------------------------------
+    def _admit(self, admit: Admit) -> None:
+        if self._sized_caches:  # a preallocating cache is sized by what admission reserved
+            cache = self.model.new_cache(capacity_tokens=admit.kv_tokens)
+        else:
+            cache = self.model.new_cache()
+        self.caches[admit.slot] = cache
+        self._generation[admit.slot] += 1
+
+    def release(self, slot: int) -> None:
+        cache = self.caches.pop(slot, None)
+        if cache is not None and hasattr(cache, "release"):
+            cache.release()
+        if self.constraints[slot] is not None:
+            self.constraints[slot] = None
+            self._rebuild_table()
+
+    def reset(self) -> None:
+        """Drop every sequence (after a failed step: caches may be half-written)."""
+        for slot in list(self.caches):
+            self.release(slot)
+        self.constraints = [None] * len(self.constraints)
+        self._table = None
+        self._prefix_key = self._prefix = None
+
+    def kv_bytes(self) -> int:
+        """Bytes the caches and the decoder's padded prefix copy hold now."""
+        held = sum(c.nbytes() for c in self.caches.values())
+        if self._prefix is not None:
+            held += sum(lp.keys.nbytes + lp.values.nbytes for lp in self._prefix.layers)
+        return held
+
+    # -- one step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for slot in plan.release:
+            self.release(slot)
+        for admit in plan.admit:
+            self._admit(admit)
+        if plan.encode:
+            self._encode(plan)
+        if plan.start:
+            self._start(plan.start)
+        if not plan.denoise:
+            return StepResult([], [])
+        return self._denoise(plan)
+
+    def _encode(self, plan: StepPlan) -> None:
+        caches = [self.caches[e.slot] for e in plan.encode]
+        batch = TokenBatch.from_lists(
+            [e.tokens for e in plan.encode], [c.length for c in caches], self.config.pad_token_id, self.device
+        )
+        self.model.encode(batch, caches)
+
+    def _start(self, starts: list[StartCanvas]) -> None:
+        """Fresh canvases: uniform keyed noise (pins applied), zero self-conditioning, the row's settings."""
+        rows, cfg = self.rows, self.config
+        idx = torch.tensor([s.slot for s in starts], device=self.device)
+        seeds = [as_int64(s.seed) for s in starts]
+        ints = [
+            [seed, s.canvas_index, 0, 0, s.params.stability_threshold, s.params.max_denoising_steps]
+            for seed, s in zip(seeds, starts, strict=True)
+        ]
+        p = [s.params for s in starts]
+        floats = [[q.t_min, q.t_max, q.entropy_bound, q.confidence_threshold] for q in p]
+        rows.ints.index_copy_(0, idx, torch.tensor(ints, dtype=torch.long).to(self.device))
+        rows.floats.index_copy_(0, idx, torch.tensor(floats, dtype=torch.float64).to(self.device))
+        seeds_t, canvases_t = rows.ints[idx, rows.SEED], rows.ints[idx, rows.CANVAS]
+        keys = noise.row_keys(seeds_t, canvases_t, torch.zeros_like(seeds_t), noise.STREAM_CANVAS)
+        canvas = noise.randint(noise.position_keys(keys, cfg.canvas_length), cfg.vocab_size)  # [n, L]
+        rows.soft.index_fill_(0, idx, 0)
+        changed = False
+        for i, s in enumerate(starts):
+            c = s.constraint.to(self.device) if s.constraint is not None else None
+            changed |= c is not None or self.constraints[s.slot] is not None
+            self.constraints[s.slot] = c
+            rows.pins[s.slot] = c.pin_ids if c is not None else -1
+            if c is not None:
+                canvas[i] = torch.where(c.pinned, c.pin_ids, canvas[i])
+        rows.canvas.index_copy_(0, idx, canvas)
+        rows.argmax.index_copy_(0, idx, canvas)
+        if changed:
+            self._rebuild_table()
+
+    def _rebuild_table(self) -> None:
+        """One class table for every constrained slot, each slot's classes offset into it (on change only)."""
+        V, rows = self.config.vocab_size, self.rows
+        tables, offset = [torch.ones(1, V, dtype=torch.bool, device=self.device)], 1
+        for slot, c in enumerate(self.constraints):
+            if c is None or c.class_masks is None:
+                rows.classes[slot] = 0
+                continue
+            rows.classes[slot] = torch.where(c.class_ids > 0, c.class_ids - 1 + offset, 0)
+            tables.append(c.class_masks[1:])
+            offset += c.class_masks.shape[0] - 1
+        self._table = torch.cat(tables)
+
+    def _slots(self, slots: list[int]) -> torch.Tensor:
+        key = tuple(slots)
+        if key != self._index_key:  # the batch changes rarely compared with steps
+            self._index_key, self._index = key, torch.tensor(slots, dtype=torch.long, device=self.device)
+        return self._index
+
+    def _prefix_for(self, slots: list[int]) -> PrefixBatch:
+        # a row's prefix is fixed while its canvas is denoised: rebuild only when the batch or a cache changes
+        key = tuple((s, self._generation[s], self.caches[s].length) for s in slots)
+        if key != self._prefix_key:
+            self._prefix_key, self._prefix = key, PrefixBatch([self.caches[s] for s in slots])
+        return self._prefix
+
+    def _denoise(self, plan: StepPlan) -> StepResult:
+        rows, L, V = self.rows, self.config.canvas_length, self.config.vocab_size
+        slots = plan.denoise
+        idx = self._slots(slots)
+        canvas, argmax = rows.canvas[idx], rows.argmax[idx]  # [R, L]
+        ints, floats = rows.ints[idx], rows.floats[idx]  # [R, 6], [R, 4]
+        seeds, canvas_index, steps = ints[:, rows.SEED], ints[:, rows.CANVAS], ints[:, rows.STEPS]
+        soft = rows.soft[idx] if plan.self_conditioning else None  # [R, L, D]; None: every row's first step
+        hidden = self.model.denoise(canvas, self._prefix_for(slots), soft)
+        inv_t = inverse_temperature(
+            floats[:, rows.T_MIN], floats[:, rows.T_MAX], ints[:, rows.MAX_STEPS], steps
+        )
+        constrained = [self.constraints[s] for s in slots]
+        tables = pins = joint = None
+        if any(c is not None for c in constrained):
+            pins = rows.pins[idx]
+            tables = ConstraintTables(pins, rows.classes[idx], self._table)
+            if any(c is not None and c.joint is not None for c in constrained):
+                joint = [SimpleNamespace(constraint=c) for c in constrained]
+        draws = draw_keyed(self.model, hidden, inv_t, seeds, canvas_index, steps, tables, joint)
+        rules = RowRules(
+            floats[:, rows.BOUND].float(),
+            floats[:, rows.CONFIDENCE].float(),
+            ints[:, rows.STABILITY],
+            ints[:, rows.MAX_STEPS],
+        )
+        renoise = keyed_renoise(seeds, canvas_index, steps, L, V)
+        update = advance_rows(draws, canvas, argmax, steps, ints[:, rows.STREAK], rules, renoise, pins)
+        rows.canvas[idx] = update.canvas
+        rows.argmax[idx] = draws.argmax
+        rows.soft[idx] = draws.soft
+        rows.ints[idx, rows.STEPS] = update.steps
+        rows.ints[idx, rows.STREAK] = update.streak
+        return self._read_back(plan, update.finished, update.accepted, draws.argmax)
+
+    def _read_back(
+        self, plan: StepPlan, finished: torch.Tensor, accepted: torch.Tensor, argmax: torch.Tensor
+    ) -> StepResult:
+        """The step's one packed read (plus one for finished canvases, only when some finished)."""
+        slots, R, L = plan.denoise, len(plan.denoise), self.config.canvas_length
+        status = [finished.long(), accepted]  # [R] each
+        if plan.drafts:
+            position = {s: i for i, s in enumerate(slots)}
+            status.append(argmax[[position[s] for s in plan.drafts]].reshape(-1))  # [drafts x L]
+        host = torch.cat(status).tolist()
+        self.syncs += 1
+        done, acc = [bool(f) for f in host[:R]], host[R : 2 * R]
+        drafts = {s: host[2 * R + i * L : 2 * R + (i + 1) * L] for i, s in enumerate(plan.drafts)}
+        ended = [i for i, f in enumerate(done) if f]
+        committed = {slots[i]: drafts[slots[i]] for i in ended if slots[i] in drafts}  # read already
+        missing = [i for i in ended if slots[i] not in drafts]
+        if missing:
+            canvases = argmax[missing].tolist()
+            self.syncs += 1
+            committed.update({slots[i]: c for i, c in zip(missing, canvases, strict=True)})
+        return StepResult(done, acc, drafts, committed)
