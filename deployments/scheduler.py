@@ -268,7 +268,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        # a slot to release is work too: the runner gives that sequence's cache back in the next iteration
+        return bool(self.waiting or self.active or self._to_release)
 
     def _drop_cancelled(self) -> None:
         if not self.cancelled:

@@ -299,10 +299,11 @@ def _draw_group(
     for start in range(0, V, VOCAB_CHUNK):
         stop = min(V, start + VOCAB_CHUNK)
         w = weight[start:stop]  # [C, D]
-        logits = (hidden @ w.T).float()  # [R, L, C]
+        # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
+        logits = (hidden @ w.T).float()  # [R, L, C], a fresh tensor
         if cap:
-            logits = torch.tanh(logits / cap) * cap
-        logits = logits * inv_t
+            logits.div_(cap).tanh_().mul_(cap)
+        logits.mul_(inv_t)
         if tables is not None:
             logits.masked_fill_(~tables.allowed(start, stop), float("-inf"))
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
@@ -310,7 +311,7 @@ def _draw_group(
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
         # Gumbel-max sample with keyed noise: the same numbers whatever the batch and the chunking
-        keyed = logits + noise.gumbel(keys, start, stop)
+        keyed = noise.gumbel(keys, start, stop).add_(logits)
         kval, kidx = keyed.max(-1)
         if joint is not None:
             joint.chunk(logits, keyed, start)
@@ -321,9 +322,12 @@ def _draw_group(
         new_m = torch.maximum(m, cval)
         safe_m = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
         alpha = torch.exp(m - safe_m)
-        e = torch.exp(logits - safe_m[..., None])  # [R, L, C]
+        d = logits - safe_m[..., None]  # [R, L, C]
+        e = torch.exp(d)
         shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
-        centred = torch.where(e > 0, e * (logits - safe_m[..., None]), torch.zeros_like(e))
+        # e * d, with 0 (not NaN) where a position's token is masked (d = -inf, e = 0): clamping d to the
+        # lowest finite float changes no other element, and a zero term adds nothing to the sum
+        centred = d.clamp_(min=torch.finfo(d.dtype).min).mul_(e)
         s1 = (s1 + shift) * alpha + centred.sum(-1)
         s0 = s0 * alpha + e.sum(-1)
         # probabilities times embeddings in the weight dtype (as the reference's soft input), summed in fp32

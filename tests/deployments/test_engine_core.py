@@ -187,3 +187,32 @@ def test_a_request_gets_the_same_tokens_alone_and_in_a_batch_of_16(model):
         ref = generate(model, r.prompt_ids, r.params, seed=r.seed, constraints=r.constraints)
         assert tokens(events[r.request_id]) == ref.token_ids, r.request_id
         assert events[r.request_id][-1].steps_per_canvas == ref.steps_per_canvas
+
+
+def test_caches_are_sized_by_admission_and_released_when_dropped(model, monkeypatch):
+    from model.kv_cache import SequenceCache
+
+    made, released = [], []
+
+    class Releasing(SequenceCache):
+        def release(self) -> None:
+            released.append(self)
+
+    def new_cache(capacity_tokens: int | None = None):
+        made.append(capacity_tokens)
+        return Releasing(model.config, model.dtype, model.device)
+
+    monkeypatch.setattr(model, "new_cache", new_cache)  # a preallocating cache takes its size at admission
+    core = EngineCore(model, SchedulerLimits(max_rows=2))
+    p = SamplingParams(max_new_tokens=20, max_denoising_steps=2)
+    run(core, [EngineRequest("a", [3, 4, 5], p, seed=1)])
+    assert len(released) == 1 and not core.runner.caches  # given back before the engine goes idle
+    core.submit(EngineRequest("b", [3, 4], SamplingParams(max_new_tokens=160), seed=2), lambda e: None)
+    core.iterate()
+    core.cancel("b")
+    core.iterate()
+    L = model.config.canvas_length
+    assert made == [3 + 2 * L, 2 + 10 * L]  # prompt + every canvas the request may commit
+    assert (
+        len(released) == 2 and not core.runner.caches
+    )  # finished and cancelled sequences both give theirs back
