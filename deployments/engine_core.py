@@ -19,7 +19,9 @@ from model.transformer import DiffusionGemma
 class EngineCore:
     def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
         itemsize = torch.empty((), dtype=model.dtype).element_size()
-        self.scheduler = Scheduler(model.config, limits, kv_itemsize=itemsize)
+        # a model that knows what its KV path allocates per sequence (pool pages, workspace) says so itself
+        reservation = getattr(model, "kv_reservation_bytes", None)
+        self.scheduler = Scheduler(model.config, limits, kv_itemsize=itemsize, kv_reservation=reservation)
         self.runner = ModelRunner(model, limits.max_rows)
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:

@@ -104,8 +104,8 @@ class ModelRunner:
     def kv_bytes(self) -> int:
         """Bytes the caches and the decoder's padded prefix copy hold now."""
         held = sum(c.nbytes() for c in self.caches.values())
-        if self._prefix is not None:
-            held += sum(lp.keys.nbytes + lp.values.nbytes for lp in self._prefix.layers)
+        for lp in getattr(self._prefix, "layers", None) or []:  # a padded copy, where the prefix makes one
+            held += getattr(lp, "keys", torch.empty(0)).nbytes + getattr(lp, "values", torch.empty(0)).nbytes
         return held
 
     # -- one step ----------------------------------------------------------------------------------------

@@ -215,11 +215,19 @@ def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk
 class Scheduler:
     """Admission, row slots, canvases, finish rules and events of every request in one engine."""
 
-    def __init__(self, config: ModelConfig, limits: SchedulerLimits, kv_itemsize: int = 4):
-        """`kv_itemsize`: bytes of one cached K or V element (the model dtype's size)."""
+    def __init__(
+        self,
+        config: ModelConfig,
+        limits: SchedulerLimits,
+        kv_itemsize: int = 4,
+        kv_reservation: Callable[[int], int] | None = None,
+    ):
+        """`kv_itemsize`: bytes of one cached K or V element (the model dtype's size). `kv_reservation`: bytes a
+        sequence of that many tokens holds (the model's own count when it has one), else the cache formula."""
         self.config = config
         self.limits = limits
         self.kv_itemsize = kv_itemsize
+        self._kv_reservation = kv_reservation
         self.waiting: deque[Sequence] = deque()
         self.active: dict[str, Sequence] = {}
         self.cancelled: set[str] = set()
@@ -242,8 +250,11 @@ class Scheduler:
         return len(request.prompt_ids) + canvases * self.config.canvas_length
 
     def kv_bytes_needed(self, request: EngineRequest) -> int:
+        tokens = self.kv_tokens_needed(request)
+        if self._kv_reservation is not None:
+            return self._kv_reservation(tokens)
         cfg, size = self.config, self.kv_itemsize
-        return self.kv_tokens_needed(request) * cfg.kv_bytes_per_token(size) + cfg.sliding_kv_bytes(size)
+        return tokens * cfg.kv_bytes_per_token(size) + cfg.sliding_kv_bytes(size)
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         if request.request_id in self.active or any(

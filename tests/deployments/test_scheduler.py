@@ -188,3 +188,10 @@ def test_fail_all_tells_everyone_and_resets_slots():
     collect(sched, req("c"))
     plan, _ = step(sched)
     assert [a.slot for a in plan.admit] == [0] and not plan.release
+
+
+def test_a_model_supplied_reservation_replaces_the_cache_formula():
+    sched = Scheduler(CFG, SchedulerLimits(kv_cache_bytes=1000), kv_reservation=lambda tokens: 10 * tokens)
+    assert sched.kv_bytes_needed(req("a", prompt=4, max_new_tokens=L)) == 10 * (4 + L)
+    with pytest.raises(RequestTooLarge):
+        sched.submit(req("b", prompt=4, max_new_tokens=100 * L), lambda e: None)
