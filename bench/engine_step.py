@@ -13,8 +13,9 @@ One run, one small random checkpoint (built and saved by transformers: vocab 409
 2. batching: aggregate delivered tokens/s of one EngineCore (Scheduler + ModelRunner) running 1 / 4 / 16 / 64 requests at once (each
    request 2 canvases of 64 tokens, 16 denoising steps, distinct seeds), and the gain over 1 row;
 3. per denoising iteration at each row count: wall time, the part spent inside the model's forward passes
-   (encode + denoise), the part in the sampler step (`draw_keyed` + `advance_rows`), the rest (Python
-   bookkeeping: planning, events, buffer gathers), and the host syncs counted by wrapping `Tensor.item`,
+   (encode + denoise), the part in the sampler step (`draw_keyed` + `advance_rows`), the rest ("python":
+   planning, events, the runner's slot-buffer gathers / write-backs and its small [R, L] keyed re-noise — host
+   work and the few tensor ops around the model), and the host syncs counted by wrapping `Tensor.item`,
    `tolist`, `__bool__`, `__int__`, `__float__` and `nonzero`;
 4. KV memory: what admission reserved against the largest amount the caches and the per-step padded prefix
    copy really held at once.
