@@ -89,6 +89,7 @@ class ModelRunner:
         cache = self.caches.pop(slot, None)
         if cache is not None and hasattr(cache, "release"):
             cache.release()
+        self._prefix_key = self._prefix = None  # the padded prefix copy may hold that sequence's keys
         if self.constraints[slot] is not None:
             self.constraints[slot] = None
             self._rebuild_table()
