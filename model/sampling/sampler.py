@@ -26,8 +26,11 @@ Two ways to draw the random numbers:
   `torch.manual_seed(seed)` — `torch.randint` for canvases, `torch.multinomial` over full [L, V] probabilities —
   so both produce the same tokens. It materialises the full logits, which is why it is not the serving path.
 
-`advance` applies acceptance, re-noising and the stopping test to all rows with tensor ops and reads back one
-packed status tensor: one device-to-host sync per step.
+Two layers: `draw_keyed` and `advance_rows` are the batched cores, pure tensor functions of [R] / [R, L] row
+tensors with no host sync — the engine's model runner (deployments/model_runner.py) calls them on its persistent
+per-slot device buffers. `RowState` with `draw_fast` / `advance` / `step` wraps them for lists of row objects
+(the plain loop, the reference path, tests); `advance` reads back one packed status tensor: one device-to-host
+sync per step.
 
 Constraints (infill / JSON): a row's canvas may pin positions (never re-noised; the only allowed token is the pin,
 so its entropy is 0 and it is always accepted) and restrict others to an allowed-token class, applied before
