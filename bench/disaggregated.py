@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/disaggregated.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
-from cluster.env import DEFAULT_MODEL_PATH, apply_loopback_env, ray_init_kwargs  # noqa: E402
+from bench._cluster import free_port, ray_cluster, resolve_model, wait_serving  # noqa: E402
 
 LOADS = (1, 4, 16)
 
@@ -203,23 +201,6 @@ def run_mode(name: str, loop, config, s: Settings, loads=LOADS, split_at: int | 
     return result
 
 
-def wait_serving(address: str, timeout_s: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.3)
-    raise TimeoutError("the app did not answer SERVING in time")
-
-
 # -- output ----------------------------------------------------------------------------------------------
 def print_hops(rows) -> None:
     print("\nper-hop round trip (ms), one shard call's payload")
@@ -247,12 +228,6 @@ def print_split(splits: list[dict]) -> None:
     print(f"{'micro-batches':>13}" + "".join(f"{c:>11}" for c in cols))
     for sp in splits:
         print(f"{sp['micro_batches']:>13}" + "".join(f"{sp[c]:>11.2f}" for c in cols))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def parse_args(argv=None) -> Settings:
@@ -283,22 +258,14 @@ def parse_args(argv=None) -> Settings:
 
 def main(argv=None) -> None:
     s = parse_args(argv)
-    apply_loopback_env()  # before Ray is imported, so every Ray process inherits it
-    import ray
     from ray import serve
 
     from cluster.app import grpc_options
     from cluster.config import ClusterConfig
     from model.config import ModelConfig
 
-    for name in ("ray", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-disagg-") as tmp:
-        model_path = s.model_path or DEFAULT_MODEL_PATH
-        if not (model_path / "config.json").exists():
-            from tests.tiny import served_checkpoint
-
-            model_path = served_checkpoint(Path(tmp) / "served")
+        model_path = resolve_model(s.model_path, Path(tmp))
         mc = ModelConfig.from_file(model_path)
         base = {
             "model": {"path": str(model_path), "name": "bench"},
@@ -327,8 +294,7 @@ def main(argv=None) -> None:
             f"K={s.requests_per_client} requests/client; CPU only, torch threads 1 per process"
         )
         loop = asyncio.new_event_loop()
-        try:
-            ray.init(**ray_init_kwargs(num_cpus=32), log_to_driver=False)
+        with ray_cluster():
             serve.start(
                 http_options={"host": "127.0.0.1", "port": fused_cfg.server.http_port},
                 grpc_options=grpc_options(fused_cfg),
@@ -346,11 +312,7 @@ def main(argv=None) -> None:
             print_hops(hops)
             print_throughput(fused, dis, s.transport)
             print_split(splits)
-        finally:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
-            loop.close()
+        loop.close()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
-"""Fairness: latency of a normal request while a long prompt prefills, with and without chunked prefill.
+"""Fairness: latency of a normal request while a long prompt prefills, without and with the token budget.
 
-    .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--chunks 4096,512] [--normal 4] [--model PATH]
+    .venv/bin/python bench/fairness.py [--prompt-tokens 100000] [--at 0.9] [--chunks 512]
+        [--budgets 1073741824,8192] [--normal 3] [--model PATH]
 
 In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
-requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then the same
-requests submitted right after one long prompt of `--prompt-tokens` tokens (1 new token) has started to prefill.
-Each `--chunks` value is the scheduler's `prefill_chunk` (tokens prefilled per iteration; 0 = the whole prompt
-in one iteration, i.e. no chunking). Prints mean latency of the normal requests per setting and the ratio to
-idle. The issue's case is a 100k-token prompt (`--prompt-tokens 100000`; with `--chunks 0` that would build a
-[T, T] attention mask, tens of GB: keep chunks on). This measures what the scheduler has today (chunked prefill); a per-iteration token budget shared
-between prefill and denoising is the engine-core work this figure should be rerun against.
+requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then one
+long prompt of `--prompt-tokens` tokens (1 new token) is prefilled up to `--at` of its length (the late chunks
+attend to the longest context, the worst case) and the same normal requests run one after another while the
+rest of it prefills. Settings are every pair of `--chunks` (`prefill_chunk`: prompt tokens per iteration; 0 =
+the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `--budgets` (`token_budget`:
+tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed). Prints mean
+latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from model.weights import load_model  # noqa: E402
 NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 
-def run(model, chunk: int, prompt_tokens: int, normals: int) -> list[float]:
-    limits = SchedulerLimits(max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=chunk or 1 << 30)
+def run(model, chunk: int, budget: int, prompt_tokens: int, normals: int, at: float) -> list[float]:
+    limits = SchedulerLimits(
+        max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=chunk or 1 << 30, token_budget=budget
+    )
     sched = EngineCore(model, limits)
     done: dict[str, float] = {}
 
@@ -47,6 +50,8 @@ def run(model, chunk: int, prompt_tokens: int, normals: int) -> list[float]:
         )
         sched.submit(long, sink_for("long"))
         sched.iterate()  # the long prompt is admitted and its prefill has begun
+        while len(sched.active["long"].pending_encode or ()) > prompt_tokens * (1 - at):
+            sched.iterate()  # prefill up to `at`: the normal requests meet a long context
     out = []
     for i in range(normals):
         rid = f"n{i}"
@@ -55,31 +60,45 @@ def run(model, chunk: int, prompt_tokens: int, normals: int) -> list[float]:
         while rid not in done:
             sched.iterate()
         out.append(done[rid] - t0)
+        if prompt_tokens and "long" in done:
+            print(f"  (the long prompt finished before normal request {i + 1}: lower --at)", flush=True)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt-tokens", type=int, default=16_384)
+    p.add_argument("--prompt-tokens", type=int, default=100_000)
     p.add_argument(
         "--chunks",
-        default="4096,512",
+        default=str(SchedulerLimits.prefill_chunk),
         help="prefill_chunk values; 0 = whole prompt at once (a [T, T] mask: only for short prompts)",
     )
-    p.add_argument("--normal", type=int, default=4)
+    p.add_argument(
+        "--budgets",
+        default=f"{1 << 30},{SchedulerLimits.token_budget}",
+        help=f"token_budget values; {1 << 30} = no budget (the scheduler before the budget landed)",
+    )
+    p.add_argument(
+        "--at", type=float, default=0.9, help="fraction of the long prompt prefilled before measuring"
+    )
+    p.add_argument("--normal", type=int, default=3)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
-    print(f"model {args.model}; long prompt {args.prompt_tokens} tokens; {args.normal} normal requests each")
-    idle = sum(run(model, 512, 0, args.normal)) / args.normal
-    print(f"{'setting':<28} {'mean latency s':>14} {'x idle':>7}")
-    print(f"{'idle engine':<28} {idle:14.2f} {1.0:7.2f}")
+    print(
+        f"model {args.model}; long prompt {args.prompt_tokens} tokens, measured from {args.at:.0%} prefilled; "
+        f"{args.normal} normal requests each"
+    )
+    idle = sum(run(model, 512, SchedulerLimits.token_budget, 0, args.normal, 0.0)) / args.normal
+    print(f"{'setting':<40} {'mean latency s':>14} {'x idle':>7}")
+    print(f"{'idle engine':<40} {idle:14.2f} {1.0:7.2f}", flush=True)
     for chunk in (int(c) for c in args.chunks.split(",")):
-        lat = run(model, chunk, args.prompt_tokens, args.normal)
-        mean = sum(lat) / len(lat)
-        name = f"prefill_chunk {chunk or 'whole prompt'}"
-        print(f"{name:<28} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+        for budget in (int(b) for b in args.budgets.split(",")):
+            lat = run(model, chunk, budget, args.prompt_tokens, args.normal, args.at)
+            mean = sum(lat) / len(lat)
+            name = f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}"
+            print(f"{name:<40} {mean:14.2f} {mean / idle:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/http_vs_grpc.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
-from bench.serve_throughput import PROMPTS, Deadline, free_port, resolve_model, wait_serving  # noqa: E402
-from cluster.env import apply_loopback_env, ray_init_kwargs  # noqa: E402
+from bench._cluster import serving  # noqa: E402
+from bench.serve_throughput import PROMPTS  # noqa: E402
 
 LOADS = (1, 16)
 
@@ -192,45 +190,19 @@ def parse_args(argv=None) -> Settings:
 
 def main(argv=None) -> None:
     s = parse_args(argv)
-    apply_loopback_env()  # before Ray is imported, so every Ray process inherits it
-    import ray
-    from ray import serve
-
-    from cluster.app import start
-    from cluster.config import ClusterConfig
-
-    for name in ("ray", "ray.serve"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        model_path = resolve_model(s, Path(tmp))
-        config = ClusterConfig.model_validate(
-            {
-                "model": {"path": str(model_path), "name": "bench"},
-                "engine": {"max_rows": 64},
-                "server": {"grpc_port": free_port(), "http_port": free_port()},
-            }
-        )
-        grpc_address = f"127.0.0.1:{config.server.grpc_port}"
-        http_base = f"http://127.0.0.1:{config.server.http_port}"
+    t0 = time.perf_counter()
+    with serving({"model": {"name": "bench"}, "engine": {"max_rows": 64}}, model=s.model_path) as server:
         print(
-            f"model {model_path}; max_tokens {s.max_new_tokens}, max_denoising_steps {s.max_denoising_steps}, "
-            f"K={s.requests_per_client} requests/client, loads {LOADS}; streams on both paths"
+            f"model {server.model_path}; max_tokens {s.max_new_tokens}, max_denoising_steps "
+            f"{s.max_denoising_steps}, K={s.requests_per_client} requests/client, loads {LOADS}; streams on both "
+            f"paths"
         )
-        try:
-            t0 = time.perf_counter()
-            ray.init(**ray_init_kwargs(), log_to_driver=False)
-            start(config)
-            wait_serving(grpc_address, Deadline(120))
-            print(
-                f"Ray Serve app up in {time.perf_counter() - t0:.1f}s (gRPC {grpc_address}, HTTP {http_base})"
-            )
-            rows = asyncio.run(measure(grpc_address, http_base, s))
-            print()
-            print(format_table(rows))
-        finally:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
+        print(
+            f"Ray Serve app up in {time.perf_counter() - t0:.1f}s (gRPC {server.address}, HTTP {server.http_base})"
+        )
+        rows = asyncio.run(measure(server.address, server.http_base, s))
+        print()
+        print(format_table(rows))
 
 
 if __name__ == "__main__":

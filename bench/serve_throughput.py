@@ -49,10 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
-import socket
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/serve_throughput.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
-from cluster.env import DEFAULT_MODEL_PATH, apply_loopback_env, ray_init_kwargs  # noqa: E402
+from bench._cluster import serving  # noqa: E402
 
 LOADS = (1, 4, 16)
 PROMPTS = (
@@ -393,42 +390,6 @@ def measure(paths: Paths, s: BenchSettings, deadline: Deadline) -> list[LoadResu
 
 
 # -- setup -------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def resolve_model(s: BenchSettings, tmp: Path) -> Path:
-    if s.model_path is not None:
-        if not (s.model_path / "config.json").exists():
-            raise SystemExit(f"--model {s.model_path} has no config.json; give a checkpoint directory")
-        return s.model_path
-    if (DEFAULT_MODEL_PATH / "config.json").exists():
-        return DEFAULT_MODEL_PATH
-    from tests.tiny import served_checkpoint
-
-    print(f"{DEFAULT_MODEL_PATH} not built yet (make tiny-model): using a random tests.tiny checkpoint")
-    return served_checkpoint(tmp / "served")
-
-
-def wait_serving(address: str, deadline: Deadline) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            deadline.remaining("waiting for health SERVING")
-            time.sleep(0.3)
-
-
 def parse_args(argv=None) -> BenchSettings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -450,66 +411,52 @@ def parse_args(argv=None) -> BenchSettings:
 def main(argv=None) -> None:
     s = parse_args(argv)
     deadline = Deadline(s.timeout_s)
-    apply_loopback_env()  # before Ray is imported, so every Ray process inherits it
-    import ray
-    import torch
-    from ray import serve
+    sections = {
+        "model": {"name": "bench"},
+        "engine": {"max_rows": max(64, max(LOADS)), "torch_threads": s.torch_threads},
+    }
+    t0 = time.perf_counter()
+    with serving(sections, model=s.model_path, timeout_s=deadline.remaining("starting")) as server:
+        print(f"Ray Serve app up on {server.address} in {time.perf_counter() - t0:.1f}s", flush=True)
+        _measure(server, s, deadline)
 
-    from cluster.app import APP_NAME, start
-    from cluster.config import ClusterConfig
+
+def _measure(server, s: BenchSettings, deadline: Deadline) -> None:
+    import torch
+
     from deployments.engine import DTYPES
     from deployments.router import Router
     from model.weights import load_model
 
-    for name in ("ray", "ray.serve"):  # keep Ray's progress lines out of the figures
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        model_path = resolve_model(s, Path(tmp))
-        config = ClusterConfig.model_validate(
-            {
-                "model": {"path": str(model_path), "name": "bench"},
-                "engine": {"max_rows": max(64, max(LOADS)), "torch_threads": s.torch_threads},
-                "server": {"grpc_port": free_port(), "http_port": free_port()},
-            }
-        )
-        address = f"127.0.0.1:{config.server.grpc_port}"
-        engine_settings = config.to_engine_settings()
-        torch.set_num_threads(s.torch_threads)
-        model = load_model(
-            engine_settings.model_path, dtype=DTYPES[engine_settings.dtype], device=engine_settings.device
-        )
-        router = Router(None, config.to_router_settings())  # only its tokenizer and config: no engine calls
-        c = model.config
+    config = server.config
+    engine_settings = config.to_engine_settings()
+    torch.set_num_threads(s.torch_threads)
+    model = load_model(
+        engine_settings.model_path, dtype=DTYPES[engine_settings.dtype], device=engine_settings.device
+    )
+    router = Router(None, config.to_router_settings())  # only its tokenizer and config: no engine calls
+    c = model.config
+    print(
+        f"model {server.model_path} ({c.num_layers} layers, hidden {c.hidden_size}, canvas {c.canvas_length}, "
+        f"vocab {c.vocab_size}); max_new_tokens {s.max_new_tokens}, max_denoising_steps "
+        f"{s.max_denoising_steps}, K={s.requests_per_client} requests/client, torch threads "
+        f"{torch.get_num_threads()}, stream_drafts {s.stream_drafts}"
+    )
+    engine = server.engine()
+    loop = asyncio.new_event_loop()  # one loop for the run: grpc.aio binds its poller to the first one
+    try:
+        paths = Paths(loop, server.address, engine, model, engine_settings.limits, router)
+        loads = measure(paths, s, deadline)
+        overall = engine.stats.remote().result()
+        print()
+        print(format_table(loads))
         print(
-            f"model {model_path} ({c.num_layers} layers, hidden {c.hidden_size}, canvas {c.canvas_length}, "
-            f"vocab {c.vocab_size}); max_new_tokens {s.max_new_tokens}, max_denoising_steps "
-            f"{s.max_denoising_steps}, K={s.requests_per_client} requests/client, torch threads "
-            f"{torch.get_num_threads()}, stream_drafts {s.stream_drafts}"
+            f"engine stats over the whole run (warm-up included): rows_per_forward "
+            f"{overall['rows_per_forward']:.2f}, max_rows_per_forward {overall['max_rows_per_forward']:.0f}, "
+            f"forwards {overall['forwards']:.0f}"
         )
-        loop = asyncio.new_event_loop()  # one loop for the run: grpc.aio binds its poller to the first one
-        try:
-            t0 = time.perf_counter()
-            ray.init(**ray_init_kwargs(), log_to_driver=False)
-            start(config)
-            wait_serving(address, deadline)
-            engine = serve.get_deployment_handle("Engine", APP_NAME)
-            print(f"Ray Serve app up on {address} in {time.perf_counter() - t0:.1f}s", flush=True)
-            paths = Paths(loop, address, engine, model, engine_settings.limits, router)
-            loads = measure(paths, s, deadline)
-            overall = engine.stats.remote().result()
-            print()
-            print(format_table(loads))
-            print(
-                f"engine stats over the whole run (warm-up included): rows_per_forward "
-                f"{overall['rows_per_forward']:.2f}, max_rows_per_forward {overall['max_rows_per_forward']:.0f}, "
-                f"forwards {overall['forwards']:.0f}"
-            )
-        finally:
-            if ray.is_initialized():  # serve.shutdown() on no cluster would start one to look for Serve
-                serve.shutdown()
-                ray.shutdown()
-            loop.close()
+    finally:
+        loop.close()
 
 
 if __name__ == "__main__":

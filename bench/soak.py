@@ -31,17 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cluster.env import DEFAULT_MODEL_PATH, apply_loopback_env, ray_init_kwargs  # noqa: E402
+from bench._cluster import serving  # noqa: E402
 
 EXPECTED = {"CANCELLED", "RESOURCE_EXHAUSTED"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def replica_pids(raylet: int) -> dict[str, int]:
@@ -165,44 +157,16 @@ def main() -> None:
     p.add_argument("--cancel-every", type=int, default=4)
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--lease-s", type=float, default=3.0)
-    p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
+    p.add_argument("--model", help="checkpoint directory (default: the shipped model)")
     p.add_argument("--png", default=str(ROOT / "bench" / "soak.png"))
     args = p.parse_args()
-    apply_loopback_env()
-    import grpc
-    import ray
-    from ray import serve
-
-    from cluster.app import APP_NAME, start
-    from cluster.config import ClusterConfig
-    from protos.blockserve.v1 import blockserve_pb2_grpc
-
-    config = ClusterConfig.model_validate(
-        {
-            "model": {"path": args.model},
-            "engine": {"max_rows": 16, "max_queue": 64, "lease_s": args.lease_s},
-            "server": {"grpc_port": free_port(), "http_port": free_port()},
-        }
-    )
     print(
         f"soak: {args.streams} streams for {args.minutes} min on 127.0.0.1, max_new_tokens {args.max_new_tokens}, "
         f"steps {args.steps}, every {args.cancel_every}th request cancelled at a random event, lease {args.lease_s}s"
     )
-    try:
-        ray.init(**ray_init_kwargs(), log_to_driver=False)
-        start(config)
-        address = f"127.0.0.1:{config.server.grpc_port}"
-        channel = grpc.insecure_channel(address)
-        grpc.channel_ready_future(channel).result(timeout=300)
-        stub = blockserve_pb2_grpc.BlockDiffusionStub(channel)
-        engine = serve.get_deployment_handle("Engine", APP_NAME)
-        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-        load = Load(stub, args)
-        _run(load, engine, raylet, args)
-    finally:
-        if ray.is_initialized():
-            serve.shutdown()
-            ray.shutdown()
+    engine = {"max_rows": 16, "max_queue": 64, "lease_s": args.lease_s}
+    with serving({"engine": engine}, model=args.model) as server:
+        _run(Load(server.stub(), args), server.engine(), server.raylet_pid(), args)
 
 
 def _run(load: Load, engine, raylet: int, args) -> None:

@@ -34,11 +34,9 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,13 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/tracing_overhead.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(ROOT))
 
+from bench._cluster import free_port  # noqa: E402
+
 PROMPTS = ("def fibonacci(n):", "class Point:", "import os\n", "for i in range(10):", "# a helper that")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the parent: OTLP receiver, runs, table -------------------------------------------------------------------
@@ -254,36 +248,11 @@ def cpu_seconds() -> float:
 
 
 def child(args) -> None:
-    from cluster.env import DEFAULT_MODEL_PATH, apply_loopback_env, ray_init_kwargs
+    from bench._cluster import serving
 
-    apply_loopback_env()
-    import ray
-    from ray import serve
-
-    from cluster.app import start
-    from cluster.config import ClusterConfig
-
-    model = args.model or (str(DEFAULT_MODEL_PATH) if (DEFAULT_MODEL_PATH / "config.json").exists() else None)
-    if model is None:
-        from tests.tiny import served_checkpoint
-
-        model = str(served_checkpoint(Path(tempfile.mkdtemp(prefix="bench-ckpt-"))))
-    config = ClusterConfig.model_validate(
-        {
-            "model": {"path": model},
-            "engine": {"max_rows": max(16, args.clients)},
-            "server": {"grpc_port": free_port(), "http_port": free_port()},
-            "telemetry": {"log_requests": False},
-        }
-    )
-    ray.init(**ray_init_kwargs(num_cpus=32), log_to_driver=False)
-    try:
-        start(config)
-        address = f"127.0.0.1:{config.server.grpc_port}"
-        wall, results, cpu = asyncio.run(load(address, args))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    sections = {"engine": {"max_rows": max(16, args.clients)}, "telemetry": {"log_requests": False}}
+    with serving(sections, model=args.model) as server:
+        wall, results, cpu = asyncio.run(load(server.address, args))
     tokens = sum(t for t, _ in results)
     print(
         "RESULT "

@@ -55,3 +55,21 @@ class LeaseTable:
         for rid, _ in out:
             del self._leases[rid]
         return out
+
+
+# The client's gRPC deadline, as seconds remaining when Serve's proxy received the call. Serve 2.60 does not pass
+# deadlines on; cluster/serve_fixes.py adds this metadata in the proxy (replacing any value a client sent).
+DEADLINE_METADATA = "blockserve-deadline-s"
+
+
+def client_timeout_s(metadata, maximum: float) -> float:
+    """Seconds the request may run: the client's remaining deadline if it sent one, capped at `maximum`."""
+    for key, value in metadata or ():
+        if key == DEADLINE_METADATA:
+            try:
+                remaining = float(value)
+            except ValueError:
+                return maximum
+            if math.isfinite(remaining):
+                return max(0.0, min(maximum, remaining))
+    return maximum

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2
 from deployments import observability as obs
 from deployments.auth import ApiKeys, Unauthenticated
 from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
+from deployments.leases import client_timeout_s
 from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
 from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, SchedulerLimits
 from deployments.wire import UndecodableRequest
@@ -220,6 +222,12 @@ class Router:
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
 
+    def _deadline(self, grpc_context) -> float:
+        """Monotonic time by which the request must end: the client's gRPC deadline (forwarded by Serve's proxy,
+        cluster/serve_fixes.py), capped at `max_request_s`."""
+        metadata = grpc_context.invocation_metadata() if grpc_context is not None else None
+        return time.monotonic() + client_timeout_s(metadata, self.settings.max_request_s)
+
     def _prepare(self, request: pb.GenerateRequest, grpc_context) -> Prepared:
         # The answer echoes the client's id (else Serve's); the engine gets a unique one since client ids may repeat.
         rid = request.request_id or (grpc_context.request_id() if grpc_context else None) or uuid.uuid4().hex
@@ -256,8 +264,11 @@ class Router:
         slots = [pb.SlotContent(name=n, text=s.text, token_ids=s.token_ids) for n, s in filled.slots.items()]
         return filled.text, slots
 
-    async def _events(self, prepared: Prepared) -> AsyncIterator[pb.GenerateEvent]:
-        """Engine events -> GenerateEvents. Cancels the engine request when the consumer stops early."""
+    async def _events(
+        self, prepared: Prepared, deadline: float | None = None
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        """Engine events -> GenerateEvents. Cancels the engine request when the consumer stops early.
+        `deadline` (monotonic) travels to the Engine, which frees the row when it passes; None = max_request_s."""
         plan = prepared.chat
         text = TextAssembler(
             self.tokenizer,
@@ -269,9 +280,14 @@ class Router:
         all_tokens: list[int] = []
         rid = prepared.engine.request_id
         s = self.settings
+        timeout_s = s.max_request_s if deadline is None else deadline - time.monotonic()
+        if timeout_s <= 0:
+            raise RequestFailed(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started"
+            )
         with obs.router_request().current():  # the Engine's spans become children of this RPC's span
             stream = self.engine.options(stream=True).generate.remote(
-                prepared.engine, timeout_s=s.max_request_s, lease_s=s.lease_s
+                prepared.engine, timeout_s=timeout_s, lease_s=s.lease_s
             )
         self._track(rid)
         finished = False
@@ -346,7 +362,7 @@ class Router:
         return pb.ChatReply(content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=calls)
 
     async def _with_chosen_tool(
-        self, request: pb.GenerateRequest, prepared: Prepared, grpc_context
+        self, request: pb.GenerateRequest, prepared: Prepared, grpc_context, deadline: float | None = None
     ) -> Prepared:
         """tool_choice REQUIRED among several tools: first generate the tool's name (constrained to the names),
         then prepare the request again with that tool forced."""
@@ -354,7 +370,7 @@ class Router:
             return prepared
         prepared.engine.stream_drafts = False
         name = None
-        async for event in self._events(prepared):
+        async for event in self._events(prepared, deadline):
             if event.HasField("final"):
                 name = json.loads(event.final.text)
         forced = pb.GenerateRequest()
@@ -411,10 +427,11 @@ class Router:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator:
         rr = self._observe("GenerateStream")
+        deadline = self._deadline(grpc_context)
         try:
             prepared = await self._admit(request, grpc_context)
-            prepared = await self._with_chosen_tool(request, prepared, grpc_context)
-            async for event in self._events(prepared):
+            prepared = await self._with_chosen_tool(request, prepared, grpc_context, deadline)
+            async for event in self._events(prepared, deadline):
                 if event.HasField("final"):
                     rr.finish(obs.outcome_of_final(event.final))
                 yield event
@@ -430,12 +447,13 @@ class Router:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         rr = self._observe("Generate")
+        deadline = self._deadline(grpc_context)
         try:
             prepared = await self._admit(request, grpc_context)
-            prepared = await self._with_chosen_tool(request, prepared, grpc_context)
+            prepared = await self._with_chosen_tool(request, prepared, grpc_context, deadline)
             prepared.engine.stream_drafts = False  # a unary answer has nowhere to put drafts
             tokens: list[int] = []
-            async for event in self._events(prepared):
+            async for event in self._events(prepared, deadline):
                 if event.HasField("canvas"):
                     tokens.extend(event.canvas.token_ids)
                 elif event.HasField("final"):
