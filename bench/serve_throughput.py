@@ -424,7 +424,7 @@ def main(argv=None) -> None:
 def _measure(server, s: BenchSettings, deadline: Deadline) -> None:
     import torch
 
-    from deployments.engine import DTYPES
+    from deployments.engine import resolve_dtype
     from deployments.router import Router
     from model.weights import load_model
 
@@ -432,7 +432,9 @@ def _measure(server, s: BenchSettings, deadline: Deadline) -> None:
     engine_settings = config.to_engine_settings()
     torch.set_num_threads(s.torch_threads)
     model = load_model(
-        engine_settings.model_path, dtype=DTYPES[engine_settings.dtype], device=engine_settings.device
+        engine_settings.model_path,
+        dtype=resolve_dtype(engine_settings.dtype, engine_settings.device),
+        device=engine_settings.device,
     )
     router = Router(None, config.to_router_settings())  # only its tokenizer and config: no engine calls
     c = model.config

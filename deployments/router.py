@@ -6,7 +6,8 @@ events back as `GenerateEvent`s, turn tokens into text (holding back an incomple
 apply stop strings, map failures to status codes (docs/ERRORS.md), and answer the standard health service.
 
 Reliability: validation and tokenizing run in a worker thread (a 1 MB prompt must not stall every stream on this
-event loop); every engine request carries a deadline and a lease, renewed by one task here while the request's
+event loop); every engine request carries a deadline (the client's gRPC deadline, which Serve's proxy forwards
+as metadata, capped at `max_request_s`) and a lease, renewed by one task here while the request's
 client is connected (`_renew_leases`), so the Engine frees the rows of a vanished client or a dead Router; a
 dead or unreachable Engine replica is UNAVAILABLE (retryable) with a one-line message, never a traceback.
 
@@ -62,7 +63,9 @@ class RouterSettings:
     health_timeout_s: float = 2.0
     chat_format: ChatFormat = field(default_factory=ChatFormat)
     lease_s: float = 15.0  # an engine row whose lease is not renewed for this long is freed
-    max_request_s: float = 600.0  # deadline of every engine request
+    max_request_s: float = (
+        600.0  # deadline of an engine request whose client sent none (and the cap of one that did)
+    )
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     health_poll_s: float = 1.0
