@@ -90,7 +90,9 @@ def cancel_dropped_streams() -> None:
         proxy_request = kwargs.get("proxy_request")
         context = getattr(proxy_request, "context", None)
         if _client_gone(context):  # cancelled before the proxy got here: do not call the Router at all
-            yield ResponseStatus(code=grpc.StatusCode.CANCELLED, message="the client cancelled the call")
+            yield ResponseStatus(
+                grpc.StatusCode.CANCELLED, is_error=True, message="the client cancelled the call"
+            )
             return
         forward_deadline(proxy_request)
         watch = DroppedCallWatch()
