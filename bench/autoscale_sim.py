@@ -21,9 +21,10 @@ Policies, with the same bounds (1..--max-replicas) and the same delays (upscale 
            class (deployments/engine_metrics.py) running on the simulation clock, averaged over the same
            look-back window Serve uses;
   default  Ray Serve's `replica_queue_length_autoscaling_policy` (ongoing requests / --target-ongoing).
-Each runs with and without load-adaptive sampling (modelled: while a replica's demand exceeds its capacity at
-the SLO, canvases it starts use at most --adaptive-steps denoising steps; the table says how many canvases were
-degraded so). The engine does not implement load-adaptive sampling yet: this row is a model of what it would buy.
+Each runs with and without load-adaptive sampling: the Engine's own decision (deployments/load_adaptive.py
+`LoadAdapter`) on the replica's latest readings at each request's submission, with the `plain` class limited to
+--adaptive-steps denoising steps per canvas (the entropy-bound knob is not modelled: steps only). `degraded`
+counts the requests it shortened.
 
 Traces (arrival rates set from the calibrated capacity so demand spans ~1-5 replicas):
   steady       Poisson arrivals at a constant rate;
@@ -33,7 +34,7 @@ Traces (arrival rates set from the calibrated capacity so demand spans ~1-5 repl
 
 Columns: SLO att = share of requests whose time to first canvas and mean stream rate (whole canvases over
 arrival-to-last-canvas) both meet the SLO; p10 rate = 10th percentile of per-request stream rate; replica-h =
-replica-hours; mean/max rep = replicas over time; degraded = canvases shortened by adaptive sampling.
+replica-hours; mean/max rep = replicas over time; degraded = requests shortened by load-adaptive sampling.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.autoscaling import LOOK_BACK_S, EnginePolicy, apply_delays  # noqa: E402
 from deployments.engine_metrics import EngineMetrics, MetricsSettings  # noqa: E402
+from deployments.load_adaptive import PLAIN, AdaptiveSettings, ClassLimits, adapted_values, pressure  # noqa: E402
 from deployments.scheduler import CanvasEvent, FinalEvent  # noqa: E402
 
 DT = 1.0  # simulation step, seconds: metrics recorded and the policy run once per step
@@ -141,7 +143,7 @@ def capacity_rows(setup: Setup, steps: float) -> float:
     return max(1.0, min(setup.max_rows, (CANVAS / steps / setup.slo - setup.a) / setup.b))
 
 
-def advance(rep: Replica, now: float, setup: Setup, adaptive: bool, counters: dict) -> None:
+def advance(rep: Replica, now: float, setup: Setup) -> None:
     while rep.queue and len(rep.rows) < setup.max_rows:
         rep.rows.append(rep.queue.pop(0))
     if not rep.rows:
@@ -149,7 +151,6 @@ def advance(rep: Replica, now: float, setup: Setup, adaptive: bool, counters: di
     R = len(rep.rows)
     step_s = setup.a + setup.b * R
     steps = DT / step_s
-    pressure = rep.load > capacity_rows(setup, P90_STEPS)
     tokens = 0
     for req in list(rep.rows):
         budget = steps
@@ -160,22 +161,19 @@ def advance(rep: Replica, now: float, setup: Setup, adaptive: bool, counters: di
         while budget > 0 and req.finished is None:
             if req.canvas_steps == 0:
                 req.canvas_steps = req.steps
-                if adaptive and pressure and req.steps > setup.adaptive_steps:
-                    req.canvas_steps = setup.adaptive_steps
-                    counters["degraded"] += 1
             take = min(budget, req.canvas_steps - req.step_in_canvas)
             req.step_in_canvas += take
             budget -= take
             if req.step_in_canvas >= req.canvas_steps - 1e-9:
                 at = now + DT * (1 - budget / steps)
-                _commit(rep, req, at, counters)
+                _commit(rep, req, at)
                 tokens += CANVAS
     rep.metrics.on_iteration(R, step_s, tokens)
 
 
-def _commit(rep: Replica, req: Request, at: float, counters: dict) -> None:
+def _commit(rep: Replica, req: Request, at: float) -> None:
     req.done_canvases += 1
-    counters["clock"].now = at
+    rep.metrics.clock.now = at
     last = req.done_canvases == req.canvases
     req.sink(CanvasEvent(req.done_canvases - 1, [0] * CANVAS, req.canvas_steps, last=last))
     req.step_in_canvas, req.canvas_steps = 0.0, 0
@@ -265,7 +263,7 @@ def default_policy(setup: Setup):
 
 def simulate(name: str, policy_name: str, adaptive: bool, requests: list[Request], setup: Setup) -> dict:
     clock = SimClock()
-    counters = {"degraded": 0, "clock": clock}
+    counters = {"degraded": 0}
     msettings = MetricsSettings(
         window_s=10.0, slo_tokens_per_second=setup.slo, max_rows=setup.max_rows, canvas_length=CANVAS
     )
@@ -288,11 +286,13 @@ def simulate(name: str, policy_name: str, adaptive: bool, requests: list[Request
         while i < len(pending) and pending[i].arrival <= now:
             req = pending[i]
             rep = min(live, key=lambda r: r.load)
+            if adaptive:
+                counters["degraded"] += _adapt(req, rep, setup)
             req.sink = rep.metrics.observe(req.rid, lambda e: None)
             rep.queue.append(req)
             i += 1
         for rep in [r for r in reps if r.ready_at <= now]:
-            advance(rep, now, setup, adaptive, counters)
+            advance(rep, now, setup)
         now += DT
         clock.now = now
         for rep in reps:
@@ -305,6 +305,17 @@ def simulate(name: str, policy_name: str, adaptive: bool, requests: list[Request
         replica_s += len(reps) * DT
         timeline.append((now, len(reps)))
     return _summary(name, policy_name, adaptive, pending, timeline, replica_s, setup, counters)
+
+
+def _adapt(req: Request, rep: Replica, setup: Setup) -> bool:
+    """The Engine's load-adaptive decision at submission (deployments/load_adaptive.py) on the replica's latest
+    readings; True when it shortened the request."""
+    settings = AdaptiveSettings(enabled=True, classes={PLAIN: ClassLimits(1.0, setup.adaptive_steps)})
+    readings = rep.history[-1][1] if rep.history else {}
+    level = pressure(readings, settings, setup.ttfc_slo)
+    _, steps = adapted_values(0.1, req.steps, settings.classes[PLAIN], level)
+    shortened, req.steps = steps < req.steps, steps
+    return shortened
 
 
 def _fresh(r: Request) -> Request:

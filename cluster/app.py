@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from cluster import env
-from cluster.autoscaling import engine_autoscaling_config
+from cluster.autoscaling import engine_autoscaling_config, shard_autoscaling_config
 from cluster.config import ClusterConfig
 from cluster.shards import ExpertShardReplica
 from deployments.engine import Engine
@@ -68,7 +68,7 @@ def build_shards(config: ClusterConfig) -> tuple[list, list[ShardRoute]]:
             serve.deployment(
                 ExpertShardReplica,
                 name=shard_deployment_name(s.shard),
-                num_replicas=x.replicas_per_shard,
+                **shard_scaling(config),
                 # with the actor transport the GPU belongs to the worker the replica starts, not the replica
                 ray_actor_options={"num_cpus": 0, "num_gpus": 0 if actor else x.num_gpus},
                 max_ongoing_requests=64,
@@ -78,13 +78,30 @@ def build_shards(config: ClusterConfig) -> tuple[list, list[ShardRoute]]:
     return bound, routes
 
 
+def shards_per_engine(config: ClusterConfig) -> int:
+    """Replicas of each ExpertShard per Engine replica when the Engines autoscale (0 in fused mode)."""
+    disaggregated = config.engine.execution_mode == "disaggregated"
+    return config.experts.replicas_per_shard if disaggregated else 0
+
+
 def engine_scaling(config: ClusterConfig) -> dict:
     """A fixed replica count, or the SLO autoscaler's config when `engine.autoscaling` is set."""
     e = config.engine
     if e.autoscaling is None:
         return {"num_replicas": e.replicas}
     push_s = env.ray_metric_push_interval_s()
-    return {"autoscaling_config": engine_autoscaling_config(e.autoscaling, config.slo, push_s)}
+    per_engine = shards_per_engine(config)
+    return {"autoscaling_config": engine_autoscaling_config(e.autoscaling, config.slo, push_s, per_engine)}
+
+
+def shard_scaling(config: ClusterConfig) -> dict:
+    """`replicas_per_shard` replicas, or, when the Engines autoscale, that many per Engine replica: the Serve
+    config document's application-level policy (cluster/autoscaling.py ApplicationPolicy) scales them together."""
+    e, x = config.engine, config.experts
+    if e.autoscaling is None:
+        return {"num_replicas": x.replicas_per_shard}
+    push_s = env.ray_metric_push_interval_s()
+    return {"autoscaling_config": shard_autoscaling_config(e.autoscaling, x.replicas_per_shard, push_s)}
 
 
 def engine_actor_options(config: ClusterConfig) -> dict:

@@ -260,25 +260,54 @@ class EnginePolicy:
         return decision.replicas, policy_state
 
 
+class HoldPolicy:
+    """Deployment-level policy of the ExpertShard deployments: keep the current target.
+
+    Shards are sized only by `ApplicationPolicy` (it takes precedence over deployment-level policies when the app
+    is deployed from a Serve config document). Without it (`serve.run`), a shard keeps its initial replicas instead
+    of following Serve's default request-count policy, which knows nothing about the Engines."""
+
+    def __init__(self, **policy_kwargs):
+        pass
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        return ctx.target_num_replicas, dict(ctx.policy_state or {})
+
+
+def _engine_kwargs(ctx) -> dict[str, Any]:
+    """The Engine deployment's own `policy_kwargs` (its autoscaling_config, rendered by the app builder)."""
+    policy = getattr(getattr(ctx, "config", None), "policy", None)
+    return dict(getattr(policy, "policy_kwargs", None) or {})
+
+
 class ApplicationPolicy:
     """Application-level policy: sizes Engines with `EnginePolicy`'s rule and every ExpertShard<i> deployment
     with them (`expert_shards_per_engine` replicas of each shard per Engine replica, in disaggregated mode).
-    Deployments it does not know keep their replica count."""
+    Deployments it does not know keep their replica count.
+
+    Without `policy_kwargs` (what the Serve config document declares) it takes them from the Engine deployment's
+    own autoscaling_config on the first tick, so the SLO, delays and shard ratio have one source: the
+    ClusterConfig the app builder read (the document and the Helm chart then need no copy of them)."""
 
     def __init__(self, **policy_kwargs):
-        self.engine = EnginePolicy(**policy_kwargs)
+        self.engine = EnginePolicy(**policy_kwargs) if policy_kwargs else None
 
     def __call__(self, contexts: dict) -> tuple[dict, dict]:
         replicas, states = {}, {}
         engine_id = next((d for d, c in contexts.items() if c.deployment_name == ENGINE), None)
         if engine_id is None:
             return replicas, states
+        if self.engine is None:
+            self.engine = EnginePolicy(**_engine_kwargs(contexts[engine_id]))
         replicas[engine_id], states[engine_id] = self.engine(contexts[engine_id])
         per_engine = self.engine.params.expert_shards_per_engine
+        engines = replicas[engine_id]
         for dep_id, ctx in contexts.items():
             if ctx.deployment_name.startswith(EXPERT_SHARD) and per_engine > 0:
-                replicas[dep_id] = replicas[engine_id] * per_engine
-                states[dep_id] = dict(ctx.policy_state or {})
+                replicas[dep_id] = engines * per_engine
+                state = dict(ctx.policy_state or {})
+                state[POLICY_STATE_KEY] = {"engines": engines, "per_engine": per_engine}
+                states[dep_id] = state
         return replicas, states
 
 
@@ -293,7 +322,9 @@ def policy_kwargs(autoscaling, slo) -> dict[str, Any]:
     }
 
 
-def engine_autoscaling_config(autoscaling, slo, metrics_interval_s: float | None = None) -> dict[str, Any]:
+def engine_autoscaling_config(
+    autoscaling, slo, metrics_interval_s: float | None = None, expert_shards_per_engine: int = 0
+) -> dict[str, Any]:
     """The Engine deployment's `autoscaling_config` for `serve.deployment(...)` or a Serve config document.
 
     Serve's own delays are 0 because `EnginePolicy` applies `upscale_delay_s` / `downscale_delay_s` itself
@@ -309,12 +340,32 @@ def engine_autoscaling_config(autoscaling, slo, metrics_interval_s: float | None
         "look_back_period_s": LOOK_BACK_S,
         "policy": {
             "policy_function": f"{__name__}:EnginePolicy",
-            "policy_kwargs": policy_kwargs(autoscaling, slo),
+            "policy_kwargs": policy_kwargs(autoscaling, slo)
+            | ({"expert_shards_per_engine": expert_shards_per_engine} if expert_shards_per_engine else {}),
         },
     }
 
 
-def application_autoscaling_policy(autoscaling, slo, expert_shards_per_engine: int = 0) -> dict[str, Any]:
-    """`applications[].autoscaling_policy` of a Serve config document (application-level policy)."""
-    kwargs = policy_kwargs(autoscaling, slo) | {"expert_shards_per_engine": expert_shards_per_engine}
-    return {"policy_function": f"{__name__}:ApplicationPolicy", "policy_kwargs": kwargs}
+def shard_autoscaling_config(
+    autoscaling, per_engine: int, metrics_interval_s: float | None = None
+) -> dict[str, Any]:
+    """An ExpertShard<i> deployment's `autoscaling_config` when the Engines autoscale: `per_engine` replicas per
+    Engine replica within the Engines' bounds. Serve registers a deployment with an application-level policy
+    only when it has an autoscaling_config (its bounds and delays are applied to what the policy returns)."""
+    extra = {} if metrics_interval_s is None else {"metrics_interval_s": metrics_interval_s}
+    return extra | {
+        "min_replicas": autoscaling.min_replicas * per_engine,
+        "initial_replicas": autoscaling.min_replicas * per_engine,
+        "max_replicas": autoscaling.max_replicas * per_engine,
+        "upscale_delay_s": 0.0,  # the shards follow the Engines' decision, already delayed by EnginePolicy
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": LOOK_BACK_S,
+        "policy": {"policy_function": f"{__name__}:HoldPolicy"},
+    }
+
+
+def application_autoscaling_policy() -> dict[str, Any]:
+    """`applications[].autoscaling_policy` of a Serve config document (Ray 2.60: an AutoscalingPolicy, i.e.
+    `policy_function` plus optional `policy_kwargs`). No kwargs: `ApplicationPolicy` reads them from the Engine's
+    autoscaling_config, which the app builder renders from the ClusterConfig in the document's `args`."""
+    return {"policy_function": f"{__name__}:ApplicationPolicy"}

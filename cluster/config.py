@@ -19,6 +19,7 @@ from cluster import env
 from deployments.chat import ChatFormat
 from deployments.engine import EngineSettings, resolve_dtype
 from deployments.experts import ExpertShardSettings
+from deployments.load_adaptive import REQUEST_CLASSES, AdaptiveSettings, ClassLimits
 from deployments.observability import RequestLogSettings
 from deployments.requests import RequestLimits
 from deployments.router import RouterSettings
@@ -30,6 +31,7 @@ _SAMPLING = SamplingParams()
 _SCHEDULER = SchedulerLimits()
 _REQUESTS = RequestLimits()
 _ENGINE = EngineSettings(model_path="")
+_ADAPTIVE = AdaptiveSettings()
 
 
 class _Strict(BaseModel):
@@ -84,6 +86,65 @@ class AutoscalingSection(_Strict):
         return self
 
 
+class ClassLimitsSection(_Strict):
+    """How far load-adaptive sampling may loosen one request class at full pressure."""
+
+    max_entropy_bound: float = Field(
+        ...,
+        gt=0,
+        description="Largest entropy_bound a request of this class may be raised to (more tokens per step)",
+    )
+    min_denoising_steps: int = Field(
+        ..., ge=1, le=1024, description="Fewest max_denoising_steps a request of this class may be lowered to"
+    )
+
+
+class LoadAdaptiveSection(_Strict):
+    """Load-adaptive sampling (deployments/load_adaptive.py): under SLO pressure, before new Engine replicas are
+    ready, an Engine raises entropy_bound / lowers max_denoising_steps of new requests within these limits and
+    reports what it applied in the response stats. Off by default; only the listed request classes adapt."""
+
+    enabled: bool = Field(
+        _ADAPTIVE.enabled, description="Adapt sampling under load (off: tokens never change)"
+    )
+    start_utilization: float = Field(
+        _ADAPTIVE.start_utilization,
+        gt=0,
+        description="Pressure starts when an Engine's demanded tokens/s reach this share of its capacity (or its "
+        "oldest waiting request has waited this many times the time-to-first-canvas SLO)",
+    )
+    full_utilization: float = Field(
+        _ADAPTIVE.full_utilization,
+        gt=0,
+        description="... and is full (the class limits in full) at this share",
+    )
+    classes: dict[Literal["plain", "structured"], ClassLimitsSection] = Field(
+        default_factory=dict,
+        description="Limits per request class: `plain` (free text, chat) and `structured` (JSON schema, regex, "
+        "templates, forced tool calls); a class not listed is never adapted",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.full_utilization <= self.start_utilization:
+            raise ValueError(
+                f"slo.load_adaptive.full_utilization={self.full_utilization} must exceed "
+                f"start_utilization={self.start_utilization}"
+            )
+        return self
+
+    def to_settings(self) -> AdaptiveSettings:
+        assert set(self.classes) <= set(REQUEST_CLASSES)
+        return AdaptiveSettings(
+            enabled=self.enabled,
+            start_utilization=self.start_utilization,
+            full_utilization=self.full_utilization,
+            classes={
+                k: ClassLimits(v.max_entropy_bound, v.min_denoising_steps) for k, v in self.classes.items()
+            },
+        )
+
+
 class SloSection(_Strict):
     """What every stream should get; the autoscaler sizes Engines to it (set it for your model and hardware)."""
 
@@ -95,6 +156,7 @@ class SloSection(_Strict):
     time_to_first_canvas_s: float = Field(
         2.0, gt=0, description="Time from submission to a request's first committed canvas, seconds"
     )
+    load_adaptive: LoadAdaptiveSection = Field(default_factory=LoadAdaptiveSection)
 
 
 class EngineSection(_Strict):
@@ -455,6 +517,8 @@ class ClusterConfig(_Strict):
             shard_timeout_s=self.experts.call_timeout_s,
             shard_wait_s=self.experts.unavailable_after_s,
             slo_tokens_per_second=self.slo.tokens_per_second,
+            slo_time_to_first_canvas_s=self.slo.time_to_first_canvas_s,
+            load_adaptive=self.slo.load_adaptive.to_settings(),
             max_request_s=self.limits.max_request_s,
         )
 

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from cluster.app import APP_NAME, BUILDER_IMPORT_PATH, GRPC_SERVICERS, ROUTE_PREFIX
+from cluster.autoscaling import application_autoscaling_policy
 from cluster.config import ClusterConfig
 
 PROXY_LOCATION = "EveryNode"  # a gRPC proxy on every node, so a Service may route to any pod
@@ -46,12 +47,18 @@ def config_args(config: BaseModel) -> dict[str, Any]:
 
 
 def application(config: ClusterConfig) -> dict[str, Any]:
-    return {
+    """The one application; with `engine.autoscaling` set it carries the application-level SLO policy, which
+    sizes the Engines and (disaggregated mode) the ExpertShard deployments together. Its kwargs are not in the
+    document: the policy reads them from the Engine's autoscaling_config, which the builder renders from `args`."""
+    app = {
         "name": APP_NAME,
         "route_prefix": ROUTE_PREFIX,
         "import_path": BUILDER_IMPORT_PATH,
         "args": config_args(config),
     }
+    if config.engine.autoscaling is not None:
+        app["autoscaling_policy"] = application_autoscaling_policy()
+    return app
 
 
 def render_serve_config(config: ClusterConfig) -> dict[str, Any]:

@@ -7,6 +7,9 @@ itself stays off on these machines, so the controller client is asked directly, 
 Engine replica is asked for its readings through Serve's `record_routing_stats` replica hook (a handle call would
 reach only one replica). The policy (cluster/autoscaling.py) is then run once on those readings: `wanted` is what
 they ask for now; the policy's pending delay and learned capacity live in the controller and are not shown.
+When the app was deployed from a Serve config document with the application-level policy, the application's
+`autoscaling_policy` entry shows that policy's inputs and the replicas it wants for the Engine and every
+ExpertShard<i> deployment.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cluster.autoscaling import ENGINE, PolicyParams, decide
+from cluster.autoscaling import ENGINE, EXPERT_SHARD, PolicyParams, decide
 
 SERVE_NAMESPACE = "serve"  # Ray Serve's actors live in this namespace
 READING_TIMEOUT_S = 5.0
@@ -95,6 +98,33 @@ def autoscaling_view(deployment: dict, readings: dict, now: float) -> dict[str, 
         "capacity_tps": decision.capacity_tps,
         "wanted": decision.wanted,
         "reason": decision.reason,
+        "expert_shards_per_engine": params.expert_shards_per_engine,
+    }
+
+
+def application_policy(app_config: dict, deployments: dict[str, dict]) -> dict[str, Any] | None:
+    """The application-level policy's inputs and decision (None when the app has none): the Engines' inputs and
+    wanted count (as `autoscaling_view`), and the replicas each ExpertShard<i> deployment would follow with."""
+    declared = app_config.get("autoscaling_policy")
+    if not declared:
+        return None
+    out: dict[str, Any] = {"scope": "application", "policy": declared.get("policy_function")}
+    engine = (deployments.get(ENGINE) or {}).get("autoscaling")
+    if not engine or "wanted" not in engine:
+        return out | {"note": "no Engine autoscaling readings"}
+    per_engine = engine.get("expert_shards_per_engine", 0)
+    wanted = {ENGINE: engine["wanted"]}
+    for name, dep in deployments.items():
+        if name.startswith(EXPERT_SHARD) and per_engine:
+            wanted[name] = engine["wanted"] * per_engine
+    inputs = {"engine": engine["inputs"], "capacity_tps": engine["capacity_tps"], "slo": engine["slo"]}
+    current = {name: dep.get("target_replicas") for name, dep in deployments.items() if name in wanted}
+    return out | {
+        "inputs": inputs,
+        "expert_shards_per_engine": per_engine,
+        "target_replicas": current,
+        "wanted": wanted,
+        "reason": engine["reason"],
     }
 
 
@@ -130,6 +160,9 @@ def collect() -> dict[str, Any]:
             "status": str(getattr(app.status, "value", app.status)),
             "deployments": deployments,
         }
+        policy = application_policy(app_details.get("deployed_app_config") or {}, deployments)
+        if policy is not None:
+            out["applications"][app_name]["autoscaling_policy"] = policy
     return out
 
 
@@ -153,6 +186,10 @@ def render(status: dict[str, Any]) -> str:
                     f"{inputs['demand_tps']:.0f} tokens/s over capacity {_num(auto['capacity_tps'])} tokens/s per "
                     f"replica -> wants {auto['wanted']} ({auto['reason']})"
                 )
+        policy = app.get("autoscaling_policy")
+        if policy and "wanted" in policy:
+            wanted = ", ".join(f"{n} {k}" for k, n in policy["wanted"].items())
+            lines.append(f"  application policy {policy['policy']}: wants {wanted} ({policy['reason']})")
     return "\n".join(lines) if lines else "no Serve applications"
 
 

@@ -33,6 +33,7 @@ from deployments.engine_core import EngineCore
 from deployments.engine_metrics import EngineMetrics, MetricsSettings
 from deployments.experts import LocalExperts, ShardedExperts, ShardsUnavailable, micro_batched
 from deployments.leases import LeaseTable
+from deployments.load_adaptive import AdaptiveSettings, LoadAdapter, annotate
 from deployments.scheduler import (
     CanvasEvent,
     EngineRequest,
@@ -76,6 +77,8 @@ class EngineSettings:
     shard_timeout_s: float = 30.0  # one shard call, before it is retried on another replica
     shard_wait_s: float = 60.0  # how long a shard may have no live replica before requests fail UNAVAILABLE
     slo_tokens_per_second: float = 0.0  # per-request stream rate the autoscaler sizes for (0: no SLO)
+    slo_time_to_first_canvas_s: float = 0.0  # the SLO's first-canvas term (0: none)
+    load_adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)  # off by default
     max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
 
 
@@ -142,6 +145,12 @@ class Engine:
                 max_rows=settings.limits.max_rows,
                 canvas_length=self.model.config.canvas_length,
             )
+        )
+        self.adapter = LoadAdapter(
+            settings.load_adaptive,
+            self.record_autoscaling_stats,
+            settings.slo_time_to_first_canvas_s,
+            time.monotonic,
         )
         self._thread = threading.Thread(target=self._run, name="blockserve-engine", daemon=True)
         self._thread.start()
@@ -260,6 +269,7 @@ class Engine:
         events: asyncio.Queue = asyncio.Queue()
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
+        adaptation = self.adapter.adapt(request)  # load-adaptive sampling (None when off or unpressed)
         span = obs.EngineTrace(
             request.request_id, request.params.max_denoising_steps, len(request.prompt_ids)
         )
@@ -283,6 +293,7 @@ class Engine:
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
+                batch = [annotate(e, adaptation) for e in batch]
                 done = any(isinstance(e, FinalEvent | ErrorEvent) for e in batch)
                 if span.active:
                     seen.extend(batch)

@@ -310,6 +310,19 @@ def usage(u: pb.Usage) -> dict:
 
 
 def stats(s: pb.GenerationStats) -> dict:
+    out = _stats(s)
+    if s.HasField("load_adaptation"):  # load-adaptive sampling changed the request's sampling under load
+        a = s.load_adaptation
+        out["load_adaptation"] = {
+            "request_class": a.request_class,
+            "pressure": a.pressure,
+            "entropy_bound": a.entropy_bound,
+            "max_denoising_steps": a.max_denoising_steps,
+        }
+    return out
+
+
+def _stats(s: pb.GenerationStats) -> dict:
     return {
         "canvases": s.canvases,
         "denoising_steps": s.denoising_steps,

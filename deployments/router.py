@@ -19,6 +19,7 @@ deployment's `GenerateStream` method (Ray Serve 2.60's gRPC proxy routes by meth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -412,6 +413,9 @@ class Router:
                 tokens_per_second=ev.completion_tokens / max(1e-9, ev.total_time_s),
                 queue_time_s=ev.queue_time_s,
             )
+            adapted = getattr(ev, "adaptation", None)  # deployments/load_adaptive.py
+            if adapted is not None:
+                stats.load_adaptation.CopyFrom(pb.LoadAdaptation(**dataclasses.asdict(adapted)))
         final = pb.Final(
             usage=usage,
             stats=stats,

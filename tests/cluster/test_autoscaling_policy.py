@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from ray.serve._private.common import TimeStampedValue
-from ray.serve.config import AutoscalingConfig, AutoscalingContext
+from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
 from cluster.autoscaling import (
     POLICY_STATE_KEY,
@@ -263,9 +263,10 @@ def test_rendered_configs_are_accepted_by_ray_serve():
     assert ray_config.policy.policy_kwargs["downscale_delay_s"] == 30
     instance = ray_config.policy.get_policy()(**ray_config.policy.policy_kwargs)
     assert instance.params.slo_tokens_per_second == 25
-    app_policy = application_autoscaling_policy(cfg.engine.autoscaling, cfg.slo, expert_shards_per_engine=2)
-    assert app_policy["policy_function"] == "cluster.autoscaling:ApplicationPolicy"
-    assert app_policy["policy_kwargs"]["expert_shards_per_engine"] == 2
+    assert "expert_shards_per_engine" not in ray_config.policy.policy_kwargs  # fused mode: no shards
+    app_policy = AutoscalingPolicy(**application_autoscaling_policy())
+    assert app_policy.policy_function == "cluster.autoscaling:ApplicationPolicy"
+    assert app_policy.policy_kwargs == {}  # read from the Engine's autoscaling_config (one source)
 
 
 def test_replicas_push_at_rays_push_interval_variable():
@@ -297,3 +298,66 @@ def test_a_scale_down_goes_to_the_most_replicas_wanted_during_its_delay():
     for t, rows, expected in ((0, 1, 4), (10, 0, 4), (20, 1, 4), (30, 0, 2)):
         replicas, state, _ = run(policy, context(fleet(rows), now=1000 + t, state=state))
         assert replicas == expected, t
+
+
+def _engine_config(**kwargs) -> AutoscalingConfig:
+    cfg = ClusterConfig.model_validate({"engine": {"autoscaling": {"min_replicas": 1, "max_replicas": 8}}})
+    rendered = engine_autoscaling_config(cfg.engine.autoscaling, cfg.slo, expert_shards_per_engine=2)
+    rendered["policy"]["policy_kwargs"] |= kwargs
+    return AutoscalingConfig(**rendered)
+
+
+def test_application_policy_without_kwargs_reads_the_engines_own():
+    """What the Serve config document declares (no kwargs), wrapped the way Serve's controller wraps an
+    application-level policy (delays and scaling factors from each deployment's autoscaling_config; Serve then
+    clamps each result to that deployment's bounds)."""
+    from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
+
+    from cluster.autoscaling import shard_autoscaling_config
+
+    cfg = ClusterConfig.model_validate({"engine": {"autoscaling": {"min_replicas": 1, "max_replicas": 8}}})
+    engine = context({"r1": reading(9)}, bounds=(1, 8))
+    engine.config = _engine_config(slo_tokens_per_second=SLO, upscale_delay_s=0.0)
+    shard = context({"s1": None, "s2": None}, bounds=(2, 16))
+    shard.deployment_name = "ExpertShard0"
+    shard.config = AutoscalingConfig(**shard_autoscaling_config(cfg.engine.autoscaling, 2))
+    policy = _apply_app_level_autoscaling_config(ApplicationPolicy())
+    replicas, states = policy({"engine": engine, "shard": shard})
+    # 9 rows x 20 tokens/s over 60 x 0.7 per replica -> 5 Engines, so 2 x 5 replicas of the shard
+    assert replicas == {"engine": 5, "shard": 10}
+    assert states["shard"][POLICY_STATE_KEY] == {"engines": 5, "per_engine": 2}
+
+
+def test_hold_policy_keeps_shards_where_they_are_without_the_application_policy():
+    from cluster.autoscaling import HoldPolicy
+
+    shard = context({"s1": None, "s2": None}, target=2)
+    shard.total_num_requests = 500.0  # Serve's default policy would scale on this; shards follow Engines only
+    assert HoldPolicy()(shard)[0] == 2
+
+
+def test_document_declares_the_application_policy_only_with_autoscaling():
+    from cluster.serve_config import deploy_schema, render_serve_config
+
+    fixed = deploy_schema(render_serve_config(ClusterConfig())).applications[0]
+    assert fixed.autoscaling_policy is None
+    auto = ClusterConfig.model_validate({"engine": {"autoscaling": {"max_replicas": 3}}})
+    app = deploy_schema(render_serve_config(auto)).applications[0]
+    assert app.autoscaling_policy == {"policy_function": "cluster.autoscaling:ApplicationPolicy"}
+
+
+def test_shards_get_bounds_per_engine_when_the_engines_autoscale(tmp_path):
+    from cluster.app import shard_scaling
+
+    disagg = {"execution_mode": "disaggregated"}
+    fixed = ClusterConfig.model_validate({"engine": disagg, "experts": {"replicas_per_shard": 2}})
+    assert shard_scaling(fixed) == {"num_replicas": 2}
+    auto = ClusterConfig.model_validate(
+        {
+            "engine": disagg | {"autoscaling": {"min_replicas": 1, "max_replicas": 3}},
+            "experts": {"replicas_per_shard": 2},
+        }
+    )
+    config = AutoscalingConfig(**shard_scaling(auto)["autoscaling_config"])
+    assert (config.min_replicas, config.initial_replicas, config.max_replicas) == (2, 2, 6)
+    assert config.policy.policy_function == "cluster.autoscaling:HoldPolicy"

@@ -51,7 +51,9 @@ def _served_json(config_json: str) -> str:
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
-    """The model of a section field (`Section` or `Section | None`), else None."""
+    """The model of a section field (`Section` or `Section | None`), else None (a dict of sections is a leaf)."""
+    if typing.get_origin(annotation) in (dict, list):
+        return None
     for a in (annotation, *typing.get_args(annotation)):
         if isinstance(a, type) and issubclass(a, BaseModel):
             return a
@@ -77,6 +79,7 @@ EXAMPLES: dict[str, list[Any]] = {
     "experts.split": [[3, 5]],
     "auth.keys_file": ["/etc/blockserve/keys"],
     "model.device": ["cuda", "cuda:1"],
+    "slo.load_adaptive.classes": [{"plain": {"max_entropy_bound": 0.5, "min_denoising_steps": 8}}],
 }
 
 

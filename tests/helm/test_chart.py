@@ -114,16 +114,15 @@ def _serve_gpus(config: ClusterConfig) -> tuple[float, float]:
 
     built = build_serve_app(build_app(config), name=APP_NAME)
     low = high = 0.0
+    x = config.experts
+    actor = config.engine.execution_mode == "disaggregated" and x.transport == "actor"
     for d in built.deployments:
         gpus = (d.ray_actor_options or {}).get("num_gpus", 0) or 0
+        if actor and d.name.startswith("ExpertShard"):
+            gpus = x.num_gpus  # each shard replica starts a worker actor that holds its GPU (cluster/app.py)
         auto = d._deployment_config.autoscaling_config
         least, most = (auto.min_replicas, auto.max_replicas) if auto else (d.num_replicas, d.num_replicas)
         low, high = low + gpus * least, high + gpus * most
-    x = config.experts
-    if config.engine.execution_mode == "disaggregated" and x.transport == "actor":
-        # each shard replica starts a worker actor that holds its GPU (cluster/app.py build_shards)
-        workers = len(config.expert_ranges()) * x.replicas_per_shard * x.num_gpus
-        low, high = low + workers, high + workers
     return low, high
 
 
@@ -154,7 +153,7 @@ def test_gpu_pods_hold_exactly_the_gpus_serve_asks_for(values_file, tmp_path):
     assert group["minReplicas"] * per_pod == math.ceil(low / per_pod) * per_pod >= low
     assert group["maxReplicas"] * per_pod == math.ceil(high / per_pod) * per_pod >= high
     # at deploy time the shipped files waste no GPU; at most Engines the last whole pod may have spare GPUs
-    # (ExpertShards do not scale with Engines)
+    # (with engine.autoscaling, ExpertShards scale with the Engines: the application-level policy)
     assert group["minReplicas"] * per_pod == low
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     assert spec["enableInTreeAutoscaling"] is True

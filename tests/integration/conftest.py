@@ -58,20 +58,29 @@ class App:
 
         return serve.get_deployment_handle("Engine", APP_NAME).stats.remote().result()
 
-    def redeploy(self, config) -> None:
-        """Deploy `config` as the app (same name, same proxy ports) and wait until health says SERVING."""
-        from cluster.app import start
+    def redeploy(self, config, from_document: bool = False) -> None:
+        """Deploy `config` as the app (same name, same proxy ports) and wait until health says SERVING.
 
-        start(config)
+        `from_document`: deploy the Serve config document (what `blockserve serve` and KubeRay do, and the only
+        way Serve runs an application-level autoscaling policy) instead of `serve.run`."""
+        from cluster.app import start
+        from cluster.serve_config import deploy, render_serve_config
+
+        if from_document:
+            deploy(render_serve_config(config), blocking=True)
+        else:
+            start(config)
         wait_for(self.serving, timeout=120, what="health SERVING")
 
     @contextmanager
-    def reconfigured(self, **sections) -> Iterator[App]:
+    def reconfigured(self, from_document: bool = False, **sections) -> Iterator[App]:
         """Serve a variant of the session config inside a with-block, then the session config again.
 
         `sections` update top-level ClusterConfig sections (`engine={"max_rows": 2}`); the proxy's ports are fixed
         when Serve first starts, so `server` ports are kept. The suite shares one Ray cluster and one Serve
-        instance, and one app at a time keeps gRPC clients free of `application` metadata."""
+        instance, and one app at a time keeps gRPC clients free of `application` metadata. With `from_document`
+        both the variant and the restored session config are deployed from their Serve config documents (the
+        restore then also removes an application-level policy the variant registered)."""
         from cluster.config import ClusterConfig
 
         data = self.config.model_dump()
@@ -80,13 +89,13 @@ class App:
         data["server"] = self.config.server.model_dump()
         variant = ClusterConfig.model_validate(data)
         original = self.config
-        self.redeploy(variant)
+        self.redeploy(variant, from_document)
         self.config = variant
         try:
             yield self
         finally:
             self.config = original
-            self.redeploy(original)
+            self.redeploy(original, from_document)
 
     def serving(self) -> bool:
         try:

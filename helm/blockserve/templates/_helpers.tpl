@@ -40,13 +40,18 @@ are applied by the app builder from cluster/config.py.
 {{- $servicers := list "deployments.wire.add_BlockDiffusion_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
 {{- $grpc := dict "port" (include "blockserve.grpcPort" . | int) "grpc_servicer_functions" $servicers -}}
 {{- $app := dict "name" "blockserve" "route_prefix" "/" "import_path" "cluster.app:app_builder" "args" .Values.config -}}
+{{- /* application-level SLO policy (cluster/serve_config.py application): its kwargs come from the Engine */ -}}
+{{- if dig "engine" "autoscaling" nil .Values.config -}}
+{{- $_ := set $app "autoscaling_policy" (dict "policy_function" "cluster.autoscaling:ApplicationPolicy") -}}
+{{- end -}}
 {{- toPrettyJson (dict "proxy_location" "EveryNode" "http_options" $http "grpc_options" $grpc "applications" (list $app)) -}}
 {{- end -}}
 
 {{/*
 GPUs the Serve deployments ask for: Engine replicas x engine.num_gpus when model.device is cuda (cluster/app.py
 engine_actor_options; num_gpus defaults to 1), plus (disaggregated mode) shards x
-replicas_per_shard x experts.num_gpus. Argument: a dict with "root" (the chart context) and "engines" (the
+replicas_per_shard x experts.num_gpus, times the Engine replicas when engine.autoscaling is set (the shards then
+scale with the Engines, cluster/app.py shard_scaling). Argument: a dict with "root" (the chart context) and "engines" (the
 Engine replica count to size for). Prints a number.
 */}}
 {{- define "blockserve.gpusNeeded" -}}
@@ -58,6 +63,10 @@ Engine replica count to size for). Prints a number.
 {{- $x := dig "experts" (dict) $c -}}
 {{- $shards := ternary (len ($x.split | default list)) ($x.shards | default 0) (not (empty $x.split)) -}}
 {{- $shardGpus = mulf $shards ($x.replicas_per_shard | default 1) ($x.num_gpus | default 0) -}}
+{{- if dig "engine" "autoscaling" nil $c -}}
+{{- /* the application-level policy runs replicas_per_shard of each shard per Engine replica */ -}}
+{{- $shardGpus = mulf $shardGpus .engines -}}
+{{- end -}}
 {{- end -}}
 {{- addf $engineGpus $shardGpus -}}
 {{- end -}}

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/blockserve/v1/blockserve.proto\x12\rblockserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xad\x02\n\x11SamplingOverrides\x12 \n\x13max_denoising_steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rentropy_bound\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05t_min\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05t_max\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12 \n\x13stability_threshold\x18\x05 \x01(\rH\x04\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x16\n\x14_max_denoising_stepsB\x10\n\x0e_entropy_boundB\x08\n\x06_t_minB\x08\n\x06_t_maxB\x16\n\x14_stability_thresholdB\x17\n\x15_confidence_threshold\"K\n\x0cTemplatePart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x04slot\x18\x02 \x01(\x0b\x32\x13.blockserve.v1.SlotH\x00\x42\x06\n\x04part\"P\n\x04Slot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x17\n\nmin_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_min_tokens\"6\n\x08Template\x12*\n\x05parts\x18\x01 \x03(\x0b\x32\x1b.blockserve.v1.TemplatePart\"\xff\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x17.blockserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x0b \x01(\x0b\x32\x13.blockserve.v1.ChatH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .blockserve.v1.SamplingOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x15\n\rstream_drafts\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12+\n\x08template\x18\x08 \x01(\x0b\x32\x17.blockserve.v1.TemplateH\x01\x12\x15\n\x0bjson_schema\x18\t \x01(\tH\x01\x12\x12\n\nrequest_id\x18\n \x01(\tB\x0e\n\x0cprompt_inputB\x0b\n\tstructureB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xd9\x01\n\x0fGenerationStats\x12\x10\n\x08\x63\x61nvases\x18\x01 \x01(\r\x12\x17\n\x0f\x64\x65noising_steps\x18\x02 \x01(\r\x12\x18\n\x10steps_per_canvas\x18\x03 \x03(\r\x12\x1a\n\x12tokens_per_forward\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_canvas_s\x18\x05 \x01(\x02\x12\x14\n\x0ctotal_time_s\x18\x06 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x02\x12\x14\n\x0cqueue_time_s\x18\x08 \x01(\x02\"<\n\x0bSlotContent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xa2\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.blockserve.v1.Usage\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.blockserve.v1.GenerationStats\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.blockserve.v1.FinishReason\x12)\n\x05slots\x18\x06 \x03(\x0b\x32\x1a.blockserve.v1.SlotContent\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12&\n\x04\x63hat\x18\x08 \x01(\x0b\x32\x18.blockserve.v1.ChatReply\"\x8f\x01\n\rGenerateEvent\x12%\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x14.blockserve.v1.DraftH\x00\x12\'\n\x06\x63\x61nvas\x18\x02 \x01(\x0b\x32\x15.blockserve.v1.CanvasH\x00\x12%\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x14.blockserve.v1.FinalH\x00\x42\x07\n\x05\x65vent\"^\n\x05\x44raft\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\"|\n\x06\x43\x61nvas\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\r\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\r\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.blockserve.v1.ChatDelta\"\x84\x02\n\x05\x46inal\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.blockserve.v1.Usage\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.blockserve.v1.GenerationStats\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.blockserve.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x05slots\x18\x05 \x03(\x0b\x32\x1a.blockserve.v1.SlotContent\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12&\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x18.blockserve.v1.ChatReply\"\x98\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.blockserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\x8b\x02\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.blockserve.v1.ChatMessage\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.blockserve.v1.Tool\x12.\n\x0btool_choice\x18\x03 \x01(\x0e\x32\x19.blockserve.v1.ToolChoice\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x30\n\x0ftemplate_kwargs\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"d\n\tChatReply\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x19\n\x11reasoning_content\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.blockserve.v1.ToolCall\"7\n\tChatDelta\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x19\n\x11reasoning_content\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x0f\x44\x65\x66\x61ultSampling\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1b\n\x13max_denoising_steps\x18\x02 \x01(\r\x12\x15\n\rentropy_bound\x18\x03 \x01(\x02\x12\r\n\x05t_min\x18\x04 \x01(\x02\x12\r\n\x05t_max\x18\x05 \x01(\x02\x12\x1b\n\x13stability_threshold\x18\x06 \x01(\r\x12\x1c\n\x14\x63onfidence_threshold\x18\x07 \x01(\x02\"\x85\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rcanvas_length\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x15\n\rtop_k_experts\x18\x07 \x01(\r\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x1e.blockserve.v1.DefaultSampling\x12\x10\n\x08max_rows\x18\t \x01(\r\x12\x16\n\x0e\x65xecution_mode\x18\n \x01(\t*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_TEMPLATE_DONE\x10\x04*R\n\nToolChoice\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x00\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x01\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x02\x32\xff\x01\n\x0e\x42lockDiffusion\x12K\n\x08Generate\x12\x1e.blockserve.v1.GenerateRequest\x1a\x1f.blockserve.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1e.blockserve.v1.GenerateRequest\x1a\x1c.blockserve.v1.GenerateEvent0\x01\x12N\n\tModelInfo\x12\x1f.blockserve.v1.ModelInfoRequest\x1a .blockserve.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/blockserve/v1/blockserve.proto\x12\rblockserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xad\x02\n\x11SamplingOverrides\x12 \n\x13max_denoising_steps\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\rentropy_bound\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05t_min\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05t_max\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12 \n\x13stability_threshold\x18\x05 \x01(\rH\x04\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x16\n\x14_max_denoising_stepsB\x10\n\x0e_entropy_boundB\x08\n\x06_t_minB\x08\n\x06_t_maxB\x16\n\x14_stability_thresholdB\x17\n\x15_confidence_threshold\"K\n\x0cTemplatePart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12#\n\x04slot\x18\x02 \x01(\x0b\x32\x13.blockserve.v1.SlotH\x00\x42\x06\n\x04part\"P\n\x04Slot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x17\n\nmin_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_min_tokens\"6\n\x08Template\x12*\n\x05parts\x18\x01 \x03(\x0b\x32\x1b.blockserve.v1.TemplatePart\"\xff\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x17.blockserve.v1.TokenIdsH\x00\x12#\n\x04\x63hat\x18\x0b \x01(\x0b\x32\x13.blockserve.v1.ChatH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .blockserve.v1.SamplingOverrides\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x15\n\rstream_drafts\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12+\n\x08template\x18\x08 \x01(\x0b\x32\x17.blockserve.v1.TemplateH\x01\x12\x15\n\x0bjson_schema\x18\t \x01(\tH\x01\x12\x12\n\nrequest_id\x18\n \x01(\tB\x0e\n\x0cprompt_inputB\x0b\n\tstructureB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x91\x02\n\x0fGenerationStats\x12\x10\n\x08\x63\x61nvases\x18\x01 \x01(\r\x12\x17\n\x0f\x64\x65noising_steps\x18\x02 \x01(\r\x12\x18\n\x10steps_per_canvas\x18\x03 \x03(\r\x12\x1a\n\x12tokens_per_forward\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_canvas_s\x18\x05 \x01(\x02\x12\x14\n\x0ctotal_time_s\x18\x06 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x02\x12\x14\n\x0cqueue_time_s\x18\x08 \x01(\x02\x12\x36\n\x0fload_adaptation\x18\t \x01(\x0b\x32\x1d.blockserve.v1.LoadAdaptation\"m\n\x0eLoadAdaptation\x12\x15\n\rrequest_class\x18\x01 \x01(\t\x12\x10\n\x08pressure\x18\x02 \x01(\x02\x12\x15\n\rentropy_bound\x18\x03 \x01(\x02\x12\x1b\n\x13max_denoising_steps\x18\x04 \x01(\r\"<\n\x0bSlotContent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"\xa2\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.blockserve.v1.Usage\x12-\n\x05stats\x18\x04 \x01(\x0b\x32\x1e.blockserve.v1.GenerationStats\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.blockserve.v1.FinishReason\x12)\n\x05slots\x18\x06 \x03(\x0b\x32\x1a.blockserve.v1.SlotContent\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12&\n\x04\x63hat\x18\x08 \x01(\x0b\x32\x18.blockserve.v1.ChatReply\"\x8f\x01\n\rGenerateEvent\x12%\n\x05\x64raft\x18\x01 \x01(\x0b\x32\x14.blockserve.v1.DraftH\x00\x12\'\n\x06\x63\x61nvas\x18\x02 \x01(\x0b\x32\x15.blockserve.v1.CanvasH\x00\x12%\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x14.blockserve.v1.FinalH\x00\x42\x07\n\x05\x65vent\"^\n\x05\x44raft\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\r\"|\n\x06\x43\x61nvas\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\r\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\r\x12&\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x18.blockserve.v1.ChatDelta\"\x84\x02\n\x05\x46inal\x12#\n\x05usage\x18\x01 \x01(\x0b\x32\x14.blockserve.v1.Usage\x12-\n\x05stats\x18\x02 \x01(\x0b\x32\x1e.blockserve.v1.GenerationStats\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.blockserve.v1.FinishReason\x12\x0c\n\x04text\x18\x04 \x01(\t\x12)\n\x05slots\x18\x05 \x03(\x0b\x32\x1a.blockserve.v1.SlotContent\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12&\n\x04\x63hat\x18\x07 \x01(\x0b\x32\x18.blockserve.v1.ChatReply\"\x98\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x19\n\x11reasoning_content\x18\x03 \x01(\t\x12+\n\ntool_calls\x18\x04 \x03(\x0b\x32\x17.blockserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\x12\x0c\n\x04name\x18\x06 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"\x8b\x02\n\x04\x43hat\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.blockserve.v1.ChatMessage\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.blockserve.v1.Tool\x12.\n\x0btool_choice\x18\x03 \x01(\x0e\x32\x19.blockserve.v1.ToolChoice\x12\x11\n\ttool_name\x18\x04 \x01(\t\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x30\n\x0ftemplate_kwargs\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructB\x18\n\x16_add_generation_prompt\"d\n\tChatReply\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x19\n\x11reasoning_content\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.blockserve.v1.ToolCall\"7\n\tChatDelta\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x19\n\x11reasoning_content\x18\x02 \x01(\t\"\x12\n\x10ModelInfoRequest\"\xb6\x01\n\x0f\x44\x65\x66\x61ultSampling\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x1b\n\x13max_denoising_steps\x18\x02 \x01(\r\x12\x15\n\rentropy_bound\x18\x03 \x01(\x02\x12\r\n\x05t_min\x18\x04 \x01(\x02\x12\r\n\x05t_max\x18\x05 \x01(\x02\x12\x1b\n\x13stability_threshold\x18\x06 \x01(\r\x12\x1c\n\x14\x63onfidence_threshold\x18\x07 \x01(\x02\"\x85\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rcanvas_length\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\x15\n\rtop_k_experts\x18\x07 \x01(\r\x12\x30\n\x08\x64\x65\x66\x61ults\x18\x08 \x01(\x0b\x32\x1e.blockserve.v1.DefaultSampling\x12\x10\n\x08max_rows\x18\t \x01(\r\x12\x16\n\x0e\x65xecution_mode\x18\n \x01(\t*\x97\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1f\n\x1b\x46INISH_REASON_TEMPLATE_DONE\x10\x04*R\n\nToolChoice\x12\x14\n\x10TOOL_CHOICE_AUTO\x10\x00\x12\x14\n\x10TOOL_CHOICE_NONE\x10\x01\x12\x18\n\x14TOOL_CHOICE_REQUIRED\x10\x02\x32\xff\x01\n\x0e\x42lockDiffusion\x12K\n\x08Generate\x12\x1e.blockserve.v1.GenerateRequest\x1a\x1f.blockserve.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1e.blockserve.v1.GenerateRequest\x1a\x1c.blockserve.v1.GenerateEvent0\x01\x12N\n\tModelInfo\x12\x1f.blockserve.v1.ModelInfoRequest\x1a .blockserve.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.blockserve.v1.blockserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3455
-  _globals['_FINISHREASON']._serialized_end=3606
-  _globals['_TOOLCHOICE']._serialized_start=3608
-  _globals['_TOOLCHOICE']._serialized_end=3690
+  _globals['_FINISHREASON']._serialized_start=3622
+  _globals['_FINISHREASON']._serialized_end=3773
+  _globals['_TOOLCHOICE']._serialized_start=3775
+  _globals['_TOOLCHOICE']._serialized_end=3857
   _globals['_TOKENIDS']._serialized_start=86
   _globals['_TOKENIDS']._serialized_end=109
   _globals['_SAMPLINGOVERRIDES']._serialized_start=112
@@ -51,37 +51,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=1016
   _globals['_USAGE']._serialized_end=1073
   _globals['_GENERATIONSTATS']._serialized_start=1076
-  _globals['_GENERATIONSTATS']._serialized_end=1293
-  _globals['_SLOTCONTENT']._serialized_start=1295
-  _globals['_SLOTCONTENT']._serialized_end=1355
-  _globals['_GENERATERESPONSE']._serialized_start=1358
-  _globals['_GENERATERESPONSE']._serialized_end=1648
-  _globals['_GENERATEEVENT']._serialized_start=1651
-  _globals['_GENERATEEVENT']._serialized_end=1794
-  _globals['_DRAFT']._serialized_start=1796
-  _globals['_DRAFT']._serialized_end=1890
-  _globals['_CANVAS']._serialized_start=1892
-  _globals['_CANVAS']._serialized_end=2016
-  _globals['_FINAL']._serialized_start=2019
-  _globals['_FINAL']._serialized_end=2279
-  _globals['_CHATMESSAGE']._serialized_start=2282
-  _globals['_CHATMESSAGE']._serialized_end=2434
-  _globals['_TOOLCALL']._serialized_start=2436
-  _globals['_TOOLCALL']._serialized_end=2491
-  _globals['_TOOL']._serialized_start=2493
-  _globals['_TOOL']._serialized_end=2554
-  _globals['_CHAT']._serialized_start=2557
-  _globals['_CHAT']._serialized_end=2824
-  _globals['_CHATREPLY']._serialized_start=2826
-  _globals['_CHATREPLY']._serialized_end=2926
-  _globals['_CHATDELTA']._serialized_start=2928
-  _globals['_CHATDELTA']._serialized_end=2983
-  _globals['_MODELINFOREQUEST']._serialized_start=2985
-  _globals['_MODELINFOREQUEST']._serialized_end=3003
-  _globals['_DEFAULTSAMPLING']._serialized_start=3006
-  _globals['_DEFAULTSAMPLING']._serialized_end=3188
-  _globals['_MODELINFORESPONSE']._serialized_start=3191
-  _globals['_MODELINFORESPONSE']._serialized_end=3452
-  _globals['_BLOCKDIFFUSION']._serialized_start=3693
-  _globals['_BLOCKDIFFUSION']._serialized_end=3948
+  _globals['_GENERATIONSTATS']._serialized_end=1349
+  _globals['_LOADADAPTATION']._serialized_start=1351
+  _globals['_LOADADAPTATION']._serialized_end=1460
+  _globals['_SLOTCONTENT']._serialized_start=1462
+  _globals['_SLOTCONTENT']._serialized_end=1522
+  _globals['_GENERATERESPONSE']._serialized_start=1525
+  _globals['_GENERATERESPONSE']._serialized_end=1815
+  _globals['_GENERATEEVENT']._serialized_start=1818
+  _globals['_GENERATEEVENT']._serialized_end=1961
+  _globals['_DRAFT']._serialized_start=1963
+  _globals['_DRAFT']._serialized_end=2057
+  _globals['_CANVAS']._serialized_start=2059
+  _globals['_CANVAS']._serialized_end=2183
+  _globals['_FINAL']._serialized_start=2186
+  _globals['_FINAL']._serialized_end=2446
+  _globals['_CHATMESSAGE']._serialized_start=2449
+  _globals['_CHATMESSAGE']._serialized_end=2601
+  _globals['_TOOLCALL']._serialized_start=2603
+  _globals['_TOOLCALL']._serialized_end=2658
+  _globals['_TOOL']._serialized_start=2660
+  _globals['_TOOL']._serialized_end=2721
+  _globals['_CHAT']._serialized_start=2724
+  _globals['_CHAT']._serialized_end=2991
+  _globals['_CHATREPLY']._serialized_start=2993
+  _globals['_CHATREPLY']._serialized_end=3093
+  _globals['_CHATDELTA']._serialized_start=3095
+  _globals['_CHATDELTA']._serialized_end=3150
+  _globals['_MODELINFOREQUEST']._serialized_start=3152
+  _globals['_MODELINFOREQUEST']._serialized_end=3170
+  _globals['_DEFAULTSAMPLING']._serialized_start=3173
+  _globals['_DEFAULTSAMPLING']._serialized_end=3355
+  _globals['_MODELINFORESPONSE']._serialized_start=3358
+  _globals['_MODELINFORESPONSE']._serialized_end=3619
+  _globals['_BLOCKDIFFUSION']._serialized_start=3860
+  _globals['_BLOCKDIFFUSION']._serialized_end=4115
 # @@protoc_insertion_point(module_scope)

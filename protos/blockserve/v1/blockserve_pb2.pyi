@@ -111,7 +111,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("canvases", "denoising_steps", "steps_per_canvas", "tokens_per_forward", "time_to_first_canvas_s", "total_time_s", "tokens_per_second", "queue_time_s")
+    __slots__ = ("canvases", "denoising_steps", "steps_per_canvas", "tokens_per_forward", "time_to_first_canvas_s", "total_time_s", "tokens_per_second", "queue_time_s", "load_adaptation")
     CANVASES_FIELD_NUMBER: _ClassVar[int]
     DENOISING_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_CANVAS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class GenerationStats(_message.Message):
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ADAPTATION_FIELD_NUMBER: _ClassVar[int]
     canvases: int
     denoising_steps: int
     steps_per_canvas: _containers.RepeatedScalarFieldContainer[int]
@@ -128,7 +129,20 @@ class GenerationStats(_message.Message):
     total_time_s: float
     tokens_per_second: float
     queue_time_s: float
-    def __init__(self, canvases: _Optional[int] = ..., denoising_steps: _Optional[int] = ..., steps_per_canvas: _Optional[_Iterable[int]] = ..., tokens_per_forward: _Optional[float] = ..., time_to_first_canvas_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., queue_time_s: _Optional[float] = ...) -> None: ...
+    load_adaptation: LoadAdaptation
+    def __init__(self, canvases: _Optional[int] = ..., denoising_steps: _Optional[int] = ..., steps_per_canvas: _Optional[_Iterable[int]] = ..., tokens_per_forward: _Optional[float] = ..., time_to_first_canvas_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., queue_time_s: _Optional[float] = ..., load_adaptation: _Optional[_Union[LoadAdaptation, _Mapping]] = ...) -> None: ...
+
+class LoadAdaptation(_message.Message):
+    __slots__ = ("request_class", "pressure", "entropy_bound", "max_denoising_steps")
+    REQUEST_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_DENOISING_STEPS_FIELD_NUMBER: _ClassVar[int]
+    request_class: str
+    pressure: float
+    entropy_bound: float
+    max_denoising_steps: int
+    def __init__(self, request_class: _Optional[str] = ..., pressure: _Optional[float] = ..., entropy_bound: _Optional[float] = ..., max_denoising_steps: _Optional[int] = ...) -> None: ...
 
 class SlotContent(_message.Message):
     __slots__ = ("name", "text", "token_ids")
