@@ -114,7 +114,7 @@ def application_policy(app_config: dict, deployments: dict[str, dict]) -> dict[s
         return out | {"note": "no Engine autoscaling readings"}
     per_engine = engine.get("expert_shards_per_engine", 0)
     wanted = {ENGINE: engine["wanted"]}
-    for name, dep in deployments.items():
+    for name in deployments:
         if name.startswith(EXPERT_SHARD) and per_engine:
             wanted[name] = engine["wanted"] * per_engine
     inputs = {"engine": engine["inputs"], "capacity_tps": engine["capacity_tps"], "slo": engine["slo"]}
