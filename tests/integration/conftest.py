@@ -42,6 +42,19 @@ def served_model_path(tmp_path_factory) -> Path:
     return served_checkpoint(tmp_path_factory.mktemp("served"))
 
 
+def _running_as(config) -> bool:
+    """The app is RUNNING with exactly the deployments `config` builds (the previous version's are gone)."""
+    from ray import serve
+
+    from cluster.app import APP_NAME, shard_deployment_name
+
+    names = {"Engine", "Router"}
+    if config.engine.execution_mode == "disaggregated":
+        names |= {shard_deployment_name(i) for i in range(len(config.expert_ranges()))}
+    app = serve.status().applications.get(APP_NAME)
+    return bool(app) and str(app.status).endswith("RUNNING") and set(app.deployments) == names
+
+
 class App:
     def __init__(self, address: str, model_path: Path, config):
         self.address = address
@@ -67,7 +80,8 @@ class App:
         from cluster.serve_config import deploy, render_serve_config
 
         if from_document:
-            deploy(render_serve_config(config), blocking=True)
+            deploy(render_serve_config(config))
+            wait_for(lambda: _running_as(config), timeout=240, what="the app's deployments RUNNING")
         else:
             start(config)
         wait_for(self.serving, timeout=120, what="health SERVING")
