@@ -15,7 +15,9 @@ control-loop tick (TokenScale's idea: size to token demand over measured per-ins
   3. SLO guard: when the p10 stream rate or the time to first canvas misses the SLO while replicas hold at
      least `guard_min_rows` rows each, add one replica even if the averages look fine (and never scale down
      then). With fewer rows a replica is latency-bound, and another replica would not make a stream faster;
-  4. delays: a change must be wanted continuously for `upscale_delay_s` / `downscale_delay_s`;
+  4. delays: a change must be wanted continuously for `upscale_delay_s` / `downscale_delay_s`, except a
+     scale-up when the look-back mean of demand already exceeds the target's capacity (`urgent`): the delay
+     only filters blips (so does the mean), and a new replica still needs its start-up time;
   5. bounds: Serve's capacity-adjusted min / max replicas.
 
 The delays live here (Ray's own are set to 0 in the config this module renders) so that the whole decision is one
@@ -57,6 +59,7 @@ class PolicyParams:
     capacity_smoothing: float = (
         0.1  # weight of a new capacity reading (once per tick) in the learned capacity
     )
+    urgent_utilization: float = 1.0  # mean demand past this share of the target's capacity: scale up with no delay
     expert_shards_per_engine: int = 0  # ApplicationPolicy: ExpertShard replicas per Engine (0: no shards)
 
     def errors(self) -> list[str]:
@@ -76,7 +79,8 @@ class FleetView:
 
     running: int
     fresh: int
-    demand_tps: float = 0.0
+    demand_tps: float = 0.0  # the larger of the look-back mean and the newest reading, summed
+    demand_mean_tps: float = 0.0  # the look-back mean alone (a one-tick blip barely moves it)
     demand_rows: float = 0.0
     delivered_tps: float = 0.0
     capacity_tps: float | None = None  # median of this tick's replica readings
@@ -134,6 +138,7 @@ def fleet_view(ctx, params: PolicyParams) -> FleetView:
         # the larger of the look-back mean and the newest reading: a burst is seen at once, a lull only once
         # it has lasted the look-back window
         view.demand_tps += max(demand, latest if latest is not None else demand)
+        view.demand_mean_tps += demand
         view.demand_rows += _reading(metrics, "demand_rows", rid) or 0.0
         view.delivered_tps += _reading(metrics, "delivered_tps", rid) or 0.0
         for name, out in (("capacity_tps", capacities), ("stream_tps_p10", tails)):
@@ -207,14 +212,33 @@ def wanted_replicas(
     return want, reason
 
 
-def apply_delays(want: int, target: int, state: dict, params: PolicyParams, now: float) -> int:
+def urgent(view: FleetView, capacity: float | None, target: int, params: PolicyParams) -> str | None:
+    """Why a scale-up cannot wait for its delay (None when it can): demand averaged over Serve's look-back window
+    already exceeds what the target replicas sustain at the SLO. The delay is there to filter blips, which the
+    window's mean does too; past full capacity every second of delay adds queued requests that will miss their
+    first canvas, and a new replica still needs its start-up time on top."""
+    if not capacity or view.fresh == 0:
+        return None
+    utilization = view.demand_mean_tps / (capacity * max(target, 1))
+    if utilization > params.urgent_utilization:
+        return f"urgent: mean demand is {utilization:.0%} of capacity"
+    return None
+
+
+def apply_delays(
+    want: int, target: int, state: dict, params: PolicyParams, now: float, at_once: bool = False
+) -> int:
     """Change the target only after `want` has pointed the same way for the direction's delay.
 
-    A scale-up goes to the latest `want`; a scale-down to the largest `want` seen while it waited, so one low
-    reading at the end of the delay cannot take away replicas the rest of the delay needed."""
+    A scale-up goes to the latest `want` (at once when `at_once`: see `urgent`); a scale-down to the largest
+    `want` seen while it waited, so one low reading at the end of the delay cannot take away replicas the rest
+    of the delay needed."""
     if want == target:
         state.pop("pending", None)
         return target
+    if at_once and want > target:
+        state.pop("pending", None)
+        return want
     direction = 1 if want > target else -1
     pending = state.get("pending")
     if not pending or pending["direction"] != direction:
@@ -237,7 +261,10 @@ def decide(ctx, params: PolicyParams, state: dict) -> Decision:
     want, reason = wanted_replicas(view, capacity, target, params)
     want = min(max(want, ctx.capacity_adjusted_min_replicas), ctx.capacity_adjusted_max_replicas)
     now = ctx.current_time if ctx.current_time is not None else 0.0
-    replicas = apply_delays(want, target, state, params, now)
+    hurry = urgent(view, capacity, target, params) if want > target else None
+    if hurry:
+        reason = f"{reason}; {hurry}"
+    replicas = apply_delays(want, target, state, params, now, at_once=hurry is not None)
     decision = Decision(replicas, want, reason, capacity, view)
     state["last_decision"] = decision.summary()
     return decision

@@ -102,13 +102,26 @@ def test_holds_inside_the_band():
 
 
 def test_upscale_waits_for_its_delay():
+    # 2.9 rows = 58 tokens/s: 97% of one replica, above the band but not past full capacity (not urgent)
     policy = EnginePolicy(**params(upscale_delay_s=10.0))
     state = {}
-    for t, expected in ((0.0, 1), (5.0, 1), (10.0, 5)):
+    for t, expected in ((0.0, 1), (5.0, 1), (10.0, 2)):
         replicas, state, _ = run(
-            policy, context({"r1": reading(9)}, now=1000 + t, state=state, bounds=(1, 8))
+            policy, context({"r1": reading(2.9)}, now=1000 + t, state=state, bounds=(1, 8))
         )
         assert replicas == expected, t
+
+
+def test_demand_past_full_capacity_scales_up_without_the_delay_but_a_blip_waits():
+    policy = EnginePolicy(**params(upscale_delay_s=10.0))
+    # a sustained burst: the look-back mean itself is 300% of capacity -> 5 replicas at once
+    replicas, _, reason = run(policy, context({"r1": reading(9)}, bounds=(1, 8)))
+    assert replicas == 5 and "urgent" in reason
+    # one high newest reading over a low mean (a blip): the same replicas are wanted, but only after the delay
+    blip = context({"r1": reading(1)}, bounds=(1, 8))
+    blip.raw_metrics["demanded_tps"]["r1"][-1] = TimeStampedValue(999.5, 9 * SLO)
+    replicas, state, reason = run(EnginePolicy(**params(upscale_delay_s=10.0)), blip)
+    assert replicas == 1 and state[POLICY_STATE_KEY]["last_decision"]["wanted"] == 5 and "urgent" not in reason
 
 
 def test_scales_down_only_after_the_delay_and_a_blip_restarts_it():
