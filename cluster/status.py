@@ -188,7 +188,7 @@ def render(status: dict[str, Any]) -> str:
                 )
         policy = app.get("autoscaling_policy")
         if policy and "wanted" in policy:
-            wanted = ", ".join(f"{n} {k}" for k, n in policy["wanted"].items())
+            wanted = ", ".join(f"{name} {n}" for name, n in policy["wanted"].items())
             lines.append(f"  application policy {policy['policy']}: wants {wanted} ({policy['reason']})")
     return "\n".join(lines) if lines else "no Serve applications"
 

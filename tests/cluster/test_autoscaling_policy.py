@@ -121,7 +121,9 @@ def test_demand_past_full_capacity_scales_up_without_the_delay_but_a_blip_waits(
     blip = context({"r1": reading(1)}, bounds=(1, 8))
     blip.raw_metrics["demanded_tps"]["r1"][-1] = TimeStampedValue(999.5, 9 * SLO)
     replicas, state, reason = run(EnginePolicy(**params(upscale_delay_s=10.0)), blip)
-    assert replicas == 1 and state[POLICY_STATE_KEY]["last_decision"]["wanted"] == 5 and "urgent" not in reason
+    assert (
+        replicas == 1 and state[POLICY_STATE_KEY]["last_decision"]["wanted"] == 5 and "urgent" not in reason
+    )
 
 
 def test_scales_down_only_after_the_delay_and_a_blip_restarts_it():

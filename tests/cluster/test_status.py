@@ -64,3 +64,31 @@ def test_render_is_readable_and_json_serialisable():
     assert "autoscaling 1..3: demand 180 tokens/s over capacity 60 tokens/s per replica -> wants 3" in text
     json.dumps(status)
     assert render({"applications": {}}) == "no Serve applications"
+
+
+def test_application_policy_view_sizes_every_shard_with_the_engines():
+    from cluster.autoscaling import application_autoscaling_policy
+    from cluster.status import application_policy
+
+    cfg = ClusterConfig.model_validate({"engine": {"autoscaling": {"max_replicas": 3}}})
+    details = {
+        "target_num_replicas": 1,
+        "deployment_config": {
+            "autoscaling_config": engine_autoscaling_config(
+                cfg.engine.autoscaling, cfg.slo, expert_shards_per_engine=2
+            )
+        },
+    }
+    engine = {"target_replicas": 1, "autoscaling": autoscaling_view(details, {"r1": reading(9)}, now=1.0)}
+    deployments = {"Engine": engine, "ExpertShard0": {"target_replicas": 2}, "Router": {"target_replicas": 1}}
+    app_config = {"autoscaling_policy": application_autoscaling_policy()}
+    view = application_policy(app_config, deployments)
+    assert view["scope"] == "application" and view["policy"] == "cluster.autoscaling:ApplicationPolicy"
+    assert view["wanted"] == {"Engine": 3, "ExpertShard0": 6}  # the Router is not the policy's
+    assert view["target_replicas"] == {"Engine": 1, "ExpertShard0": 2}
+    assert view["inputs"]["engine"]["demand_tps"] == 180.0
+    assert application_policy({}, deployments) is None  # deployed with serve.run: no application policy
+    text = render(
+        {"applications": {"blockserve": {"status": "RUNNING", "deployments": {}, "autoscaling_policy": view}}}
+    )
+    assert "application policy cluster.autoscaling:ApplicationPolicy: wants Engine 3, ExpertShard0 6" in text

@@ -124,3 +124,23 @@ def test_the_final_event_carries_the_adaptation():
     assert annotate(final, applied).adaptation == applied
     untouched = FinalEvent("length", 2, 32, [16], 2.0, 0.1, 0.5, 0.0)
     assert not hasattr(annotate(untouched, None), "adaptation")
+
+
+def test_the_openai_stats_carry_the_adaptation_only_when_applied():
+    from deployments import openai_protocol as oa
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
+    plain = pb.GenerationStats(canvases=1)
+    assert "load_adaptation" not in oa.stats(plain)
+    adapted = pb.GenerationStats(
+        canvases=1,
+        load_adaptation=pb.LoadAdaptation(
+            request_class=PLAIN, pressure=0.5, entropy_bound=0.25, max_denoising_steps=16
+        ),
+    )
+    assert oa.stats(adapted)["load_adaptation"] == {
+        "request_class": PLAIN,
+        "pressure": 0.5,
+        "entropy_bound": 0.25,
+        "max_denoising_steps": 16,
+    }
