@@ -16,8 +16,9 @@ control-loop tick (TokenScale's idea: size to token demand over measured per-ins
      least `guard_min_rows` rows each, add one replica even if the averages look fine (and never scale down
      then). With fewer rows a replica is latency-bound, and another replica would not make a stream faster;
   4. delays: a change must be wanted continuously for `upscale_delay_s` / `downscale_delay_s`, except a
-     scale-up when the look-back mean of demand already exceeds the target's capacity (`urgent`): the delay
-     only filters blips (so does the mean), and a new replica still needs its start-up time;
+     scale-up when the look-back mean of demand, projected `predict_s` ahead along its growth, exceeds the
+     target's capacity (`urgent`): the delay only filters blips (so do the mean and slope), and a new replica
+     still needs its start-up time;
   5. bounds: Serve's capacity-adjusted min / max replicas.
 
 The delays live here (Ray's own are set to 0 in the config this module renders) so that the whole decision is one
@@ -59,7 +60,12 @@ class PolicyParams:
     capacity_smoothing: float = (
         0.1  # weight of a new capacity reading (once per tick) in the learned capacity
     )
-    urgent_utilization: float = 1.0  # mean demand past this share of the target's capacity: scale up with no delay
+    predict_s: float = (
+        20.0  # urgency looks this far ahead along the demand's growth (about a replica's start-up)
+    )
+    urgent_utilization: float = (
+        1.0  # mean demand past this share of the target's capacity: scale up with no delay
+    )
     expert_shards_per_engine: int = 0  # ApplicationPolicy: ExpertShard replicas per Engine (0: no shards)
 
     def errors(self) -> list[str]:
@@ -81,6 +87,9 @@ class FleetView:
     fresh: int
     demand_tps: float = 0.0  # the larger of the look-back mean and the newest reading, summed
     demand_mean_tps: float = 0.0  # the look-back mean alone (a one-tick blip barely moves it)
+    demand_growth_tps: float = (
+        0.0  # tokens/s per second: the demand's slope over the look-back window, summed
+    )
     demand_rows: float = 0.0
     delivered_tps: float = 0.0
     capacity_tps: float | None = None  # median of this tick's replica readings
@@ -111,6 +120,19 @@ def _latest(series) -> tuple[float | None, float | None]:
     return getattr(last, "timestamp", None), (float(value) if ok else None)
 
 
+def _slope(series) -> float:
+    """Least-squares slope (per second) of a raw metric series; 0 with fewer than 3 samples."""
+    points = [
+        (s.timestamp, s.value) for s in series or () if isinstance(getattr(s, "value", None), int | float)
+    ]
+    if len(points) < 3:
+        return 0.0
+    mt = sum(t for t, _ in points) / len(points)
+    mv = sum(v for _, v in points) / len(points)
+    var = sum((t - mt) ** 2 for t, _ in points)
+    return 0.0 if var <= 0 else sum((t - mt) * (v - mv) for t, v in points) / var
+
+
 def _reading(metrics: dict, name: str, rid) -> float | None:
     """One replica's aggregated reading, or None when absent or not a finite number (Serve gives None when a
     replica's samples are all older than its look-back window)."""
@@ -139,6 +161,7 @@ def fleet_view(ctx, params: PolicyParams) -> FleetView:
         # it has lasted the look-back window
         view.demand_tps += max(demand, latest if latest is not None else demand)
         view.demand_mean_tps += demand
+        view.demand_growth_tps += _slope(raw.get("demanded_tps", {}).get(rid))
         view.demand_rows += _reading(metrics, "demand_rows", rid) or 0.0
         view.delivered_tps += _reading(metrics, "delivered_tps", rid) or 0.0
         for name, out in (("capacity_tps", capacities), ("stream_tps_p10", tails)):
@@ -213,15 +236,18 @@ def wanted_replicas(
 
 
 def urgent(view: FleetView, capacity: float | None, target: int, params: PolicyParams) -> str | None:
-    """Why a scale-up cannot wait for its delay (None when it can): demand averaged over Serve's look-back window
-    already exceeds what the target replicas sustain at the SLO. The delay is there to filter blips, which the
-    window's mean does too; past full capacity every second of delay adds queued requests that will miss their
-    first canvas, and a new replica still needs its start-up time on top."""
+    """Why a scale-up cannot wait for its delay (None when it can): demand over Serve's look-back window, its
+    mean projected `predict_s` ahead along its growth (queue growth: rows arrive faster than they finish), already
+    exceeds what the target replicas sustain at the SLO. The delay is there to filter blips, which the window's
+    mean and slope do too (one high reading barely moves either); past full capacity every second of delay adds
+    queued requests that will miss their first canvas, and a new replica still needs its start-up time on top.
+    """
     if not capacity or view.fresh == 0:
         return None
-    utilization = view.demand_mean_tps / (capacity * max(target, 1))
+    ahead = view.demand_mean_tps + max(0.0, view.demand_growth_tps) * params.predict_s
+    utilization = ahead / (capacity * max(target, 1))
     if utilization > params.urgent_utilization:
-        return f"urgent: mean demand is {utilization:.0%} of capacity"
+        return f"urgent: demand {params.predict_s:g}s ahead is {utilization:.0%} of capacity"
     return None
 
 

@@ -376,3 +376,25 @@ def test_shards_get_bounds_per_engine_when_the_engines_autoscale(tmp_path):
     config = AutoscalingConfig(**shard_scaling(auto)["autoscaling_config"])
     assert (config.min_replicas, config.initial_replicas, config.max_replicas) == (2, 2, 6)
     assert config.policy.policy_function == "cluster.autoscaling:HoldPolicy"
+
+
+def test_growing_demand_is_urgent_before_its_mean_reaches_capacity():
+    """Queue growth: the mean is still under one replica's capacity, but rising fast enough to pass it within
+    `predict_s`; flat demand at the same mean waits for the delay."""
+
+    def ctx(values: list[float]) -> AutoscalingContext:
+        c = context({"r1": reading(sum(values) / len(values) / SLO)}, bounds=(1, 8))
+        c.raw_metrics["demanded_tps"]["r1"] = [
+            TimeStampedValue(1000.0 - 10 + i, v) for i, v in enumerate(values)
+        ]
+        return c
+
+    rising = [
+        10.0 + 5.0 * i for i in range(11)
+    ]  # 10 -> 60 tokens/s over 10 s: mean 35, +5 tokens/s each second
+    flat = [35.0] * 10 + [60.0]  # the same newest reading, no growth before it
+    policy = EnginePolicy(**params(upscale_delay_s=10.0, predict_s=20.0))
+    replicas, _, reason = run(policy, ctx(rising))
+    assert replicas == 2 and "urgent" in reason  # 35 + 5 x 20 = 135 tokens/s ahead: 225% of 60
+    replicas, _, reason = run(EnginePolicy(**params(upscale_delay_s=10.0, predict_s=20.0)), ctx(flat))
+    assert replicas == 1 and "urgent" not in reason
