@@ -86,7 +86,7 @@ def floor_bytes(model: DiffusionGemma, rows: int, prefix: PrefixBatch) -> dict[s
     groups = -(
         -rows // max(1, sampler.element_budget(model.device) // (cfg.canvas_length * sampler.VOCAB_CHUNK))
     )
-    kv = sum(lp.keys.nbytes + lp.values.nbytes for lp in prefix.layers)
+    kv = prefix.kv_bytes()
     return {
         "weights": counts["non_expert"] * item - embed + experts,
         "lm_head": embed * groups,  # the tied LM head, read once per sampler row group

@@ -4,8 +4,8 @@ Shape legend: B rows, T query tokens, S key tokens, H heads, G kv heads, d head 
 
 Numerics follow transformers' Gemma-4 / DiffusionGemma modules (norms in fp32, attention scale 1.0 because
 q and k are RMS-normed, keys reused as values on full-attention layers) so fp32 logits match the reference
-to ~1e-5. Masks are built from absolute positions, which is what lets one batched call serve rows with
-different prefix lengths in both encoder (causal, windowed) and decoder (bidirectional) mode.
+to ~1e-5. Attention itself (one batched pass over rows with different prefix lengths, in encoder and decoder mode) is
+in model/attention.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.attention import blocked_attention
 from model.config import LayerSpec, ModelConfig
-from model.kv_cache import LayerPrefix
 
 
 class RMSNorm(nn.Module):
@@ -139,78 +139,19 @@ class Attention(nn.Module):
     def attend(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        mask: torch.Tensor,
-        spans: list[tuple[int, int]] | None = None,
+        sources: list,
+        q_pos: torch.Tensor,
+        q_valid: torch.Tensor,
+        *,
+        causal: bool,
+        window: int | None,
     ) -> torch.Tensor:
-        """q [B, H, T, d], k/v [B, G, S+T, d] over [padded prefix | new tokens], mask [B, T, S+T] bool -> [B, T, D].
+        """q [B, H, T, d] over the keys of `sources` ([cached prefix | new tokens], read in that order) -> [B, T, D].
 
-        Rows of a batch are padded to a common length. Each row attends over its own valid queries and keys
-        only — exactly the tensors a batch of one would see — so padding cannot change a row's rounding and a
-        request's output does not depend on its batch-mates (varlen attention does the same on GPUs).
-        `spans` gives each row's (valid prefix keys, valid new tokens) from host-side lengths, so selecting
-        them needs no host sync; without it the valid entries are read from the mask (one sync per row)."""
+        One batched pass for rows of any prefix and new-token lengths; a row's result is bit-identical alone and
+        batched (model/attention.py says why)."""
         B, H, T, d = q.shape
-        if B == 1:
-            out = self._sdpa(q, k, v, mask)
-        else:
-            out = q.new_zeros(B, H, T, d)
-            s_max = k.shape[2] - T
-            for b in range(B):
-                if spans is not None:  # slices of host-known sizes: no sync, no index upload
-                    s, n = spans[b]
-                    kb, vb = (_prefix_and_new(t[b : b + 1], s, s_max, n) for t in (k, v))
-                    sub = torch.cat([mask[b, :n, :s], mask[b, :n, s_max : s_max + n]], dim=-1)[None]
-                    out[b, :, :n] = self._sdpa(q[b : b + 1, :, :n], kb, vb, sub)[0]
-                    continue
-                qi = mask[b].any(1).nonzero().squeeze(1)  # valid queries  [T_b]
-                ki = mask[b].any(0).nonzero().squeeze(1)  # keys some query sees  [S_b]
-                sub = mask[b][qi][:, ki][None]
-                out[b, :, qi] = self._sdpa(
-                    q[b : b + 1, :, qi], k[b : b + 1, :, ki], v[b : b + 1, :, ki], sub
-                )[0]
+        out = blocked_attention(
+            q, sources, q_pos, q_valid, causal=causal, window=window, min_rows=min_gemm_rows(q.device)
+        )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        groups = self.num_heads // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        # Queries that see no key at all (pure padding) would produce NaN; give them one harmless key.
-        mask = mask | ~mask.any(-1, keepdim=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=1.0)
-
-
-def _prefix_and_new(t: torch.Tensor, s: int, s_max: int, n: int) -> torch.Tensor:
-    """[1, G, S_max+T, d] over [padded prefix | new] -> the row's s valid prefix and n valid new entries."""
-    return torch.cat([t[:, :, :s], t[:, :, s_max : s_max + n]], dim=2)
-
-
-def attention_mask(
-    q_pos: torch.Tensor,
-    q_valid: torch.Tensor,
-    prefix: LayerPrefix | None,
-    new_valid: torch.Tensor,
-    *,
-    causal: bool,
-    window: int | None,
-) -> torch.Tensor:
-    """Boolean [B, T, S+T] mask over [cached prefix | new tokens].
-
-    Encoder (causal): a query at position p sees keys at positions in (p - window, p]. Decoder: every cached key
-    the row has (the cache already holds only what the window needs) and every canvas position.
-    """
-    new_pos = q_pos  # new tokens' keys sit at the same positions as the queries
-    if prefix is not None:
-        k_pos = torch.cat([prefix.positions, new_pos], dim=1)  # [B, S+T]
-        k_valid = torch.cat([prefix.valid, new_valid], dim=1)
-    else:
-        k_pos, k_valid = new_pos, new_valid
-    mask = k_valid[:, None, :] & q_valid[:, :, None]  # [B, T, S+T]
-    if causal:
-        qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-        mask = mask & (kp <= qp)
-        if window is not None:
-            mask = mask & (kp > qp - window)
-    return mask

@@ -2,14 +2,14 @@
 
 Shape legend: B rows, T new tokens, L canvas, S cached tokens, D hidden, V vocab.
 
-- `encode` (encoder mode): causal attention over [cache | new tokens]; appends the new tokens' K/V to each row's
-  `SequenceCache`. Used for prompt prefill and to commit every finished canvas.
+- `encode` (encoder mode): causal attention over [cache | new tokens]; writes the new tokens' K/V into each row's
+  `SequenceCache` pages in place (model/kv_cache.py). Used for prompt prefill and to commit every finished canvas.
 - `denoise` (decoder mode): bidirectional attention over [cached prefix | canvas]; reads the cache, never
   writes it. Self-conditioning enters as soft embeddings [B, L, D] (softmax(previous logits) @ embeddings),
   never as [B, L, V] logits — see model/sampling/sampler.py for how they are produced in vocabulary chunks.
 
-Rows in one call may have different prefix lengths and (in encoder mode) different numbers of new tokens: the
-masks are built from absolute positions (model/layers.py). Each layer is attention + dense MLP + MoE, summed,
+Rows in one call may have different prefix lengths and (in encoder mode) different numbers of new tokens: one
+batched attention pass over fixed-size key blocks with masks from absolute positions (model/attention.py). Each layer is attention + dense MLP + MoE, summed,
 as in transformers' `DiffusionGemmaDecoderTextLayer`; the MoE goes through `moe_backend` so the experts can
 live in this process (fused) or on ExpertShard processes (disaggregated).
 """
@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.attention import DenseKeys
 from model.config import ModelConfig
-from model.kv_cache import PrefixBatch, SequenceCache
-from model.layers import Attention, GatedMLP, RMSNorm, attention_mask
+from model.kv_cache import KVPool, PrefixBatch, SequenceCache, reservation_bytes, write_layer, write_plan
+from model.layers import Attention, GatedMLP, RMSNorm
 from model.moe import ExpertBank, Router
 
 # (layer index, normed tokens [T, D], weights [T, K], expert ids [T, K]) -> MoE output [T, D]
@@ -99,18 +100,20 @@ class Layer(nn.Module):
         """Returns (new hidden [B, T, D], new keys, new values [B, G, T, d])."""
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(h), batch.positions)
-        lp = prefix.layers[self.index] if prefix is not None else None
-        keys = torch.cat([lp.keys, k], dim=2) if lp is not None else k
-        values = torch.cat([lp.values, v], dim=2) if lp is not None else v
+        new = DenseKeys(k, v, batch.positions, batch.valid)
+        sources = [_prefix_keys(prefix, self.index), new] if prefix is not None else [new]
         window = self.window if encoder and self.spec.is_sliding else None
-        mask = attention_mask(batch.positions, batch.valid, lp, batch.valid, causal=encoder, window=window)
-        spans = None
-        if batch.lengths is not None and (lp is None or lp.sizes is not None):
-            sizes = lp.sizes if lp is not None else [0] * len(batch.lengths)
-            spans = list(zip(sizes, batch.lengths, strict=True))
-        h = h + self.post_attention_layernorm(attn.attend(q, keys, values, mask, spans))
+        out = attn.attend(q, sources, batch.positions, batch.valid, causal=encoder, window=window)
+        h = h + self.post_attention_layernorm(out)
         h = h + self.feed_forward(h, moe)
         return h * (self.encoder_scalar if encoder else self.decoder_scalar), k, v
+
+
+def _prefix_keys(prefix, layer: int):
+    """A PrefixBatch reads the pool's pages; a training prefix (`layers` of LayerPrefix) is dense."""
+    if isinstance(prefix, PrefixBatch):
+        return prefix.layer_keys(layer)
+    return prefix.layers[layer].as_keys()
 
 
 class SelfConditioning(nn.Module):
@@ -153,18 +156,42 @@ class DiffusionGemma(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids) * self.embed_scale()
 
-    def new_cache(self) -> SequenceCache:
-        return SequenceCache(self.config, self.dtype, self.device)
+    @property
+    def kv_pool(self) -> KVPool:
+        """The paged K/V storage of this model's sequences, made on first use on the model's device."""
+        pool = self.__dict__.get("_kv_pool")
+        if pool is None or pool.device != self.device or pool.dtype != self.dtype:
+            pool = self.__dict__["_kv_pool"] = KVPool(self.config, self.dtype, self.device)
+        return pool
+
+    def new_cache(self, capacity_tokens: int | None = None) -> SequenceCache:
+        """A sequence's KV cache. With `capacity_tokens` (prompt + canvases x L, the admission size) its pages
+        are taken now and never grow; without, pages are taken as the encoder writes. `cache.release()` gives
+        them back."""
+        return SequenceCache(self.kv_pool, capacity_tokens)
+
+    def kv_reservation_bytes(self, capacity_tokens: int) -> int:
+        """Bytes admission reserves for a sequence of `capacity_tokens`: its pool pages and its row's attention
+        workspace in a denoising step (model/kv_cache.py)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return reservation_bytes(self.config, capacity_tokens, itemsize)
+
+    def prefix(self, caches: list[SequenceCache]) -> PrefixBatch:
+        return PrefixBatch(caches)
 
     def encode(self, batch: TokenBatch, caches: list[SequenceCache]) -> torch.Tensor:
-        """Encoder mode over new tokens; appends their K/V to `caches`. Returns final-normed hidden [B, T, D]."""
-        prefix = PrefixBatch(caches) if any(c.length for c in caches) else None
+        """Encoder mode over new tokens; writes their K/V into `caches` in place. Returns final-normed hidden
+        [B, T, D]. A cache without room for its new tokens raises KVCapacityError before anything runs."""
         lengths = batch.lengths if batch.lengths is not None else batch.valid.sum(1).tolist()
+        for cache, n in zip(caches, lengths, strict=True):
+            cache.ensure_room(n)
+        prefix = PrefixBatch(caches) if any(c.length for c in caches) else None
+        pool = caches[0].pool
+        plan = write_plan(caches, lengths, batch.ids.shape[1], pool.device)
         h = self.embed(batch.ids)
         for layer in self.layers:
             h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend)
-            for r, cache in enumerate(caches):
-                cache.append(layer.index, k[r, :, : lengths[r]], v[r, :, : lengths[r]])
+            write_layer(pool, layer.index, plan, k, v)  # after the layer read the cache: rings overwrite
         for r, cache in enumerate(caches):
             cache.advance(lengths[r])
         return self.norm(h)

@@ -72,9 +72,19 @@ def generate(
     if rng == "reference":
         torch.manual_seed(seed)
     row_seed = None if rng == "reference" else seed  # None: the global RNG, as transformers draws
-    cache = model.new_cache()
-    model.encode(TokenBatch.from_lists([prompt_ids], [0], cfg.pad_token_id, model.device), [cache])
     n_canvases = len(constraints) if constraints else math.ceil(params.max_new_tokens / cfg.canvas_length)
+    cache = model.new_cache(capacity_tokens=len(prompt_ids) + n_canvases * cfg.canvas_length)
+    try:
+        return _generate(model, prompt_ids, params, cache, n_canvases, row_seed, rng, constraints, on_step)
+    finally:
+        cache.release()
+
+
+def _generate(
+    model, prompt_ids, params, cache, n_canvases, row_seed, rng, constraints, on_step
+) -> GenerateResult:
+    cfg = model.config
+    model.encode(TokenBatch.from_lists([prompt_ids], [0], cfg.pad_token_id, model.device), [cache])
     tokens: list[int] = []
     steps: list[int] = []
     canvases: list[list[int]] = []

@@ -1,0 +1,150 @@
+"""KV memory of one engine: what admission reserves against what the KV path really holds at its peak.
+
+Command (from the repo root; about a minute on a busy 2-core machine):
+
+    .venv/bin/python bench/kv_memory.py                 # rows 1,16,64
+    .venv/bin/python bench/kv_memory.py --rows 4 --threads 2
+
+Same checkpoint shape and load as bench/engine_step.py (vocab 4096, hidden 128, 3 sliding + 1 full layers,
+window 128, canvas 64; prompt 48 tokens, 2 canvases, 16 denoising steps, random weights). For each row count, one
+Scheduler runs that many requests to the end under `torch.profiler` with memory profiling, and the bench prints:
+
+- reserved: the most admission had reserved at once (`Scheduler.reserved`: pool pages + per-row attention
+  workspace, model/kv_cache.py `reservation_bytes`);
+- pages: the most pool pages the live caches held at once;
+- attention: the largest transient the attention layer allocated inside one call (peak of the running sum of
+  the profiler's allocation and free events between the call's entry and exit), over every encoder and decoder
+  call of the run;
+- KV peak = pages + attention, and peak / reserved (<= 1 means admission counts every byte the KV path uses);
+- step: all transient bytes of the largest iteration (activations of the MLP, MoE and sampler too), for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits  # noqa: E402
+from model import layers as layers_mod  # noqa: E402
+from model.config import build_config  # noqa: E402
+from model.sampling.params import SamplingParams  # noqa: E402
+from model.transformer import DiffusionGemma  # noqa: E402
+from model.weights import init_random  # noqa: E402
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+RANGE = "kv_attention"
+
+
+def bench_model() -> DiffusionGemma:
+    config = build_config(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=256,
+        layer_types=[SLIDING] * 3 + [FULL],
+        num_heads=4,
+        head_dim=32,
+        num_kv_heads=2,
+        global_head_dim=64,
+        num_global_kv_heads=1,
+        sliding_window=128,
+        num_experts=8,
+        top_k=2,
+        moe_intermediate_size=64,
+        canvas_length=64,
+        name="bench-kv",
+    )
+    return init_random(DiffusionGemma(config), seed=0).eval()
+
+
+@contextmanager
+def attention_ranges():
+    """Mark every attention call with a profiler range (the model code has none)."""
+    original = layers_mod.blocked_attention
+
+    def marked(*a, **k):
+        with record_function(RANGE):
+            return original(*a, **k)
+
+    layers_mod.blocked_attention = marked
+    try:
+        yield
+    finally:
+        layers_mod.blocked_attention = original
+
+
+def transient_peaks(prof) -> tuple[int, int]:
+    """(largest transient inside one attention call, largest transient of the whole profiled span)."""
+    events = prof.profiler.kineto_results.events()
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    ranges = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.name() == RANGE)
+    attention, step, live, i = 0, 0, 0, 0
+    for _, n in memory:
+        live += n
+        step = max(step, live)
+    for start, end in ranges:
+        while i < len(memory) and memory[i][0] < start:
+            i += 1
+        running = 0
+        while i < len(memory) and memory[i][0] <= end:
+            running += memory[i][1]
+            attention = max(attention, running)
+            i += 1
+    return attention, step
+
+
+def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[int]) -> dict:
+    sched = Scheduler(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
+    for i in range(rows):
+        sched.submit(EngineRequest(f"r{i}", prompt, params, seed=i), lambda e: None)
+    reserved = pages = attention = step = 0
+    watch = True  # profile the iterations whose shapes are new: the first, and each after a canvas finished
+    with attention_ranges():
+        while sched.has_work:
+            if watch:
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    stats = sched.iterate()
+                a, s = transient_peaks(prof)
+                attention, step = max(attention, a), max(step, s)
+            else:
+                stats = sched.iterate()
+            watch = stats.finished_canvases > 0 or stats.encoded_rows > 0
+            pages = max(pages, sum(s.cache.nbytes() for s in sched.active.values()))
+            reserved = max(reserved, sched.reserved)
+    return {"reserved": reserved, "pages": pages, "attention": attention, "step": step}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = bench_model()
+    prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
+    print(f"random checkpoint: vocab 4096, hidden 128, 3 sliding + 1 full layers, canvas 64; prompt 48; {params}")
+    mib = 2**20
+    print(
+        f"{'rows':>5} {'reserved':>10} {'pages':>9} {'attention':>10} {'KV peak':>9} {'peak/res':>9} {'step':>9}"
+    )
+    for rows in (int(r) for r in args.rows.split(",")):
+        r = run(model, rows, params, prompt)
+        peak = r["pages"] + r["attention"]
+        print(
+            f"{rows:>5} {r['reserved'] / mib:>8.2f}Mi {r['pages'] / mib:>7.2f}Mi {r['attention'] / mib:>8.2f}Mi "
+            f"{peak / mib:>7.2f}Mi {peak / r['reserved']:>9.3f} {r['step'] / mib:>7.2f}Mi"
+        )
+        print(f"      bytes: reserved {r['reserved']}, KV peak {peak} (attention {r['attention']})")
+    print("MiB; KV peak = pool pages held + the largest attention transient (profiler allocation events)")
+
+
+if __name__ == "__main__":
+    main()
