@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     model = bench_model()
     prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
-    print(f"random checkpoint: vocab 4096, hidden 128, 3 sliding + 1 full layers, canvas 64; prompt 48; {params}")
+    print(
+        f"random checkpoint: vocab 4096, hidden 128, 3 sliding + 1 full layers, canvas 64; prompt 48; {params}"
+    )
     mib = 2**20
     print(
         f"{'rows':>5} {'reserved':>10} {'pages':>9} {'attention':>10} {'KV peak':>9} {'peak/res':>9} {'step':>9}"

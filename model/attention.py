@@ -153,5 +153,7 @@ def workspace_bytes(num_heads: int, kv_heads: int, head_dim: int, query_tokens: 
     gathered = 2 * G * P * d * (itemsize + 4)
     scores = 3 * H * T * P * 4 + T * P  # scores, masked scores, probabilities; the bool mask
     state = H * T * (4 * d + 6) * 4  # query, acc, acc update, block product; m, l and their updates
-    single = 2 * (H * T * (d + P) + G * P * d) * 4 + 2 * H * T * (P + d) * 4  # `_bmm` inputs and outputs, doubled
+    single = (
+        2 * (H * T * (d + P) + G * P * d) * 4 + 2 * H * T * (P + d) * 4
+    )  # `_bmm` inputs and outputs, doubled
     return gathered + scores + state + single + 2 * H * T * d * itemsize  # the output and its reshape

@@ -53,7 +53,7 @@ def test_ring_and_pages_hold_what_the_concatenated_cache_held(model):
             old[i] = _old_append(old[i], k[0, :, :n], v[0, :, :n], keep)
             write_layer(cache.pool, i, plan, k, v)
         cache.advance(n)
-        for i, spec in enumerate(cfg.layers):
+        for i in range(cfg.num_layers):
             got = cache.layer_kv(i)
             assert torch.equal(got.keys, old[i][0]) and torch.equal(got.values, old[i][1])
             assert got.start == (cache.length - old[i][0].shape[1])
