@@ -114,6 +114,7 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         self.num_heads = config.num_heads
+        self.query_chunk = config.canvas_length  # queries per attention call (see `attend`)
         d, D = spec.head_dim, config.hidden_size
         self.q_proj = Linear(D, config.num_heads * d)
         self.k_proj = Linear(D, spec.num_kv_heads * d)
@@ -151,7 +152,20 @@ class Attention(nn.Module):
         One batched pass for rows of any prefix and new-token lengths; a row's result is bit-identical alone and
         batched (model/attention.py says why)."""
         B, H, T, d = q.shape
-        out = blocked_attention(
-            q, sources, q_pos, q_valid, causal=causal, window=window, min_rows=min_gemm_rows(q.device)
-        )
+        # Queries are independent rows: cutting a long prefill chunk into canvas-sized pieces changes no bit and
+        # bounds the transient scores per row by what admission reserves for a canvas.
+        step = self.query_chunk
+        outs = [
+            blocked_attention(
+                q[:, :, a : a + step],
+                sources,
+                q_pos[:, a : a + step],
+                q_valid[:, a : a + step],
+                causal=causal,
+                window=window,
+                min_rows=min_gemm_rows(q.device),
+            )
+            for a in range(0, T, step)
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

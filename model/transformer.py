@@ -172,7 +172,7 @@ class DiffusionGemma(nn.Module):
 
     def kv_reservation_bytes(self, capacity_tokens: int) -> int:
         """Bytes admission reserves for a sequence of `capacity_tokens`: its pool pages and its row's attention
-        workspace in a denoising step (model/kv_cache.py)."""
+        workspace (model/kv_cache.py)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return reservation_bytes(self.config, capacity_tokens, itemsize)
 

@@ -92,3 +92,25 @@ def test_sdpa_is_not_used_because_padding_changes_its_rounding():
         )
         differs += not torch.equal(alone, padded)
     assert differs
+
+
+def test_cutting_queries_into_chunks_changes_no_bit():
+    """Attention.attend cuts long encoder calls into canvas-sized query chunks (bounding the transient memory
+    admission reserves for); each query's numbers are its own, so the output is identical to one call."""
+    from model.config import from_name
+    from model.layers import Attention
+
+    config = from_name("tiny-test")
+    attn = Attention(config, config.layers[2])
+    g = torch.Generator().manual_seed(3)
+    B, T, G, d = 2, 45, attn.spec.num_kv_heads, attn.spec.head_dim
+    q = torch.randn(B, config.num_heads, T, d, generator=g)
+    k, v = torch.randn(B, G, T, d, generator=g), torch.randn(B, G, T, d, generator=g)
+    pos, valid = torch.arange(T).expand(B, T), torch.arange(T) < torch.tensor([[45], [30]])
+    sources = [DenseKeys(k, v, pos, valid)]
+    with torch.no_grad():
+        chunked = attn.attend(q, sources, pos, valid, causal=True, window=None)
+        attn.query_chunk = T
+        whole = attn.attend(q, sources, pos, valid, causal=True, window=None)
+    assert attn.query_chunk > config.canvas_length
+    assert torch.equal(chunked, whole)
