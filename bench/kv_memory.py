@@ -16,7 +16,11 @@ Scheduler runs that many requests to the end under `torch.profiler` with memory 
   the profiler's allocation and free events between the call's entry and exit), over every encoder and decoder
   call of the run;
 - KV peak = pages + attention, and peak / reserved (<= 1 means admission counts every byte the KV path uses);
-- step: all transient bytes of the largest iteration (activations of the MLP, MoE and sampler too), for scale.
+- step: all transient bytes of the largest iteration (activations of the MLP, MoE and sampler too), for scale;
+- the pool's size (it grows by doubling here, as nothing sized it; a server sizes it once with
+  `KVPool.reserve_for(budget, rows)`).
+
+Each row count gets a fresh model, so the pool starts empty.
 """
 
 from __future__ import annotations
@@ -118,7 +122,13 @@ def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[i
             watch = stats.finished_canvases > 0 or stats.encoded_rows > 0
             pages = max(pages, sum(s.cache.nbytes() for s in sched.active.values()))
             reserved = max(reserved, sched.reserved)
-    return {"reserved": reserved, "pages": pages, "attention": attention, "step": step}
+    return {
+        "reserved": reserved,
+        "pages": pages,
+        "attention": attention,
+        "step": step,
+        "pool": model.kv_pool.nbytes(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +137,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = bench_model()
     prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
     print(
@@ -138,13 +147,16 @@ def main(argv: list[str] | None = None) -> None:
         f"{'rows':>5} {'reserved':>10} {'pages':>9} {'attention':>10} {'KV peak':>9} {'peak/res':>9} {'step':>9}"
     )
     for rows in (int(r) for r in args.rows.split(",")):
-        r = run(model, rows, params, prompt)
+        r = run(bench_model(), rows, params, prompt)
         peak = r["pages"] + r["attention"]
         print(
             f"{rows:>5} {r['reserved'] / mib:>8.2f}Mi {r['pages'] / mib:>7.2f}Mi {r['attention'] / mib:>8.2f}Mi "
             f"{peak / mib:>7.2f}Mi {peak / r['reserved']:>9.3f} {r['step'] / mib:>7.2f}Mi"
         )
-        print(f"      bytes: reserved {r['reserved']}, KV peak {peak} (attention {r['attention']})")
+        print(
+            f"      bytes: reserved {r['reserved']}, KV peak {peak} (attention {r['attention']}); "
+            f"pool grown on demand to {r['pool'] / mib:.2f}Mi (an engine sizes it once: KVPool.reserve_for)"
+        )
     print("MiB; KV peak = pool pages held + the largest attention transient (profiler allocation events)")
 
 

@@ -104,6 +104,15 @@ class KVPool:
             if want > self.pages[group]:
                 self._grow(group, want)
 
+    def reserve_for(self, budget_bytes: int, max_sequences: int) -> None:
+        """Size the pool once for an engine with this KV budget and row count: a ring for every sequence, full
+        pages for the rest. Admission keeps the pages in use within the budget, so the pool never grows after."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        page = page_bytes(self.config, item)
+        ring = max_sequences * pages_for(ring_tokens(self.config)) if page[RING] else 0
+        full = (budget_bytes - ring * page[RING]) // page[FULL] if page[FULL] else 0
+        self.reserve(max(0, full), ring)
+
     def allocate(self, group: str, n: int) -> list[int]:
         if n > len(self.free[group]):
             self._grow(group, max(2 * self.pages[group], self.used_pages(group) + n))

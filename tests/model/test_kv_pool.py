@@ -156,3 +156,17 @@ def test_rows_spanning_several_pages_are_bit_identical_alone_and_batched(model):
             assert torch.equal(commit[i : i + 1], one)
     for c in caches + alone_caches:
         c.release()
+
+
+def test_a_pool_reserved_for_the_budget_never_grows():
+    """An engine sizes the pool once (`reserve_for`); admissions within the budget then take pages without any
+    reallocation, and the pool holds no more than the budget."""
+    model = DiffusionGemma(from_name("tiny-test")).eval()
+    pool = model.kv_pool
+    need = model.kv_reservation_bytes(100)
+    pool.reserve_for(budget_bytes=4 * need, max_sequences=4)
+    assert pool.nbytes() <= 4 * need
+    ptrs = [t.data_ptr() for t in pool.keys + pool.values]
+    caches = [model.new_cache(capacity_tokens=100) for _ in range(4)]
+    assert [t.data_ptr() for t in pool.keys + pool.values] == ptrs
+    assert sum(c.nbytes() for c in caches) <= pool.nbytes()
