@@ -24,6 +24,7 @@ decoder's bidirectional view are both a comparison of key and query positions pl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,8 +87,8 @@ class PagedKeys:
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched GEMM whose per-matrix result does not depend on the batch count (see the module docstring)."""
-    if a.shape[0] == 1 and a.device.type == "cpu":
-        return torch.bmm(torch.cat([a, a]), torch.cat([b, b]))[:1]
+    if a.shape[0] == 1 and a.device.type == "cpu":  # a stride-0 second copy: no input is copied
+        return torch.bmm(a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:]))[:1]
     return torch.bmm(a, b)
 
 
@@ -119,6 +120,7 @@ def blocked_attention(
     l = q.new_zeros(B * G, M, dtype=torch.float)  # noqa: E741  running softmax denominator
     acc = q.new_zeros(B * G, M, d, dtype=torch.float)  # running numerator @ values
     qp = q_pos[:, :, None]  # [B, T, 1]
+    inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
     for blk in (blk for src in sources for blk in src.blocks()):
         P = blk.keys.shape[2]
         mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, P]
@@ -130,30 +132,37 @@ def blocked_attention(
         k = blk.keys.reshape(B * G, P, d).float()
         v = blk.values.reshape(B * G, P, d).float()
         s = _bmm(qg, k.transpose(1, 2)).view(B, G, Q, T_pad, P)  # [B, G, Q, T, P]
-        s = s.masked_fill(~mask[:, None, None], float("-inf")).view(B * G, M, P)
+        hide = ~mask[:, None, None]
+        s = (s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)).view(B * G, M, P)
         m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(
-            m_new == float("-inf"), 0.0, m_new
-        )  # no key yet: keep exp() away from -inf - -inf
-        p = torch.exp(s - m_safe[..., None])  # masked keys: exp(-inf) = 0 exactly
+        m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
+        # masked keys: exp(-inf) = 0 exactly
+        p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)  # 1 exactly when the block changed nothing, 0 before the first key
-        l = l * alpha + p.sum(-1)  # noqa: E741
-        acc = acc * alpha[..., None] + _bmm(p, v)
+        if inplace:  # the same arithmetic, without a second copy of the running state
+            l.mul_(alpha).add_(p.sum(-1))
+            acc.mul_(alpha[..., None]).add_(_bmm(p, v))
+        else:
+            l = l * alpha + p.sum(-1)  # noqa: E741
+            acc = acc * alpha[..., None] + _bmm(p, v)
         m = m_new
     out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
     return out.view(B, H, T_pad, d)[:, :, :T].to(q.dtype)
 
 
-def workspace_bytes(num_heads: int, kv_heads: int, head_dim: int, query_tokens: int, itemsize: int) -> int:
-    """Upper bound of the transient bytes `blocked_attention` holds per row for one layer: the gathered K/V
-    block (and its fp32 copy), the scores and probabilities of one block, the fp32 running state and query copy,
-    the output in the model dtype, and the copies `_bmm` makes when a CPU batch holds one matrix. Admission
-    reserves it per row (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
+def workspace_bytes(
+    num_heads: int, kv_heads: int, head_dim: int, query_tokens: int, itemsize: int, cpu: bool
+) -> int:
+    """Upper bound of the transient bytes `blocked_attention` (no grad) holds per row for one layer: the query
+    copies, the gathered K/V block (and fp32 copies), one block's scores and its product with the values, the fp32
+    running state, the output copies, and on CPU the extra output `_bmm` makes when a batch holds a single matrix.
+    Admission reserves it per row (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
     H, G, T, d, P = num_heads, kv_heads, query_tokens, head_dim, BLOCK_TOKENS
-    gathered = 2 * G * P * d * (itemsize + 4)
-    scores = 3 * H * T * P * 4 + T * P  # scores, masked scores, probabilities; the bool mask
-    state = H * T * (4 * d + 6) * 4  # query, acc, acc update, block product; m, l and their updates
-    single = (
-        2 * (H * T * (d + P) + G * P * d) * 4 + 2 * H * T * (P + d) * 4
-    )  # `_bmm` inputs and outputs, doubled
-    return gathered + scores + state + single + 2 * H * T * d * itemsize  # the output and its reshape
+    f32 = 0 if itemsize == 4 else 4  # .float() copies only when the model dtype is not fp32
+    query = H * T * d * (itemsize + f32)  # the reshaped query and its fp32 copy
+    gathered = 2 * G * P * d * (itemsize + f32)
+    scores = H * T * P * 4 + 2 * T * P  # scores (updated in place); the mask and its negation
+    state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the block product; m, l, their updates and alpha
+    output = H * T * d * (4 + 2 * itemsize)  # acc / l, then in the model dtype, transposed for o_proj
+    single = H * T * (P + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix
+    return query + gathered + scores + state + output + single

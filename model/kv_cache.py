@@ -230,13 +230,13 @@ def cache_bytes(config: ModelConfig, capacity_tokens: int, itemsize: int) -> int
     return pages_for(capacity_tokens) * page[FULL] + pages_for(ring_tokens(config)) * page[RING]
 
 
-def reservation_bytes(config: ModelConfig, capacity_tokens: int, itemsize: int) -> int:
+def reservation_bytes(config: ModelConfig, capacity_tokens: int, itemsize: int, cpu: bool = True) -> int:
     """What admission reserves for one sequence: its pages plus its row's attention workspace (the largest
     layer's; layers run one after another; longer encoder calls are cut into canvas-sized query chunks, see
     `Attention.attend`). Every byte the KV path allocates is in here."""
     T = config.canvas_length
     work = max(
-        workspace_bytes(config.num_heads, s.num_kv_heads, s.head_dim, T, itemsize) for s in config.layers
+        workspace_bytes(config.num_heads, s.num_kv_heads, s.head_dim, T, itemsize, cpu) for s in config.layers
     )
     return cache_bytes(config, capacity_tokens, itemsize) + work
 

@@ -174,7 +174,7 @@ class DiffusionGemma(nn.Module):
         """Bytes admission reserves for a sequence of `capacity_tokens`: its pool pages and its row's attention
         workspace (model/kv_cache.py)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return reservation_bytes(self.config, capacity_tokens, itemsize)
+        return reservation_bytes(self.config, capacity_tokens, itemsize, cpu=self.device.type == "cpu")
 
     def prefix(self, caches: list[SequenceCache]) -> PrefixBatch:
         return PrefixBatch(caches)

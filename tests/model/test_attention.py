@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import DenseKeys, blocked_attention
+from model.attention import DenseKeys, _bmm, blocked_attention
 
 
 def _reference(q, k, v, mask):
@@ -75,6 +75,7 @@ def test_cpu_batched_gemm_rows_do_not_depend_on_their_batch():
             out = torch.bmm(A, B)[1, :M]
             ref = out if ref is None else ref
             assert torch.equal(out, ref)
+        assert torch.equal(_bmm(a[None], b[None])[0], ref)  # one matrix: padded to a batch of two (no copy)
 
 
 def test_sdpa_is_not_used_because_padding_changes_its_rounding():
