@@ -21,12 +21,21 @@ Scheduler runs that many requests to the end under `torch.profiler` with memory 
   `KVPool.reserve_for(budget, rows)`).
 
 Each row count gets a fresh model, so the pool starts empty.
+
+With `--baseline PATH` (a checkout of another revision, e.g. `git worktree add /tmp/base main`) it instead times
+one decoder forward (prefix 112 tokens, canvas 64) at each row count in this checkout and in PATH, each in a fresh
+subprocess, and prints both and the ratio — the attention path before and after, side by side:
+
+    .venv/bin/python bench/kv_memory.py --baseline /tmp/base --rows 1,16,64 --steps 5
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,7 +43,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if (
+    __name__ == "__main__"
+):  # imported (by engine_step.py, or a --baseline subprocess): the caller set the path
+    sys.path.insert(0, str(ROOT))
 
 from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits  # noqa: E402
 from model import layers as layers_mod  # noqa: E402
@@ -131,12 +143,57 @@ def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[i
     }
 
 
+def denoise_ms(rows: int, steps: int) -> float:
+    """Median ms of one decoder forward over `rows` rows with 112-token prefixes, through the public interface
+    only (new_cache, encode, PrefixBatch, denoise), so it runs on any checkout of the repo."""
+    from model.kv_cache import PrefixBatch
+    from model.transformer import TokenBatch
+
+    model = bench_model()
+    caches = [model.new_cache() for _ in range(rows)]
+    prompt = [(7 * i) % 4000 + 3 for i in range(112)]
+    with torch.no_grad():
+        model.encode(TokenBatch.from_lists([prompt] * rows, [0] * rows, 0), caches)
+        prefix = PrefixBatch(caches)
+        canvas = torch.randint(3, 4096, (rows, 64), generator=torch.Generator().manual_seed(0))
+        times = []
+        for i in range(steps + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            model.denoise(canvas, prefix)
+            if i:
+                times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def compare_step_time(baseline: str, rows: list[int], steps: int, threads: int) -> None:
+    """Decoder forward time of this checkout against `baseline` (another checkout, e.g. main), each in a fresh
+    subprocess with that checkout's `model` package first on the path."""
+    print(f"decoder forward, prefix 112, canvas 64, median of {steps}: this checkout vs {baseline}")
+    print(f"{'rows':>5} {'this ms':>9} {'baseline ms':>12} {'baseline/this':>14}")
+    for r in rows:
+        got = {}
+        for name, root in (("this", str(ROOT)), ("baseline", baseline)):
+            code = (
+                f"import sys; sys.path.insert(0, {root!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
+                f"import torch; torch.set_num_threads({threads}); import kv_memory; "
+                f"import model; assert model.__file__.startswith({root!r}); print(kv_memory.denoise_ms({r}, {steps}))"
+            )
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            got[name] = float(out.stdout.strip().splitlines()[-1])
+        print(f"{r:>5} {got['this']:>9.1f} {got['baseline']:>12.1f} {got['baseline'] / got['this']:>13.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--baseline", help="another checkout (e.g. of main): compare decoder forward time only")
+    ap.add_argument("--steps", type=int, default=5, help="timed forwards per row count with --baseline")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.baseline:
+        compare_step_time(args.baseline, [int(r) for r in args.rows.split(",")], args.steps, args.threads)
+        return
     prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
     print(
