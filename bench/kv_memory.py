@@ -7,7 +7,7 @@ Command (from the repo root; about a minute on a busy 2-core machine):
 
 Same checkpoint shape and load as bench/engine_step.py (vocab 4096, hidden 128, 3 sliding + 1 full layers,
 window 128, canvas 64; prompt 48 tokens, 2 canvases, 16 denoising steps, random weights). For each row count, one
-Scheduler runs that many requests to the end under `torch.profiler` with memory profiling, and the bench prints:
+EngineCore runs that many requests to the end under `torch.profiler` with memory profiling, and the bench prints:
 
 - reserved: the most admission had reserved at once (`Scheduler.reserved`: pool pages + per-row attention
   workspace, model/kv_cache.py `reservation_bytes`);
@@ -48,7 +48,8 @@ if (
 ):  # imported (by engine_step.py, or a --baseline subprocess): the caller set the path
     sys.path.insert(0, str(ROOT))
 
-from deployments.scheduler import EngineRequest, Scheduler, SchedulerLimits  # noqa: E402
+from deployments.engine_core import EngineCore  # noqa: E402
+from deployments.scheduler import EngineRequest, SchedulerLimits  # noqa: E402
 from model import layers as layers_mod  # noqa: E402
 from model.config import build_config  # noqa: E402
 from model.sampling.params import SamplingParams  # noqa: E402
@@ -117,7 +118,7 @@ def transient_peaks(prof) -> tuple[int, int]:
 
 
 def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[int]) -> dict:
-    sched = Scheduler(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
+    sched = EngineCore(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
     for i in range(rows):
         sched.submit(EngineRequest(f"r{i}", prompt, params, seed=i), lambda e: None)
     reserved = pages = attention = step = 0
@@ -132,7 +133,7 @@ def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[i
             else:
                 stats = sched.iterate()
             watch = stats.finished_canvases > 0 or stats.encoded_rows > 0
-            pages = max(pages, sum(s.cache.nbytes() for s in sched.active.values()))
+            pages = max(pages, sched.runner.kv_bytes())  # the pool pages the live caches hold
             reserved = max(reserved, sched.reserved)
     return {
         "reserved": reserved,
