@@ -197,10 +197,11 @@ def test_caches_are_sized_by_admission_and_released_when_dropped(model, monkeypa
     class Releasing(SequenceCache):
         def release(self) -> None:
             released.append(self)
+            super().release()
 
     def new_cache(capacity_tokens: int | None = None):
         made.append(capacity_tokens)
-        return Releasing(model.config, model.dtype, model.device)
+        return Releasing(model.kv_pool, capacity_tokens)
 
     monkeypatch.setattr(model, "new_cache", new_cache)  # a preallocating cache takes its size at admission
     core = EngineCore(model, SchedulerLimits(max_rows=2))
