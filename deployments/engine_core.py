@@ -19,9 +19,14 @@ from model.transformer import DiffusionGemma
 class EngineCore:
     def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
         itemsize = torch.empty((), dtype=model.dtype).element_size()
-        # a model that knows what its KV path allocates per sequence (pool pages, workspace) says so itself
-        reservation = getattr(model, "kv_reservation_bytes", None)
-        self.scheduler = Scheduler(model.config, limits, kv_itemsize=itemsize, kv_reservation=reservation)
+        # admission reserves what the KV path really allocates per sequence: pool pages + attention workspace
+        self.scheduler = Scheduler(
+            model.config, limits, kv_itemsize=itemsize, kv_reservation=model.kv_reservation_bytes
+        )
+        if model.device.type == "cuda":
+            # size the pool once for the whole budget, so it never reallocates (and never doubles) under load;
+            # on CPU it grows on demand instead, so a small demo does not hold the whole budget
+            model.kv_pool.reserve_for(limits.kv_cache_bytes, limits.max_rows)
         self.runner = ModelRunner(model, limits.max_rows)
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:

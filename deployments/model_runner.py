@@ -17,7 +17,6 @@ canvases of rows that stream drafts); the argmax canvases of rows that finished 
 
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 
 import torch
@@ -73,23 +72,19 @@ class ModelRunner:
         self._prefix: PrefixBatch | None = None
         self._index_key: tuple | None = None
         self._index: torch.Tensor | None = None
-        self._sized_caches = "capacity_tokens" in inspect.signature(model.new_cache).parameters
         self.syncs = 0  # device-to-host reads
 
     # -- sequences ---------------------------------------------------------------------------------------
     def _admit(self, admit: Admit) -> None:
-        if self._sized_caches:  # a preallocating cache is sized by what admission reserved
-            cache = self.model.new_cache(capacity_tokens=admit.kv_tokens)
-        else:
-            cache = self.model.new_cache()
-        self.caches[admit.slot] = cache
+        # the cache takes all its pages now, sized by what admission reserved: it never grows while it runs
+        self.caches[admit.slot] = self.model.new_cache(capacity_tokens=admit.kv_tokens)
         self._generation[admit.slot] += 1
 
     def release(self, slot: int) -> None:
         cache = self.caches.pop(slot, None)
-        if cache is not None and hasattr(cache, "release"):
-            cache.release()
-        self._prefix_key = self._prefix = None  # the padded prefix copy may hold that sequence's keys
+        if cache is not None:
+            cache.release()  # its pages go back to the pool
+        self._prefix_key = self._prefix = None  # the prefix's page tables name that sequence's pages
         if self.constraints[slot] is not None:
             self.constraints[slot] = None
             self._rebuild_table()
@@ -103,11 +98,8 @@ class ModelRunner:
         self._prefix_key = self._prefix = None
 
     def kv_bytes(self) -> int:
-        """Bytes the caches and the decoder's padded prefix copy hold now."""
-        held = sum(c.nbytes() for c in self.caches.values())
-        for lp in getattr(self._prefix, "layers", None) or []:  # a padded copy, where the prefix makes one
-            held += getattr(lp, "keys", torch.empty(0)).nbytes + getattr(lp, "values", torch.empty(0)).nbytes
-        return held
+        """Bytes the live caches hold now (the prefix holds page tables only, no K/V copy)."""
+        return sum(c.nbytes() for c in self.caches.values())
 
     # -- one step ----------------------------------------------------------------------------------------
     @torch.no_grad()
