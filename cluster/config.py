@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster import env
-from deployments.chat import ChatFormat
+from deployments.chat import ChatChoice
 from deployments.engine import EngineSettings, resolve_dtype
 from deployments.experts import ExpertShardSettings
 from deployments.load_adaptive import REQUEST_CLASSES, AdaptiveSettings, ClassLimits
@@ -350,22 +350,26 @@ class LimitsSection(_Strict):
     )
 
 
-_MARKERS = (
-    ChatFormat()
-)  # the defaults live on ChatFormat (deployments/chat.py): the shipped template's markers
-
-
 class ChatSection(_Strict):
-    """How the served model's chat replies are marked (like vLLM's reasoning / tool-call parser choice)."""
+    """How the served model's chat replies are marked (like vLLM's reasoning / tool-call parser choice). The
+    formats and their markers live in deployments/chat.py (`FORMATS`); a marker set here overrides the format's."""
 
-    reasoning_start: str = Field(_MARKERS.reasoning_start, min_length=1, description="Opens a thought block")
-    reasoning_end: str = Field(_MARKERS.reasoning_end, min_length=1, description="Closes a thought block")
-    tool_call_start: str = Field(_MARKERS.tool_call_start, min_length=1, description="Opens a tool call")
-    tool_call_end: str = Field(_MARKERS.tool_call_end, min_length=1, description="Closes a tool call")
-    end_of_turn: str = Field(_MARKERS.end_of_turn, min_length=1, description="Token that ends the reply")
+    parser: Literal["auto", "gemma4", "json"] = Field(  # the names of FORMATS (a test holds them together)
+        "auto",
+        description="Reply format: gemma4 (Gemma 4 / DiffusionGemma checkpoints: <|channel>thought ... <channel|>, "
+        "<|tool_call>call:NAME{...}<tool_call|>, <turn|>), json (the tiny model's <think>, <tool_call>{json}"
+        "</tool_call>, <end_of_turn>), or auto: gemma4 when the checkpoint's chat template writes Gemma 4's "
+        "control tokens, else json",
+    )
+    reasoning_start: str | None = Field(None, min_length=1, description="Opens a thought block (override)")
+    reasoning_end: str | None = Field(None, min_length=1, description="Closes a thought block (override)")
+    tool_call_start: str | None = Field(None, min_length=1, description="Opens a tool call (override)")
+    tool_call_end: str | None = Field(None, min_length=1, description="Closes a tool call (override)")
+    end_of_turn: str | None = Field(None, min_length=1, description="Token that ends the reply (override)")
 
-    def to_format(self) -> ChatFormat:
-        return ChatFormat(**self.model_dump())
+    def to_format(self) -> ChatChoice:
+        overrides = self.model_dump(exclude={"parser"}, exclude_none=True)
+        return ChatChoice(self.parser, tuple(sorted(overrides.items())))
 
 
 class ServerSection(_Strict):

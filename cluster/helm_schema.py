@@ -90,11 +90,8 @@ CHART_PROPERTIES: dict[str, Any] = {
         idleTimeoutSeconds=_int(0),
     ),
     "telemetry": _obj(
-        "OpenTelemetry settings set on every Ray pod",
-        otlpEndpoint=_STR,
-        samplingRatio={"type": "number", "minimum": 0, "maximum": 1},
+        "Kubernetes-only telemetry settings (endpoint, sampling, metrics port: config.telemetry / config.server)",
         exporterImportPath=_STR,
-        metricsExportPort=_int(1),
     ),
     "service": _obj("The gRPC Service in front of the Serve proxies", type=_STR, annotations=_STR_MAP),
     "serviceMonitor": _obj(

@@ -14,9 +14,16 @@ Encoding: control tokens inside client-supplied strings are wrapped before rende
 afterwards (`mark_control_tokens`, `encode_marked`), so a message cannot forge a turn; the ids equal transformers'
 `apply_chat_template(..., sanitize_control_tokens=True)`.
 
-Parsing: the markers a reply uses (thought block, tool-call block, end of turn) are model-specific, like vLLM's
-named reasoning and tool-call parsers; `ChatFormat` names them, and its defaults are those of the shipped tiny
-model's template. A tool call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`.
+Parsing: the markers a reply uses (thought block, tool-call block, end of turn) and the syntax of a call are
+model-specific, like vLLM's named reasoning and tool-call parsers; `ChatFormat` names them. Two are known
+(`FORMATS`), and `choose_format` picks one from the checkpoint's template unless the config names it:
+
+- `gemma4`, Gemma 4 / DiffusionGemma checkpoints: turns end with `<turn|>`; thinking (switched on by the template's
+  `enable_thinking`, which puts `<|think|>` in the system turn) comes as `<|channel>thought\n...<channel|>` before
+  the answer; a call is `<|tool_call>call:NAME{key:<|"|>text<|"|>,n:1}<tool_call|>` (deployments/tool_calls.py),
+  after which the model writes `<|tool_response>` and waits for the result, so that token also ends the reply.
+- `json`, the shipped tiny model's template: `<think>...</think>`, `<tool_call>{"name": ..., "arguments":
+  {...}}</tool_call>`, `<end_of_turn>`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from deployments.tool_calls import GEMMA4_STRING, Call, read_call
 
 SPECIAL_TOKEN_KEYS = (
     "bos_token",
@@ -60,11 +69,63 @@ class ChatFormat:
     tool_call_start: str = "<tool_call>"
     tool_call_end: str = "</tool_call>"
     end_of_turn: str = "<end_of_turn>"
+    tool_syntax: str = "json"  # json | gemma4: how a call's name and arguments are written (tool_calls.py)
+    reasoning_label: str = ""  # text the model writes right after reasoning_start, not part of the reasoning
+    also_ends: tuple[str, ...] = ()  # further tokens that end the reply
+    kept_tokens: tuple[str, ...] = ()  # special tokens that are part of a call's text (kept when decoding)
 
     def call_prefix(self, name: str | None) -> str:
-        """The text of a tool call up to its arguments (up to its name when `name` is None)."""
+        """The text of a tool call up to its arguments (up to its name when `name` is None). A forced call's
+        arguments (and a chosen name) are then generated as JSON under a schema, so they are valid whatever
+        syntax the model would otherwise write."""
+        if self.tool_syntax == "gemma4":
+            return self.tool_call_start + "call:" + ("" if name is None else name)
         head = self.tool_call_start + '{"name": '
         return head if name is None else head + json.dumps(name) + ', "arguments": '
+
+    def stop_markers(self) -> tuple[str, ...]:
+        return (self.end_of_turn, *self.also_ends)
+
+    def text_markers(self) -> tuple[str, ...]:
+        """Markers the reply parser reads: kept as text when they are special tokens."""
+        ends = (self.reasoning_start, self.reasoning_end, self.tool_call_start, self.tool_call_end)
+        return (*ends, *self.kept_tokens)
+
+
+GEMMA4_FORMAT = ChatFormat(
+    reasoning_start="<|channel>",
+    reasoning_end="<channel|>",
+    reasoning_label="thought\n",
+    tool_call_start="<|tool_call>",
+    tool_call_end="<tool_call|>",
+    end_of_turn="<turn|>",
+    tool_syntax="gemma4",
+    also_ends=("<|tool_response>",),
+    kept_tokens=(GEMMA4_STRING,),
+)
+FORMATS = {"json": ChatFormat(), "gemma4": GEMMA4_FORMAT}
+# a template that writes these control tokens is Gemma 4's (its turn and tool-call markers)
+GEMMA4_SIGNS = ("<|turn>", "<|tool_call>", "<|channel>")
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    """What the config says about reply markers: a format by name (`auto`: from the template) and overrides."""
+
+    parser: str = "auto"
+    overrides: tuple[tuple[str, str], ...] = ()
+
+
+def choose_format(choice: ChatChoice | ChatFormat, template_source: str | None) -> ChatFormat:
+    """The format replies are parsed with: `choice` itself when it is one, else the named format (`auto`:
+    gemma4 when the template writes Gemma 4's control tokens, else json) with the overrides applied."""
+    if isinstance(choice, ChatFormat):
+        return choice
+    name = choice.parser
+    if name == "auto":
+        name = "gemma4" if template_source and any(t in template_source for t in GEMMA4_SIGNS) else "json"
+    base = FORMATS[name]
+    return ChatFormat(**{**base.__dict__, **dict(choice.overrides)})
 
 
 # -- rendering -----------------------------------------------------------------------------------------------
@@ -282,12 +343,14 @@ def parse_reply(text: str, fmt: ChatFormat, final: bool = True, tools: bool = Tr
         before, rest = text.split(start, 1)
         thought, sep, after = rest.partition(end)
         if not sep and not final:
-            reply.reasoning = thought[: len(thought) - _held_back(thought, (end,))]
+            thought = thought[: len(thought) - _held_back(thought, (end,))]
+            reply.reasoning = _unlabelled(thought, fmt.reasoning_label, final=False)
             return reply
-        reply.reasoning = thought
+        reply.reasoning = _unlabelled(thought, fmt.reasoning_label)
         text = before + after
     elif end in text and start not in text:  # the template opened the thought block in the prompt
-        reply.reasoning, _, text = text.partition(end)
+        thought, _, text = text.partition(end)
+        reply.reasoning = _unlabelled(thought, fmt.reasoning_label)
     if not final:
         text = text[: len(text) - _held_back(text, (start, fmt.tool_call_start) if tools else (start,))]
     if not tools:  # tool_choice none: calls the model wrote anyway stay in the content
@@ -297,11 +360,11 @@ def parse_reply(text: str, fmt: ChatFormat, final: bool = True, tools: bool = Tr
     kept = []
     last = 0
     for m in pattern.finditer(text):
-        call = _tool_call(m.group(1))
+        call = read_call(m.group(1), fmt.tool_syntax, finished=True)
         if call is None:
             continue  # not a well-formed call: leave it in the content
         kept.append(text[last : m.start()])
-        reply.tool_calls.append(call)
+        reply.tool_calls.append(ToolCall(name=call.name, arguments=call.arguments_json()))
         last = m.end()
     kept.append(text[last:])
     content = "".join(kept)
@@ -311,15 +374,36 @@ def parse_reply(text: str, fmt: ChatFormat, final: bool = True, tools: bool = Tr
     return reply
 
 
-def _tool_call(body: str) -> ToolCall | None:
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return None
-    args = data.get("arguments", {})
-    return ToolCall(name=data["name"], arguments=args if isinstance(args, str) else json.dumps(args))
+def _unlabelled(thought: str, label: str, final: bool = True) -> str:
+    """The reasoning without the label the model writes first (Gemma 4: "thought\n"); while streaming, a
+    reasoning that may still become the label is held back."""
+    if label and thought.startswith(label):
+        return thought[len(label) :]
+    if label and not final and label.startswith(thought):
+        return ""
+    return thought
+
+
+def calls_so_far(text: str, fmt: ChatFormat) -> list[Call]:
+    """The tool calls of a reply still being written: the finished ones (as `parse_reply` reads them) and the
+    one being written at the end, read as far as it goes (deployments/tool_calls.py)."""
+    start, end = fmt.tool_call_start, fmt.tool_call_end
+    if fmt.reasoning_end in text:  # calls come after the thought block
+        text = text.rsplit(fmt.reasoning_end, 1)[1]
+    elif text.lstrip().startswith(fmt.reasoning_start):
+        return []  # still thinking
+    calls = []
+    pieces = text.split(start)[1:]
+    for i, piece in enumerate(pieces):
+        body, closed, _ = piece.partition(end)
+        if not closed and i < len(pieces) - 1:
+            continue  # never closed, and not the one being written
+        if not closed:
+            body = body[: len(body) - _held_back(body, (end,))]
+        call = read_call(body, fmt.tool_syntax, finished=bool(closed))
+        if call is not None:
+            calls.append(call)
+    return calls
 
 
 class ReplyStream:

@@ -129,6 +129,7 @@ class Engine:
         self.core = EngineCore(self.model, settings.limits)
         self.scheduler = self.core.scheduler  # the host bookkeeping: queues, rows, counters
         self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)
+        self._shard_steps = obs.ShardSteps(getattr(self.experts, "shard_totals", None))  # traced steps only
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -229,7 +230,9 @@ class Engine:
                 continue
             try:
                 before = self.scheduler.tokens_delivered
+                self._shard_steps.before()
                 stats = self.core.iterate()
+                self._shard_steps.after(stats.seconds)
                 self._record(self.scheduler.tokens_delivered - before, stats.rows)
                 self._busy_s += stats.seconds
                 self.metrics.on_iteration(stats.rows, stats.seconds, self.scheduler.tokens_delivered - before)
@@ -271,7 +274,10 @@ class Engine:
             request.request_id = uuid.uuid4().hex
         adaptation = self.adapter.adapt(request)  # load-adaptive sampling (None when off or unpressed)
         span = obs.EngineTrace(
-            request.request_id, request.params.max_denoising_steps, len(request.prompt_ids)
+            request.request_id,
+            request.params.max_denoising_steps,
+            len(request.prompt_ids),
+            self._shard_steps,
         )
 
         def sink(event: Event) -> None:

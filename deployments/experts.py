@@ -167,22 +167,24 @@ class ShardedExperts:
         E = self.ranges[-1].stop
         self.load = torch.zeros(self.num_layers, E, dtype=torch.long)  # [layers, E] tokens routed per expert
         self._lock = threading.Lock()
+        # per shard: [calls, tokens sent, seconds computing], running totals (read by traced steps)
+        self._per_shard = [[0, 0, 0.0] for _ in self.ranges]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         counts = torch.bincount(ids.reshape(-1), minlength=self.load.shape[1]).cpu()
         x_np, w_np, ids_np = x.detach().cpu().numpy(), weights.detach().cpu().numpy(), ids.cpu().int().numpy()
         calls = []
-        for r, client in zip(self.ranges, self.clients, strict=True):
+        for shard, (r, client) in enumerate(zip(self.ranges, self.clients, strict=True)):
             hit = ((ids >= r.start) & (ids < r.stop)).any(-1).nonzero().squeeze(-1).cpu()  # [T_s]
             if hit.numel():
                 sel = hit.numpy()
-                calls.append((hit, client, client.submit(layer, x_np[sel], w_np[sel], ids_np[sel])))
+                calls.append((shard, hit, client, client.submit(layer, x_np[sel], w_np[sel], ids_np[sel])))
         t1 = time.perf_counter()
-        results = [(hit, client.result(call)) for hit, client, call in calls]
+        results = [(shard, hit, client.result(call)) for shard, hit, client, call in calls]
         t2 = time.perf_counter()
         out = torch.zeros_like(x)
-        for hit, (partial, _) in results:  # shard order == expert order: see the module docstring
+        for _, hit, (partial, _) in results:  # shard order == expert order: see the module docstring
             out.index_add_(0, hit.to(x.device), _tensor(partial).to(device=x.device, dtype=x.dtype))
         t3 = time.perf_counter()
         with self._lock:
@@ -190,11 +192,21 @@ class ShardedExperts:
             tm = self.times
             tm.dispatch += t1 - t0
             tm.wait += t2 - t1
-            tm.expert_compute += max((seconds for _, (_, seconds) in results), default=0.0)
+            tm.expert_compute += max((seconds for _, _, (_, seconds) in results), default=0.0)
             tm.combine += t3 - t2
             tm.calls += 1
             tm.hops += len(calls)
+            for shard, hit, (_, seconds) in results:
+                totals = self._per_shard[shard]
+                totals[0] += 1
+                totals[1] += hit.numel()
+                totals[2] += seconds
         return out
+
+    def shard_totals(self) -> list[tuple[int, int, int, int, float]]:
+        """Per shard (first expert, stop, calls, tokens sent, seconds computing), running totals."""
+        with self._lock:
+            return [(r.start, r.stop, *t) for r, t in zip(self.ranges, self._per_shard, strict=True)]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

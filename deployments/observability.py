@@ -16,11 +16,20 @@ each handle call. Under them we add:
         engine.queue_wait       submitted -> admitted to a row
         engine.prefill          admitted -> first canvas starts denoising (prompt prefill, chunked)
         engine.canvas           one per canvas: steps, tokens, tokens per forward, early stop
+          expert_shard          disaggregated mode: one per ExpertShard, the shard's calls during the canvas
 
 Spans are made only when the request is sampled: every helper first checks the current span's
 `is_recording()` and otherwise returns at once, so tracing off (or a request not sampled) costs a context
 lookup per stage. Engine spans are built after the fact from timestamps taken in the scheduler thread, so the
 scheduler itself does no tracing work.
+
+ExpertShard calls. One call to a shard carries the tokens of every row of a batched step, for one layer, so a
+span per call per request would multiply spans by rows x layers x steps. Instead, while at least one sampled
+request is in the Engine (`ShardSteps`; none: a counter check per step), the Engine notes each step's work per
+shard (calls, tokens sent, seconds computing: two reads of running totals). When a sampled request ends, each of
+its canvases gets one `expert_shard` span per shard, from the first to the last step that overlaps the canvas,
+carrying the totals of those steps; they are the batch's totals (the other rows' tokens too), which is what the
+shard did while this canvas was denoised.
 
 Metrics live in deployments/metrics.py; the names the Router and the Engine use are re-exported here, so
 each imports one module.
@@ -32,6 +41,7 @@ import contextvars
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -89,19 +99,24 @@ class RouterRequest:
     Made current for the RPC's task (a context variable, not the OpenTelemetry context, which cannot be held
     across an async generator's yields), so helpers deep in the Router find it with `router_request()`."""
 
-    def __init__(self, rpc: str, metrics: dict | None, log: RequestLogSettings):
+    def __init__(self, rpc: str, metrics: dict | None, log: RequestLogSettings, http_method: str = ""):
+        """`rpc`: the gRPC method, or the HTTP route (then `http_method` is set: "POST")."""
         self.rpc, self.metrics, self.log = rpc, metrics, log
         self.started = time.perf_counter()
         self.request_id = ""
         self.prompt = ""
         self.outcome: Outcome | None = None
+        self.http_status: int | None = None
         parent = trace.get_current_span()
         self.span: Span | None = None
         self.ctx = None
         if parent.is_recording():
-            self.span = _tracer.start_span(
-                f"Router.{rpc}", kind=SpanKind.INTERNAL, attributes={"rpc.method": rpc}
+            attributes = (
+                {"http.request.method": http_method, "http.route": rpc}
+                if http_method
+                else {"rpc.method": rpc}
             )
+            self.span = _tracer.start_span(f"Router.{rpc}", kind=SpanKind.INTERNAL, attributes=attributes)
             self.ctx = trace.set_span_in_context(self.span)
         _current.set(self)
 
@@ -132,11 +147,12 @@ class RouterRequest:
             self.span.set_attribute("blockserve.request_id", request_id)
 
     # -- the end -----------------------------------------------------------------------------------------
-    def finish(self, outcome: Outcome) -> None:
-        """Record the RPC once (the first outcome wins: a failure after a final event changes nothing)."""
+    def finish(self, outcome: Outcome, http_status: int | None = None) -> None:
+        """Record the RPC once (the first outcome wins: a failure after a final event changes nothing).
+        `http_status`: the status an HTTP route answered (its span carries it beside the status code name)."""
         if self.outcome is not None:
             return
-        self.outcome = outcome
+        self.outcome, self.http_status = outcome, http_status
         seconds = time.perf_counter() - self.started
         if self.metrics is not None:
             record_request(self.metrics, self.rpc, outcome, seconds)
@@ -159,6 +175,8 @@ class RouterRequest:
                 "blockserve.denoising_steps": sum(o.steps_per_canvas),
             }
         )
+        if self.http_status is not None:
+            span.set_attribute("http.response.status_code", self.http_status)
         if o.code == "OK":
             span.set_status(Status(StatusCode.OK))
         else:
@@ -178,6 +196,8 @@ class RouterRequest:
             "steps": sum(o.steps_per_canvas),
             "seconds": round(seconds, 4),
         }
+        if self.http_status is not None:
+            line["http_status"] = self.http_status
         if o.code != "OK":
             line["error"] = o.message[:500]
         if self.span is not None:
@@ -201,7 +221,7 @@ class _NoRequest:
     def identify(self, request_id: str, prompt: str = "") -> None:
         pass
 
-    def finish(self, outcome: Outcome) -> None:
+    def finish(self, outcome: Outcome, http_status: int | None = None) -> None:
         pass
 
 
@@ -237,17 +257,81 @@ def traced_encode(encode: Callable[[str], list[int]]) -> Callable[[str], list[in
 # -- the Engine's view of one request ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ShardStep:
+    """One Engine step's work on one ExpertShard (monotonic seconds)."""
+
+    start: float
+    end: float
+    first: int  # the shard's experts [first, stop)
+    stop: int
+    calls: int
+    tokens: int
+    compute_s: float
+
+
+class ShardSteps:
+    """Per-step ExpertShard work, noted only while a sampled request is in the Engine.
+
+    `before()` / `after()` run in the scheduler thread around each step; `begin()` / `done()` on the event loop
+    as sampled requests come and go. `totals()` returns the disaggregated backend's running totals per shard
+    (`ShardedExperts.shard_totals`); None (fused mode) makes every method a no-op."""
+
+    KEEP = 8192  # steps remembered: a sampled request older than this many steps loses its earliest ones
+
+    def __init__(self, totals: Callable[[], list[tuple]] | None):
+        self.totals = totals
+        self.traced = 0
+        self.steps: deque[ShardStep] = deque(maxlen=self.KEEP)
+        self._base: list[tuple] | None = None
+
+    def begin(self) -> None:
+        if self.totals is not None:
+            self.traced += 1
+
+    def done(self) -> None:
+        if self.totals is not None:
+            self.traced = max(0, self.traced - 1)
+            if not self.traced:
+                self.steps.clear()
+
+    def before(self) -> None:
+        self._base = self.totals() if self.traced else None
+
+    def after(self, seconds: float) -> None:
+        base, self._base = self._base, None
+        if base is None:
+            return
+        now = time.monotonic()
+        for (first, stop, calls, tokens, compute), old in zip(self.totals(), base, strict=True):
+            if calls > old[2]:
+                self.steps.append(
+                    ShardStep(
+                        now - seconds, now, first, stop, calls - old[2], tokens - old[3], compute - old[4]
+                    )
+                )
+
+    def within(self, start: float, end: float) -> list[ShardStep]:
+        """The steps that ran while [start, end] (a canvas's window, stamped inside steps) was open."""
+        return [s for s in list(self.steps) if s.start < end and s.end > start]
+
+
+_NO_SHARDS = ShardSteps(None)
+
+
 class EngineTrace:
     """Spans of one request inside the Engine, built when it ends from times the scheduler thread stamped.
 
     `stamp(event)` runs in the scheduler thread (one `time.monotonic()` per canvas); `end(...)` runs on the
     Engine's event loop. Inactive (every method returns at once) unless the request is sampled."""
 
-    def __init__(self, request_id: str, max_steps: int, prompt_tokens: int):
+    def __init__(self, request_id: str, max_steps: int, prompt_tokens: int, shards: ShardSteps = _NO_SHARDS):
         parent = trace.get_current_span()
         self.active = parent.is_recording()
         if not self.active:
             return
+        self.shards = shards
+        shards.begin()
         self.request_id, self.max_steps = request_id, max_steps
         self.offset_ns = time.time_ns() - time.monotonic_ns()  # monotonic seconds -> epoch ns
         self.span = _tracer.start_span(
@@ -268,6 +352,7 @@ class EngineTrace:
         if not self.active:
             return
         self.active = False
+        self.shards.done()
         now = time.monotonic()
         if final is not None:
             submitted = now - final.total_time_s
@@ -288,7 +373,7 @@ class EngineTrace:
         for ev, end in zip(canvases, self.canvas_ends, strict=False):
             start = getattr(ev, "started_s", 0.0) or previous_end or end
             tokens = len(ev.token_ids)
-            self._child(
+            canvas = self._child(
                 "engine.canvas",
                 start,
                 end,
@@ -300,6 +385,7 @@ class EngineTrace:
                     "blockserve.early_stop": ev.steps < self.max_steps,
                 },
             )
+            self._shard_spans(canvas, self.shards.within(start, end))
             previous_end = end
         if error is not None:
             self.span.set_status(Status(StatusCode.ERROR, f"{error[0]}: {error[1]}"))
@@ -308,10 +394,29 @@ class EngineTrace:
             self.span.set_attribute("blockserve.cancelled", True)
         self.span.end()
 
-    def _child(self, name: str, start: float, end: float, attributes: dict | None = None) -> None:
-        ctx = trace.set_span_in_context(self.span)
+    def _child(
+        self, name: str, start: float, end: float, attributes: dict | None = None, parent: Span | None = None
+    ) -> Span:
+        ctx = trace.set_span_in_context(parent or self.span)
         span = _tracer.start_span(name, context=ctx, start_time=self._ns(start), attributes=attributes)
         span.end(end_time=self._ns(max(start, end)))
+        return span
+
+    def _shard_spans(self, canvas: Span, steps: list[ShardStep]) -> None:
+        """One `expert_shard` span per shard under a canvas: the shard's work in the canvas's steps."""
+        by_shard: dict[tuple[int, int], list[ShardStep]] = {}
+        for step in steps:
+            by_shard.setdefault((step.first, step.stop), []).append(step)
+        for (first, stop), work in sorted(by_shard.items()):
+            attributes = {
+                "blockserve.experts": f"{first}-{stop - 1}",
+                "blockserve.steps": len(work),
+                "blockserve.shard_calls": sum(w.calls for w in work),
+                "blockserve.batch_tokens": sum(w.tokens for w in work),
+                "blockserve.compute_s": sum(w.compute_s for w in work),
+            }
+            start, end = min(w.start for w in work), max(w.end for w in work)
+            self._child("expert_shard", start, end, attributes, parent=canvas)
 
 
 def engine_outcome(events: list) -> tuple:

@@ -11,10 +11,17 @@ message names the field), 404 for an unknown model, 429 when the engine queue is
 ready, 500 otherwise. Streams send a draft chunk after every denoising step when `blockserve.stream_drafts` is
 set (empty delta, the draft under `blockserve.draft`), a chunk per committed canvas, then the finish chunk and,
 with `stream_options.include_usage`, a usage chunk.
+
+Observability is the gRPC RPCs': each POST route is one `RouterRequest` (deployments/observability.py) labelled
+by its route, so it gets a `Router.<route>` span (under Serve's `proxy_http_request` span, which continues a
+client's `traceparent` header) with the validate / tokenize / detokenize stages, and the same `blockserve_*`
+metrics with `rpc` = the route and `code` = the status code name of the gRPC twin (400 is INVALID_ARGUMENT,
+see HTTP_STATUS); the span also carries `http.response.status_code`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -22,9 +29,12 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from deployments import observability as obs
 from deployments import openai_protocol as oa
 from deployments.auth import Unauthenticated
+from deployments.chat import calls_so_far
 from deployments.router import RequestFailed, Router
+from deployments.tool_calls import ToolCallStream
 from protos.blockserve.v1 import blockserve_pb2 as pb
 
 HTTP_STATUS = {
@@ -42,6 +52,9 @@ ERROR_TYPE = {
     404: "not_found_error",
     429: "rate_limit_error",
 }
+
+
+STATUS_CODE_NAME = {status: code.name for code, status in HTTP_STATUS.items()}
 
 
 def error_response(
@@ -67,9 +80,14 @@ class OpenAIRouter(Router):
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)
 
+    def observe_http(self, route: str) -> obs.RouterRequest:
+        """The route's request at the Router: span, metrics and log line, as for an RPC."""
+        return obs.RouterRequest(route, self._metrics, self.settings.request_log, http_method="POST")
+
     async def _start(self, request: pb.GenerateRequest):
-        """Validate and (for tool_choice required) pick the tool: raises RequestFailed before any byte is sent."""
-        prepared = self._prepare(request, None)
+        """Validate and (for tool_choice required) pick the tool: raises RequestFailed before any byte is sent.
+        Validation runs in a worker thread, as for gRPC (a large prompt must not stall this event loop)."""
+        prepared = await asyncio.to_thread(self._prepare, request, None)
         return await self._with_chosen_tool(request, prepared, None)
 
     def _draft_extra(self, ev: pb.GenerateEvent) -> dict:
@@ -99,7 +117,7 @@ class OpenAIRouter(Router):
         prepared = await self._start(request)
         rid, model = oa.new_id("chatcmpl"), self.settings.model_name
         if body.stream:
-            return self._stream(prepared, body, rid, "chat.completion.chunk", self._chat_chunk)
+            return self._stream(prepared, body, rid, "chat.completion.chunk", self._chat_chunks(prepared))
         final, tokens = await self._collect(prepared)
         reply = final.chat
         message = {
@@ -125,6 +143,7 @@ class OpenAIRouter(Router):
             if event.HasField("canvas"):
                 tokens.extend(event.canvas.token_ids)
             elif event.HasField("final"):
+                obs.router_request().finish(obs.outcome_of_final(event.final), 200)
                 return event.final, tokens
         raise RequestFailed(grpc.StatusCode.INTERNAL, "the engine stream ended without a final event")
 
@@ -143,27 +162,46 @@ class OpenAIRouter(Router):
             ]
         return []
 
-    @staticmethod
-    def _chat_chunk(event: pb.GenerateEvent) -> list[dict]:
-        if event.HasField("canvas"):
-            delta = {}
-            if event.canvas.chat.reasoning_content:
-                delta["reasoning_content"] = event.canvas.chat.reasoning_content
-            if event.canvas.chat.content:
-                delta["content"] = event.canvas.chat.content
-            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}] if delta else []
-        if event.HasField("final"):
-            final, chunks = event.final, []
-            if final.chat.tool_calls:
-                delta = {"tool_calls": oa.tool_calls(final.chat, with_index=True)}
-                chunks.append({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
-            chunks.append({"index": 0, "delta": {}, "logprobs": None, "finish_reason": oa.chat_finish(final)})
-            return chunks
-        return []
+    def _chat_chunks(self, prepared):
+        """A chat stream's event -> choices function. Tool calls stream as OpenAI's clients expect: per call, a
+        delta with its index, id, type and name, then argument fragments as committed canvases write them (drafts
+        may still change, so they carry none); what was not streamed (a forced call's arguments come whole with the
+        final event) follows before the finish chunk."""
+        plan = prepared.chat
+        live = plan is not None and plan.parse_tools and not plan.forced_tool and prepared.layout is None
+        calls, text = ToolCallStream(), []
+
+        def choice(delta: dict, finish: str | None = None) -> dict:
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        def tool_deltas(full: str) -> list[dict]:
+            return [choice({"tool_calls": [d]}) for d in calls.update(calls_so_far(full, plan.format))]
+
+        def chunks(event: pb.GenerateEvent) -> list[dict]:
+            if event.HasField("canvas"):
+                delta, chat = {}, event.canvas.chat
+                if chat.reasoning_content:
+                    delta["reasoning_content"] = chat.reasoning_content
+                if chat.content:
+                    delta["content"] = chat.content
+                out = [choice(delta)] if delta else []
+                if live:
+                    text.append(event.canvas.text_delta)
+                    out += tool_deltas("".join(text))
+                return out
+            if event.HasField("final"):
+                final = event.final
+                out = tool_deltas(final.text) if live else []
+                out += [choice({"tool_calls": [d]}) for d in oa.unsent_tool_calls(final.chat, calls.calls)]
+                return out + [choice({}, oa.chat_finish(final))]
+            return []
+
+        return chunks
 
     def _stream(self, prepared, body: oa.Common, rid: str, kind: str, to_choices) -> StreamingResponse:
         model = self.settings.model_name
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        rr = obs.router_request()  # the route's request; the stream ends it (headers say 200 by then)
 
         async def events() -> AsyncIterator[str]:
             if kind == "chat.completion.chunk":  # OpenAI opens a chat stream with the role
@@ -176,10 +214,19 @@ class OpenAIRouter(Router):
                         continue
                     for choice in to_choices(event):
                         yield sse(oa.envelope(kind, rid, model, [choice]))
-                    if event.HasField("final") and include_usage:
-                        yield sse(oa.envelope(kind, rid, model, [], usage=oa.usage(event.final.usage)))
+                    if event.HasField("final"):
+                        rr.finish(obs.outcome_of_final(event.final), 200)
+                        if include_usage:
+                            yield sse(oa.envelope(kind, rid, model, [], usage=oa.usage(event.final.usage)))
             except RequestFailed as e:  # headers are sent: report in the stream, as OpenAI does
+                rr.finish(obs.Outcome(code=e.code.name, message=str(e)), 200)
                 yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            except BaseException as e:  # the client went away (or a bug): recorded, then re-raised
+                rr.finish(obs.outcome_of_exception(e), 200)
+                raise
+            rr.finish(
+                obs.Outcome(code="INTERNAL", message="the engine stream ended without a final event"), 200
+            )
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -199,7 +246,20 @@ def unauthenticated(router: Router, request: Request) -> JSONResponse | None:
 def build_app(router: OpenAIRouter) -> FastAPI:
     app = FastAPI(title="blockserve OpenAI-compatible API")
 
-    async def handle(request: Request, cls, run):
+    async def handle(request: Request, cls, run, route: str):
+        rr = router.observe_http(route)
+        try:
+            response = await answer(request, cls, run)
+        except BaseException as e:
+            rr.finish(obs.outcome_of_exception(e), 500)
+            raise
+        if isinstance(response, JSONResponse):  # an error answer (successes finish in _collect / the stream)
+            status = response.status_code
+            message = json.loads(response.body)["error"]["message"]
+            rr.finish(obs.Outcome(code=STATUS_CODE_NAME.get(status, "INTERNAL"), message=message), status)
+        return response
+
+    async def answer(request: Request, cls, run):
         denied = unauthenticated(router, request)
         if denied is not None:
             return denied
@@ -221,7 +281,12 @@ def build_app(router: OpenAIRouter) -> FastAPI:
         except oa.BadRequest as e:
             return error_response(400, str(e), e.param)
         except RequestFailed as e:
-            return failure_response(e)
+            response = failure_response(
+                e
+            )  # the code's own name (many codes answer 500), the client's message
+            message = json.loads(response.body)["error"]["message"]
+            obs.router_request().finish(obs.Outcome(code=e.code.name, message=message), response.status_code)
+            return response
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -233,10 +298,10 @@ def build_app(router: OpenAIRouter) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, oa.CompletionBody, router.complete)
+        return await handle(request, oa.CompletionBody, router.complete, "/v1/completions")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, oa.ChatBody, router.chat)
+        return await handle(request, oa.ChatBody, router.chat, "/v1/chat/completions")
 
     return app

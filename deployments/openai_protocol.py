@@ -343,6 +343,22 @@ def tool_calls(reply: pb.ChatReply, with_index: bool = False) -> list[dict]:
     return out
 
 
+def unsent_tool_calls(reply: pb.ChatReply, sent: list) -> list[dict]:
+    """`delta.tool_calls` entries for what of the final calls a stream has not sent yet (`sent`: per index, the
+    streamed call's `id` and argument text `sent`): a call never streamed comes as its name, then its arguments."""
+    out = []
+    for i, c in enumerate(reply.tool_calls):
+        if i >= len(sent):
+            fn = {"name": c.name, "arguments": ""}
+            out.append({"index": i, "id": c.id, "type": "function", "function": fn})
+            done = ""
+        else:
+            done = sent[i].sent
+        if len(c.arguments) > len(done) and c.arguments.startswith(done):
+            out.append({"index": i, "function": {"arguments": c.arguments[len(done) :]}})
+    return out
+
+
 def chat_finish(final: pb.Final | pb.GenerateResponse) -> str:
     return "tool_calls" if final.chat.tool_calls else FINISH.get(final.finish_reason, "stop")
 

@@ -520,11 +520,11 @@ def _chat(
     elif choose:
         text += fmt.call_prefix(None)
         schema = {"enum": list(schemas)}
-    end = tokenizer.hf.token_to_id(fmt.end_of_turn)
-    markers = (fmt.reasoning_start, fmt.reasoning_end, fmt.tool_call_start, fmt.tool_call_end)
+    ends = {tokenizer.hf.token_to_id(m) for m in fmt.stop_markers()} - {None}
+    markers = fmt.text_markers()
     plan = ChatPlan(
         format=fmt,
-        stop_ids=frozenset({end}) if end is not None else frozenset(),
+        stop_ids=frozenset(ends),
         marker_ids=frozenset(i for i in map(tokenizer.hf.token_to_id, markers) if i is not None),
         parse_tools=chat.tool_choice != pb.TOOL_CHOICE_NONE,
         forced_tool=forced,

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2
 
 from deployments import observability as obs
 from deployments.auth import ApiKeys, Unauthenticated
-from deployments.chat import ChatFormat, ChatTemplate, ReplyStream, parse_reply
+from deployments.chat import ChatChoice, ChatFormat, ChatTemplate, ReplyStream, choose_format, parse_reply
 from deployments.leases import client_timeout_s
 from deployments.requests import ChatSupport, InvalidRequest, Prepared, RequestLimits, prepare
 from deployments.scheduler import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, SchedulerLimits
@@ -62,7 +62,7 @@ class RouterSettings:
     max_rows: int = SchedulerLimits.max_rows  # the Engine's row limit, reported by ModelInfo
     execution_mode: str = "fused"
     health_timeout_s: float = 2.0
-    chat_format: ChatFormat = field(default_factory=ChatFormat)
+    chat_format: ChatFormat | ChatChoice = field(default_factory=ChatChoice)  # a choice: by the template
     lease_s: float = 15.0  # an engine row whose lease is not renewed for this long is freed
     max_request_s: float = (
         600.0  # deadline of an engine request whose client sent none (and the cap of one that did)
@@ -184,7 +184,9 @@ class Router:
             eos_id=self.config.eos_token_ids[0] if self.config.eos_token_ids else -1,
             bos_id=self.config.bos_token_id,
         )
-        self.chat_support = ChatSupport(ChatTemplate.from_dir(settings.model_path), settings.chat_format)
+        template = ChatTemplate.from_dir(settings.model_path)
+        fmt = choose_format(settings.chat_format, template.source if template else None)
+        self.chat_support = ChatSupport(template, fmt)
         # a span per tokenizer call of a traced request; the same object, so caches keyed on it still hit
         self.tokenizer.encode = obs.traced_encode(self.tokenizer.encode)
         self._metrics = obs.make_metrics(obs.ROUTER_METRICS)

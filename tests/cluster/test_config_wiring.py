@@ -21,12 +21,13 @@ from cluster.serve_config import render_serve_config
 NOT_IN_THE_APP = {
     "server.ray_num_cpus": "logical CPUs of the Ray head `blockserve serve` starts locally (cluster/cli.py)",
     "server.metrics_port": "Prometheus port of the Ray head `blockserve serve` starts (ray.init, cluster/cli.py); "
-    "the Helm chart's telemetry.metricsExportPort on Kubernetes",
+    "the Helm chart's metrics-export-port of every pod on Kubernetes",
     "telemetry.otlp_endpoint": "tracing variables set before ray.init so every Ray process, proxies included, "
-    "inherits them (cluster/telemetry.py); the Helm chart's telemetry values on Kubernetes",
+    "inherits them (cluster/telemetry.py); the Helm chart's pod environment on Kubernetes",
     "telemetry.sampling_ratio": "tracing variable set before ray.init (cluster/telemetry.py); the Helm chart's "
-    "telemetry.samplingRatio on Kubernetes",
-    "telemetry.service_name": "OTEL_SERVICE_NAME set before ray.init (cluster/telemetry.py)",
+    "pod environment on Kubernetes",
+    "telemetry.service_name": "OTEL_SERVICE_NAME set before ray.init (cluster/telemetry.py); the Helm chart's "
+    "pod environment on Kubernetes",
 }
 
 
@@ -80,6 +81,8 @@ EXAMPLES: dict[str, list[Any]] = {
     "auth.keys_file": ["/etc/blockserve/keys"],
     "model.device": ["cuda", "cuda:1"],
     "slo.load_adaptive.classes": [{"plain": {"max_entropy_bound": 0.5, "min_denoising_steps": 8}}],
+    **{f"chat.{m}": ["<m>"] for m in ("reasoning_start", "reasoning_end", "tool_call_start", "tool_call_end")},
+    "chat.end_of_turn": ["<m>"],
 }
 
 

@@ -181,16 +181,16 @@ def test_ports_telemetry_and_volumes(values_file):
 
 @pytest.mark.parametrize("endpoint", ["", "http://otel-collector.observability:4317"])
 def test_tracing_exporter_is_set_only_with_an_endpoint(endpoint):
-    docs = render({"telemetry": {"otlpEndpoint": endpoint}})
+    docs = render({"config": {"telemetry": {"otlp_endpoint": endpoint}}})
     cluster = one(docs, "RayService")["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", []):
         env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
         if endpoint:
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+            assert env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == endpoint
             module, _, function = env["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"].partition(":")
             assert callable(getattr(importlib.import_module(module), function))  # Serve imports it by name
         else:  # no collector: Serve installs no exporter that would retry a missing endpoint
-            assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+            assert "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" not in env
             assert "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH" not in env
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -154,6 +155,81 @@ def test_client_traceparent_continues_through_proxy_router_and_engine(app, recei
         assert earlier.end_time_unix_nano <= later.start_time_unix_nano
 
 
+def post(app, route: str, body: dict, headers: dict | None = None) -> tuple[int, dict | list[dict]]:
+    """POST to the OpenAI-compatible API: (status, JSON answer), or (status, the data chunks) for a stream."""
+    url = f"http://127.0.0.1:{app.config.server.http_port}{route}"
+    data = json.dumps({"model": "test-model", **body}).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    if not body.get("stream"):
+        return status, json.loads(text)
+    lines = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    return status, [json.loads(line) for line in lines if line != "[DONE]"]
+
+
+FAST = {"blockserve": {"sampling": {"max_denoising_steps": 6}}}
+
+
+def test_http_traceparent_continues_through_the_http_proxy_router_and_engine(app, receiver):
+    trace_id, client_span, header = traceparent()
+    messages = [{"role": "user", "content": "Add two numbers"}]
+    status, answer = post(
+        app,
+        "/v1/chat/completions",
+        {"messages": messages, "max_tokens": 40, "seed": 2, **FAST},
+        {"traceparent": header},
+    )
+    assert status == 200
+    stats = answer["blockserve"]["stats"]
+
+    def complete():
+        spans = receiver.trace(trace_id)
+        names = [s.name for s in spans]
+        done = any(n.startswith("proxy_http_request") for n in names) and "engine.generate" in names
+        return spans if done and names.count("engine.canvas") == stats["canvases"] else None
+
+    spans = wait_for(complete, timeout=30, what="the HTTP request's spans at the receiver")
+    by_id = {s.span_id: s for s in spans}
+    proxy = one(spans, "proxy_http_request")
+    assert proxy.parent_span_id == client_span
+    assert [s.name for s in spans if s.parent_span_id not in by_id] == [proxy.name]  # one connected tree
+
+    router = one(spans, "Router./v1/chat/completions")
+    assert router.parent_span_id == one(spans, "replica_handle_request Router").span_id
+    a = attrs(router)
+    assert a["blockserve.request_id"] == answer["blockserve"]["request_id"]
+    assert a["rpc.grpc.status_code"] == "OK" and a["http.response.status_code"] == 200
+    assert a["http.route"] == "/v1/chat/completions"
+    assert a["blockserve.completion_tokens"] == answer["usage"]["completion_tokens"]
+    validate = one(spans, "router.validate")
+    assert validate.parent_span_id == router.span_id
+    assert one(spans, "router.tokenize").parent_span_id == validate.span_id
+    detok = [s for s in spans if s.name == "router.detokenize"]
+    assert len(detok) == stats["canvases"] and all(s.parent_span_id == router.span_id for s in detok)
+    engine = one(spans, "engine.generate")
+    assert "Router./v1/chat/completions" in ancestors(engine, by_id)
+
+    # a refused request: the span records the status (400 <-> INVALID_ARGUMENT) and the message
+    trace_id, _, header = traceparent()
+    status, error = post(
+        app, "/v1/completions", {"prompt": "x", "max_tokens": 10**9}, {"traceparent": header}
+    )
+    assert status == 400
+
+    def refused():
+        found = [s for s in receiver.trace(trace_id) if s.name == "Router./v1/completions"]
+        return found[0] if found else None
+
+    span = wait_for(refused, timeout=30, what="the refused HTTP request's Router span")
+    assert attrs(span)["http.response.status_code"] == 400
+    assert attrs(span)["rpc.grpc.status_code"] == "INVALID_ARGUMENT"
+    assert span.status.code == span.status.STATUS_CODE_ERROR and "max_tokens" in span.status.message
+
+
 def test_failed_request_records_its_status_code_on_the_span(app, receiver):
     trace_id, _, header = traceparent()
     bad = request(max_new=4)
@@ -259,18 +335,46 @@ def traffic(app):
     bad.max_new_tokens = 10**9
     with pytest.raises(grpc.RpcError):
         app.stub.Generate(bad, timeout=60)
+    # the same through the OpenAI-compatible routes: answers (one streamed) and one refusal
+    http = {
+        "/v1/completions": [
+            post(app, "/v1/completions", {"prompt": "def add(a, b):", "max_tokens": n, "seed": n, **FAST})[1]
+            for n in (3, 30)
+        ],
+        "/v1/chat/completions": [
+            post(app, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 20, "seed": 4, **FAST})[1],
+            final_chunk(post(app, "/v1/chat/completions", STREAMED_CHAT)[1]),
+        ],
+    }
+    assert post(app, "/v1/chat/completions", {"messages": [], **FAST})[0] == 400
 
     def exported():
         now = scrape()
-        return now if delta(now, before, "ray_blockserve_requests_total") == 6 else None
+        return now if delta(now, before, "ray_blockserve_requests_total") == 11 else None
 
     after = wait_for(exported, timeout=60, what="the traffic's request counts in the scrape")
     after = settled_scrape()  # the Engine's and the Router's series arrive in separate exports
-    return before, after, replies, streamed
+    return before, after, replies, streamed, http
+
+
+MESSAGES = [{"role": "user", "content": "Sort a list"}]
+STREAMED_CHAT = {
+    "messages": MESSAGES,
+    "max_tokens": 36,
+    "seed": 5,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "blockserve": {"sampling": {"max_denoising_steps": 6}, "stream_drafts": False},
+}
+
+
+def final_chunk(chunks: list[dict]) -> dict:
+    """A stream's usage chunk; its stats come from the same request's unary twin (same seed, same tokens)."""
+    return next(c for c in chunks if c.get("usage"))
 
 
 def test_scraped_metrics_match_the_responses(app, traffic):
-    before, after, replies, streamed = traffic
+    before, after, replies, streamed, _ = traffic
     d = lambda name, **labels: delta(after, before, f"ray_blockserve_{name}", **labels)  # noqa: E731
 
     assert d("requests_total", rpc="Generate", code="OK") == len(replies)
@@ -313,10 +417,32 @@ def test_scraped_metrics_match_the_responses(app, traffic):
     assert set(gauges("kv_cache_used_bytes")) == {0}
 
 
+def test_http_routes_are_measured_like_the_rpcs(app, traffic):
+    before, after, _, _, http = traffic
+    d = lambda name, **labels: delta(after, before, f"ray_blockserve_{name}", **labels)  # noqa: E731
+
+    assert d("requests_total", rpc="/v1/completions", code="OK") == 2
+    assert d("requests_total", rpc="/v1/chat/completions", code="OK") == 2
+    assert d("requests_total", rpc="/v1/chat/completions", code="INVALID_ARGUMENT") == 1
+    for route, answers in http.items():
+        usages = [a["usage"] for a in answers]
+        assert d("generation_tokens_total", rpc=route) == sum(u["completion_tokens"] for u in usages)
+        assert d("prompt_tokens_total", rpc=route) == sum(u["prompt_tokens"] for u in usages)
+        for hist in ("request_latency_seconds", "time_to_first_canvas_seconds", "tokens_per_forward"):
+            assert d(f"{hist}_count", rpc=route) == len(answers)
+        unary = [a for a in answers if "blockserve" in a]  # a stream's usage chunk carries no stats
+        steps = [s for a in unary for s in a["blockserve"]["stats"]["steps_per_canvas"]]
+        if len(unary) == len(answers):
+            assert d("steps_per_canvas_count", rpc=route) == len(steps)
+            assert d("denoising_steps_total", rpc=route) == sum(steps)
+        else:
+            assert d("steps_per_canvas_count", rpc=route) >= len(steps) + 1
+
+
 def test_every_dashboard_query_names_a_scraped_metric(traffic):
     import re
 
-    _, after, _, _ = traffic
+    _, after, _, _, _ = traffic
     scraped = {name for name, _ in after}
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

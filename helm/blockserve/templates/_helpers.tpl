@@ -79,6 +79,11 @@ Engine replica count to size for). Prints a number.
 {{- dig "engine" "autoscaling" "max_replicas" (dig "engine" "replicas" 1 .Values.config) .Values.config -}}
 {{- end -}}
 
+{{/* Ray's Prometheus port on every pod: config.server.metrics_port (default in cluster/config.py). */}}
+{{- define "blockserve.metricsPort" -}}
+{{- dig "server" "metrics_port" 8080 .Values.config -}}
+{{- end -}}
+
 {{/* Render-time checks the values schema cannot express; each message says what to change. */}}
 {{- define "blockserve.checks" -}}
 {{- $c := .Values.config -}}
@@ -105,18 +110,18 @@ Engine replica count to size for). Prints a number.
 {{- define "blockserve.env" -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
-{{- with .Values.telemetry }}
+{{- $t := dig "telemetry" (dict) .Values.config }}
+{{- /* the variables of cluster/telemetry.py's tracing_env, from config.telemetry (defaults: cluster/config.py) */}}
 - name: OTEL_SERVICE_NAME
-  value: blockserve
+  value: {{ $t.service_name | default "blockserve" | quote }}
 - name: RAY_SERVE_TRACING_SAMPLING_RATIO
-  value: {{ .samplingRatio | quote }}
-{{- if .otlpEndpoint }}
-- name: OTEL_EXPORTER_OTLP_ENDPOINT
-  value: {{ .otlpEndpoint | quote }}
-{{- if .exporterImportPath }}
+  value: {{ hasKey $t "sampling_ratio" | ternary $t.sampling_ratio 1.0 | quote }}
+{{- if $t.otlp_endpoint }}
+- name: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+  value: {{ $t.otlp_endpoint | quote }}
+{{- if .Values.telemetry.exporterImportPath }}
 - name: RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH
-  value: {{ .exporterImportPath | quote }}
-{{- end }}
+  value: {{ .Values.telemetry.exporterImportPath | quote }}
 {{- end }}
 {{- end }}
 {{- if .Values.checkpoint.download.tokenSecret }}
