@@ -42,6 +42,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from deployments import observability as obs
 from deployments.tool_calls import GEMMA4_STRING, Call, read_call
 
 SPECIAL_TOKEN_KEYS = (
@@ -292,7 +293,16 @@ def mark_control_tokens(value: Any, pattern: re.Pattern) -> Any:
 
 def encode_marked(hf_tokenizer, text: str, pattern: re.Pattern) -> list[int]:
     """Encode a rendered chat: wrapped control tokens as text, everything else normally. A lone marker (a template
-    string operation split a pair) is dropped, but still separates the text on either side."""
+    string operation split a pair) is dropped, but still separates the text on either side. A sampled request
+    gets a `router.tokenize` span for it, as for a prompt."""
+    with obs.span("router.tokenize", **{"blockserve.chars": len(text)}) as span:
+        ids = _encode_marked(hf_tokenizer, text, pattern)
+        if span is not None:
+            span.set_attribute("blockserve.tokens", len(ids))
+        return ids
+
+
+def _encode_marked(hf_tokenizer, text: str, pattern: re.Pattern) -> list[int]:
     pieces = re.split(f"{MARK_OPEN}({pattern.pattern}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]", text)
     ids: list[int] = []
     for i, piece in enumerate(pieces):

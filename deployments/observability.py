@@ -232,6 +232,15 @@ def router_request() -> RouterRequest | _NoRequest:
     return _current.get() or _NO_REQUEST
 
 
+def untraced_context() -> contextvars.Context:
+    """The current context without a trace or an RPC: for a background task started during a request (the
+    Router's lease renewer), whose calls belong to no one request's trace and must not be recorded in it."""
+    ctx = contextvars.copy_context()
+    ctx.run(otel_context.attach, otel_context.Context())
+    ctx.run(_current.set, None)
+    return ctx
+
+
 def span(name: str, **attributes) -> Any:
     """A child of the current span around a synchronous block, when the request is sampled (e.g. an Engine's
     call to an ExpertShard: `with obs.span("expert_shard.forward", **{"blockserve.shard": i}):`)."""
@@ -352,7 +361,6 @@ class EngineTrace:
         if not self.active:
             return
         self.active = False
-        self.shards.done()
         now = time.monotonic()
         if final is not None:
             submitted = now - final.total_time_s
@@ -393,6 +401,7 @@ class EngineTrace:
         elif final is None:
             self.span.set_attribute("blockserve.cancelled", True)
         self.span.end()
+        self.shards.done()  # after the canvases took their steps: the last sampled request clears them
 
     def _child(
         self, name: str, start: float, end: float, attributes: dict | None = None, parent: Span | None = None

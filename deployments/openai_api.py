@@ -22,6 +22,7 @@ see HTTP_STATUS); the span also carries `http.response.status_code`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import AsyncIterator
 
@@ -243,8 +244,26 @@ def unauthenticated(router: Router, request: Request) -> JSONResponse | None:
     return None
 
 
+# FastAPI >= 0.165 traces and meters requests itself, continuing the HTTP `traceparent` as a second server span
+# beside Ray Serve's proxy span (two roots for one request) and, with OTLP variables set, may add exporters of its
+# own. Serve already traces the hop and the Router records the route: FastAPI's telemetry stays off.
+FASTAPI_TELEMETRY_OFF = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
+
+
+def new_fastapi(**kwargs) -> FastAPI:
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:  # older FastAPI has no own telemetry
+        kwargs["telemetry"] = FASTAPI_TELEMETRY_OFF
+    return FastAPI(**kwargs)
+
+
 def build_app(router: OpenAIRouter) -> FastAPI:
-    app = FastAPI(title="blockserve OpenAI-compatible API")
+    app = new_fastapi(title="blockserve OpenAI-compatible API")
 
     async def handle(request: Request, cls, run, route: str):
         rr = router.observe_http(route)

@@ -226,7 +226,10 @@ class Router:
     def _track(self, request_id: str) -> None:
         self._inflight.add(request_id)
         if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_leases(),
+                context=obs.untraced_context(),  # renewals join no request's trace
+            )
 
     def _deadline(self, grpc_context) -> float:
         """Monotonic time by which the request must end: the client's gRPC deadline (forwarded by Serve's proxy,
@@ -300,8 +303,10 @@ class Router:
         try:
             async for batch in stream:
                 for event in self._translate(batch, prepared, text, all_tokens, reply):
-                    yield event
+                    # set before the yield: a consumer that stops at the final event closes this generator
+                    # there, and the finished request must not be cancelled at the Engine
                     finished = event.HasField("final")
+                    yield event
                     if finished:
                         return
         except (RequestFailed, asyncio.CancelledError, GeneratorExit):

@@ -81,7 +81,9 @@ EXAMPLES: dict[str, list[Any]] = {
     "auth.keys_file": ["/etc/blockserve/keys"],
     "model.device": ["cuda", "cuda:1"],
     "slo.load_adaptive.classes": [{"plain": {"max_entropy_bound": 0.5, "min_denoising_steps": 8}}],
-    **{f"chat.{m}": ["<m>"] for m in ("reasoning_start", "reasoning_end", "tool_call_start", "tool_call_end")},
+    **{
+        f"chat.{m}": ["<m>"] for m in ("reasoning_start", "reasoning_end", "tool_call_start", "tool_call_end")
+    },
     "chat.end_of_turn": ["<m>"],
 }
 

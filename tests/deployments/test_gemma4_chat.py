@@ -254,3 +254,41 @@ def test_config_parser_names_are_the_formats_and_overrides_apply():
     stream = ReplyStream(GEMMA4_FORMAT)
     assert stream.update("<|channel>thou") == ("", "")  # may still be the "thought\n" label: held back
     assert stream.update("<|channel>thought\nwhy<channel|>so", final=True) == ("why", "so")
+
+
+def test_openai_client_accumulates_the_streamed_calls():
+    """The chat stream's chunks for a Gemma 4 reply committed canvas by canvas, fed to the official `openai`
+    client's own stream accumulator: it ends with the calls of the unary answer, and the finish reason."""
+    openai_streaming = pytest.importorskip("openai.lib.streaming.chat")
+    from openai.types.chat import ChatCompletionChunk
+
+    from deployments import openai_protocol as oa
+    from deployments.openai_api import OpenAIRouter
+    from deployments.requests import ChatPlan, Prepared
+    from protos.blockserve.v1 import blockserve_pb2 as pb
+
+    text = REPLY.split("<|tool_response>")[0]
+    chunks = OpenAIRouter._chat_chunks(None, Prepared(engine=None, chat=ChatPlan(format=GEMMA4_FORMAT)))
+    replies, events = ReplyStream(GEMMA4_FORMAT), []
+    for i, start in enumerate(range(0, len(text), 23)):  # a "canvas" of 23 characters
+        piece = text[start : start + 23]
+        reasoning, content = replies.update(text[: start + 23], final=start + 23 >= len(text))
+        chat = pb.ChatDelta(content=content, reasoning_content=reasoning)
+        events.append(pb.GenerateEvent(canvas=pb.Canvas(canvas_index=i, text_delta=piece, chat=chat)))
+    parsed = parse_reply(text, GEMMA4_FORMAT)
+    calls = [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in parsed.tool_calls]
+    final = pb.Final(text=text, finish_reason=pb.FINISH_REASON_EOS, chat=pb.ChatReply(tool_calls=calls))
+    events.append(pb.GenerateEvent(final=final))
+
+    state = openai_streaming.ChatCompletionStreamState()
+    tool_chunks = 0
+    for event in events:
+        for choice in chunks(event):
+            tool_chunks += "tool_calls" in choice["delta"]
+            envelope = oa.envelope("chat.completion.chunk", "chatcmpl-1", "m", [choice])
+            state.handle_chunk(ChatCompletionChunk.model_validate(envelope))
+    message = state.get_final_completion().choices[0].message
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+    assert got == CALLS and message.content == "Checking."
+    assert state.get_final_completion().choices[0].finish_reason == "tool_calls"
+    assert tool_chunks > len(CALLS) * 2  # arguments arrived over several canvases, not whole at the end

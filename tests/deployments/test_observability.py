@@ -246,3 +246,79 @@ def test_generic_span_only_under_a_sampled_parent(provider, spans):
     (shard,) = spans.get_finished_spans()[:1]
     assert shard.name == "expert_shard.forward" and shard.parent.span_id == parent.get_span_context().span_id
     assert len([s for s in spans.get_finished_spans() if s.name == "expert_shard.forward"]) == 1
+
+
+class Shards:
+    """Running per-shard totals as `ShardedExperts.shard_totals` returns them; `work()` is one step's calls."""
+
+    def __init__(self):
+        self.totals = [[0, 2, 0, 0, 0.0], [2, 8, 0, 0, 0.0]]  # first, stop, calls, tokens, compute_s
+        self.reads = 0
+
+    def read(self):
+        self.reads += 1
+        return [tuple(t) for t in self.totals]
+
+    def work(self, shard, calls, tokens):
+        t = self.totals[shard]
+        t[2], t[3], t[4] = t[2] + calls, t[3] + tokens, t[4] + 0.001 * calls
+
+
+def _step(steps: obs.ShardSteps, shards: Shards, work, seconds=0.01):
+    steps.before()
+    t0 = time.monotonic()
+    for args in work:
+        shards.work(*args)
+    while time.monotonic() - t0 < seconds:
+        pass
+    steps.after(time.monotonic() - t0)
+
+
+def test_expert_shard_spans_per_canvas_from_traced_steps_only(provider, spans):
+    shards = Shards()
+    steps = obs.ShardSteps(shards.read)
+    _step(steps, shards, [(0, 4, 40)])  # no sampled request in the Engine: nothing read, nothing kept
+    assert shards.reads == 0 and not steps.steps
+    with provider.get_tracer("test").start_as_current_span("replica_handle_request Engine"):
+        engine = obs.EngineTrace("req-3", 48, 5, steps)
+    t0 = time.monotonic()
+    _step(steps, shards, [(0, 4, 40), (1, 4, 12)])  # canvas 0: both shards
+    _step(steps, shards, [(1, 4, 9)])
+    t1 = time.monotonic()
+    _step(steps, shards, [(0, 4, 7)])  # canvas 1: shard 0 only
+    t2 = time.monotonic()
+    engine.canvas_ends = [t1, t2]
+    canvases = [CanvasEvent(0, [1] * 8, 2, False, t0), CanvasEvent(1, [1] * 8, 1, True, t1)]
+    final = FinalEvent("length", 5, 16, [2, 1], 16 / 3, 0.0, time.monotonic() - t0 + 0.001, 0.0)
+    engine.end(final, canvases, None)
+    got = finished(spans)
+    by_canvas = {c.attributes["blockserve.canvas_index"]: c for c in got["engine.canvas"]}
+    work = {}
+    for s in got["expert_shard"]:
+        canvas = next(i for i, c in by_canvas.items() if c.context.span_id == s.parent.span_id)
+        a = s.attributes
+        work[(canvas, a["blockserve.experts"])] = (a["blockserve.steps"], a["blockserve.shard_calls"])
+        assert a["blockserve.batch_tokens"] > 0
+    assert work == {(0, "0-1"): (1, 4), (0, "2-7"): (2, 8), (1, "0-1"): (1, 4)}
+    assert not steps.traced and not steps.steps  # the last sampled request left: nothing kept
+
+
+def test_untraced_context_drops_the_trace_and_the_rpc(provider):
+    import asyncio
+
+    async def main():
+        with provider.get_tracer("test").start_as_current_span("rpc"):
+            rr = obs.RouterRequest("Generate", None, obs.RequestLogSettings(enabled=False))
+            seen = {}
+
+            async def background():
+                seen["recording"] = trace.get_current_span().is_recording()
+                seen["rpc"] = obs.router_request()
+
+            await asyncio.get_running_loop().create_task(background(), context=obs.untraced_context())
+            assert trace.get_current_span().is_recording() and obs.router_request() is rr  # caller unchanged
+            rr.finish(obs.Outcome())
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen == {"recording": False, "rpc": obs.router_request()}

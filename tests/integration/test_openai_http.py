@@ -201,6 +201,36 @@ def test_json_schema_and_forced_tool_calls_always_validate(client, model, seed):
     jsonschema.validate(json.loads(call.function.arguments), schema)
 
 
+def test_streamed_tool_call_comes_name_first_and_accumulates_to_the_unary_call(client, model):
+    """`stream: true` with a forced call: a first delta with the call's index, id and name, then its arguments;
+    the official client's stream accumulation ends with the unary answer's call (same seed, same tokens)."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kwargs = dict(
+        model=model,
+        messages=[{"role": "user", "content": "Oslo?"}],
+        tools=TOOLS,
+        tool_choice=named,
+        seed=5,
+        extra_body=FAST,
+    )
+    unary = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    with client.chat.completions.stream(**kwargs) as stream:
+        deltas = [
+            d
+            for event in stream
+            if event.type == "chunk"
+            for d in event.chunk.choices[0].delta.tool_calls or []
+        ]
+        final = stream.get_final_completion().choices[0]
+    first, rest = deltas[0], deltas[1:]
+    assert first.index == 0 and first.id and first.function.name == "get_weather"
+    assert first.function.arguments == "" and rest and all(d.id is None and d.index == 0 for d in rest)
+    (call,) = final.message.tool_calls
+    assert final.finish_reason == "tool_calls" and call.id == first.id
+    assert (call.function.name, call.function.arguments) == (unary.function.name, unary.function.arguments)
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [

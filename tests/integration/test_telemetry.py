@@ -195,8 +195,9 @@ def test_http_traceparent_continues_through_the_http_proxy_router_and_engine(app
     spans = wait_for(complete, timeout=30, what="the HTTP request's spans at the receiver")
     by_id = {s.span_id: s for s in spans}
     proxy = one(spans, "proxy_http_request")
-    assert proxy.parent_span_id == client_span
-    assert [s.name for s in spans if s.parent_span_id not in by_id] == [proxy.name]  # one connected tree
+    tree = [(s.name, s.span_id.hex(), s.parent_span_id.hex()) for s in spans]
+    assert proxy.parent_span_id == client_span, tree
+    assert [s.name for s in spans if s.parent_span_id not in by_id] == [proxy.name], tree  # one tree
 
     router = one(spans, "Router./v1/chat/completions")
     assert router.parent_span_id == one(spans, "replica_handle_request Router").span_id
@@ -403,8 +404,14 @@ def test_scraped_metrics_match_the_responses(app, traffic):
     forwards = d("forwards_total")
     assert forwards >= max(sum(a.stats.steps_per_canvas) for a in replies)  # requests ran one after another
     assert d("rows_per_forward_count") == forwards
-    # each row of a forward is one denoising step of one request
-    assert d("rows_forwarded_total") == sum(a.stats.denoising_steps for a in replies + streamed)
+    # each row of a forward is one denoising step of one request (the HTTP traffic's too: steps by route are
+    # checked against the answers in the HTTP test)
+    grpc_steps = sum(a.stats.denoising_steps for a in replies + streamed)
+    assert (
+        d("denoising_steps_total", rpc="Generate") + d("denoising_steps_total", rpc="GenerateStream")
+        == grpc_steps
+    )
+    assert d("rows_forwarded_total") == d("denoising_steps_total") > grpc_steps
     # every token a layer's MoE sees goes to exactly top_k experts
     from model.config import ModelConfig
 
