@@ -14,6 +14,7 @@ import pytest
 
 from protos.blockserve.v1 import blockserve_pb2 as pb
 from tests.integration.conftest import wait_for
+from tests.integration.otlp import attrs, serve_receiver, traceparent
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +54,43 @@ def check_matches_fused(app, requests, fused) -> None:
     assert stats["shard_hops"] >= stats["moe_calls"] > 0
 
 
-def test_three_uneven_shards_match_fused_token_for_token(app):
-    """Also the `serve` transport (Serve handle calls); the other test runs the default `actor` transport."""
+@pytest.fixture(scope="module")
+def receiver():
+    yield from serve_receiver()
+
+
+def check_traced_shard_calls(app, receiver, experts: set[str]) -> None:
+    """A traced request's canvases each get one `expert_shard` span per shard, with the shard's calls."""
+    trace_id, _, header = traceparent()
+    events = app.stub.GenerateStream(request(9), metadata=[("traceparent", header)], timeout=300)
+    final = list(events)[-1].final
+
+    def complete():
+        spans = receiver.trace(trace_id)
+        names = [s.name for s in spans]
+        canvases = names.count("engine.canvas") == final.stats.canvases
+        return spans if canvases and names.count("expert_shard") >= len(experts) else None
+
+    spans = wait_for(complete, timeout=30, what="the request's expert_shard spans")
+    canvases = {s.span_id: s for s in spans if s.name == "engine.canvas"}
+    by_canvas: dict[bytes, set[str]] = {}
+    for span in (s for s in spans if s.name == "expert_shard"):
+        assert span.parent_span_id in canvases  # under the canvas whose steps called the shard
+        a = attrs(span)
+        assert a["blockserve.shard_calls"] >= a["blockserve.steps"] >= 1 and a["blockserve.batch_tokens"] > 0
+        by_canvas.setdefault(span.parent_span_id, set()).add(a["blockserve.experts"])
+    assert by_canvas and all(seen <= experts for seen in by_canvas.values())
+    assert set().union(*by_canvas.values()) == experts
+
+
+def test_three_uneven_shards_match_fused_token_for_token(app, receiver):
+    """Also the `serve` transport (Serve handle calls); the other test runs the default `actor` transport.
+    A traced request shows the shards' calls under its canvases."""
     requests = [request(seed) for seed in (1, 2, 3, 4)]
     fused = generate_all(app, requests)
     with app.reconfigured(engine=DISAGGREGATED, experts={"split": [1, 4, 3], "transport": "serve"}):
         check_matches_fused(app, requests, fused)
+        check_traced_shard_calls(app, receiver, {"0-0", "1-4", "5-7"})
 
 
 def _replicas(deployment: str) -> list[str]:

@@ -12,79 +12,33 @@ the responses report (usage, stats), and every query of the Grafana dashboard mu
 from __future__ import annotations
 
 import json
-import secrets
-import threading
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments import observability as obs
 from protos.blockserve.v1 import blockserve_pb2 as pb
-from tests.conftest import TRACE_RECEIVER_PORT
 from tests.integration.conftest import wait_for
+from tests.integration.otlp import SENT, attrs, serve_receiver, traceparent
 
 pytestmark = pytest.mark.slow
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "blockserve" / "dashboards" / "blockserve.json"
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """Keeps every span exported to it (the OTLP collector's trace service, nothing else)."""
-
-    def __init__(self):
-        self.spans = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            for resource_spans in request.resource_spans:
-                for scope_spans in resource_spans.scope_spans:
-                    self.spans.extend(scope_spans.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def trace(self, trace_id: bytes) -> list:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-
 @pytest.fixture(scope="module")
 def receiver():
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    received = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(received, server)
-    server.add_insecure_port(f"127.0.0.1:{TRACE_RECEIVER_PORT}")
-    server.start()
-    yield received
-    server.stop(0)
-
-
-SENT: set[bytes] = set()  # trace ids this module's requests carried
-
-
-def traceparent() -> tuple[bytes, bytes, str]:
-    trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
-    SENT.add(trace_id)
-    return trace_id, span_id, f"00-{trace_id.hex()}-{span_id.hex()}-01"
+    yield from serve_receiver()
 
 
 def request(max_new: int, seed: int = 3) -> pb.GenerateRequest:
     req = pb.GenerateRequest(prompt="def add(a, b):", max_new_tokens=max_new, seed=seed)
     req.sampling.max_denoising_steps = 6
     return req
-
-
-def attrs(span) -> dict:
-    out = {}
-    for kv in span.attributes:
-        v = kv.value
-        out[kv.key] = getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
-    return out
 
 
 def one(spans, prefix: str):
