@@ -300,9 +300,8 @@ def build_app(router: OpenAIRouter) -> FastAPI:
         except oa.BadRequest as e:
             return error_response(400, str(e), e.param)
         except RequestFailed as e:
-            response = failure_response(
-                e
-            )  # the code's own name (many codes answer 500), the client's message
+            # recorded with the code's own name (several codes answer 500) and the message the client gets
+            response = failure_response(e)
             message = json.loads(response.body)["error"]["message"]
             obs.router_request().finish(obs.Outcome(code=e.code.name, message=message), response.status_code)
             return response
