@@ -195,7 +195,9 @@ class _Reader:
 
     def _literal(self) -> Node:
         s, start = self.src, self.i
-        while self.i < len(s) and s[self.i] not in ",}]" + _WS:
+        # JSON literals end at whitespace; a gemma4 bare value runs to the next delimiter (it may hold spaces)
+        ends = ",}]" + (_WS if self.syntax == "json" else "")
+        while self.i < len(s) and s[self.i] not in ends:
             self.i += 1
         if self.i == start:
             raise ValueError(f"expected a value at {start}")
