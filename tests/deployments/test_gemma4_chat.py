@@ -165,6 +165,9 @@ def test_reply_in_gemma4_format_parses_into_reasoning_content_and_calls():
     assert parse_reply("Hi.", GEMMA4_FORMAT).content == "Hi."
     broken = "<|tool_call>call:f{a:<tool_call|>"
     assert parse_reply(broken, GEMMA4_FORMAT).content == broken
+    # a bare (undelimited) value runs to the next delimiter, spaces and all
+    (call,) = parse_reply("<|tool_call>call:f{a:hello world , b:2}<tool_call|>", GEMMA4_FORMAT).tool_calls
+    assert json.loads(call.arguments) == {"a": "hello world", "b": 2}
 
 
 def test_gemma4_reply_tokens_through_the_router_text_path(gemma4_tokenizer):
