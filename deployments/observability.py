@@ -343,6 +343,7 @@ class EngineTrace:
         shards.begin()
         self.request_id, self.max_steps = request_id, max_steps
         self.offset_ns = time.time_ns() - time.monotonic_ns()  # monotonic seconds -> epoch ns
+        self.submitted = time.monotonic()  # the request goes to the scheduler right after
         self.span = _tracer.start_span(
             "engine.generate",
             attributes={"blockserve.request_id": request_id, "blockserve.prompt_tokens": prompt_tokens},
@@ -361,12 +362,14 @@ class EngineTrace:
         if not self.active:
             return
         self.active = False
-        now = time.monotonic()
         if final is not None:
-            submitted = now - final.total_time_s
-            admitted = submitted + final.queue_time_s
-            self._child("engine.queue_wait", submitted, admitted)
+            # from this side's own submit stamp (not "now - total time": the final event reaches this loop
+            # later than it was made, which would shift the queue wait past the first canvas's start)
             first_start = getattr(canvases[0], "started_s", 0.0) if canvases else 0.0
+            admitted = self.submitted + final.queue_time_s
+            if first_start:
+                admitted = min(admitted, first_start)
+            self._child("engine.queue_wait", self.submitted, admitted)
             if first_start:
                 self._child("engine.prefill", admitted, first_start)
             self.span.set_attributes(
