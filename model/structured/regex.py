@@ -212,10 +212,7 @@ def compile_dfa(e: tuple, max_states: int = 20000, deadline: float | None = None
     order = [first]
     rows: list[list[int]] = []
     while len(rows) < len(order):
-        if deadline is not None and time.monotonic() > deadline:
-            raise AutomatonTooLarge(
-                "compiling the constraint took too long; simplify the schema or lower its bounds"
-            )
+        _too_slow(deadline)
         buckets: dict[int, set[int]] = {}
         for s in order[len(rows)]:
             for m, t in nfa.edges[s]:
@@ -238,7 +235,7 @@ def compile_dfa(e: tuple, max_states: int = 20000, deadline: float | None = None
         rows.append(row)
     trans = np.array(rows, dtype=np.int32).reshape(len(rows), SYMBOLS)
     accept = np.array([final in s for s in order], dtype=bool)
-    return minimise(trim(Dfa(trans, accept)))
+    return minimise(trim(Dfa(trans, accept)), deadline)
 
 
 def trim(dfa: Dfa) -> Dfa:
@@ -266,21 +263,45 @@ def _renumber(dfa: Dfa, keep: np.ndarray) -> Dfa:
     return Dfa(np.where(t >= 0, new_id[t], DEAD).astype(np.int32), dfa.accept[keep])
 
 
-def minimise(dfa: Dfa) -> Dfa:
-    """Moore partition refinement; state 0 stays the start."""
+def _too_slow(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise AutomatonTooLarge("compiling the constraint took too long; simplify the schema or lower its bounds")
+
+
+def _block_ids(key: np.ndarray) -> np.ndarray:
+    """[S] dense ids of the distinct rows of key [S, W] (int64), via a 64-bit random linear hash."""
+    weights = np.random.default_rng(0xB10C).integers(1, 2**63, size=key.shape[1], dtype=np.int64)
+    h = (key.astype(np.uint64) * (weights.astype(np.uint64) | np.uint64(1))).sum(1, dtype=np.uint64)
+    return np.unique(h, return_inverse=True)[1].reshape(-1)
+
+
+def minimise(dfa: Dfa, deadline: float | None = None) -> Dfa:
+    """Moore partition refinement, one vectorised round per level of distinguishability; state 0 stays the start.
+
+    A round hashes each state's (block, successor blocks) row to one integer, so a round costs one gather and
+    one 1-D unique instead of a row-wise sort. A hash collision could only merge two states wrongly, so the
+    final partition is checked exactly (every block's members agree on acceptance and successor blocks) and
+    refined with exact row comparison if it is not a congruence (any congruence that keeps acceptance
+    yields an equivalent DFA)."""
     S = dfa.num_states
     if S == 0:
         return dfa
-    part = dfa.accept.astype(np.int64)
     columns = np.unique(dfa.trans, axis=1)  # [S, K']: symbols that behave alike are one column
+    accept = dfa.accept.astype(np.int64)[:, None]  # kept in every key: a merged pair never mixes acceptance
+    part = accept[:, 0].copy()
+    count = len(np.unique(part))
     while True:
+        _too_slow(deadline)
         succ = np.where(columns >= 0, part[np.maximum(columns, 0)], -1)  # [S, K']
-        key = np.concatenate([part[:, None], succ], axis=1)
-        _, new = np.unique(key, axis=0, return_inverse=True)
-        new = new.reshape(-1)
-        if len(np.unique(new)) == len(np.unique(part)):
-            break
-        part = new
+        key = np.concatenate([accept, part[:, None], succ], axis=1) + 1
+        new = _block_ids(key)
+        new_count = int(new.max()) + 1
+        if new_count == count:
+            exact = np.unique(key, axis=0, return_inverse=True)[1].reshape(-1)
+            if int(exact.max()) + 1 == count:
+                break
+            new, new_count = exact, int(exact.max()) + 1  # a collision: continue from the exact split
+        part, count = new, new_count
     # renumber blocks so the start's block is 0, in first-seen order
     _, first_seen = np.unique(part, return_index=True)
     order = np.argsort(first_seen)
@@ -312,18 +333,34 @@ def intersects(a: Dfa, b: Dfa) -> bool:
     return False
 
 
-def intersect(a: Dfa, b: Dfa, max_states: int = 20000) -> Dfa:
+def intersect(a: Dfa, b: Dfa, max_states: int = 20000, deadline: float | None = None) -> Dfa:
     """The product DFA accepting what both accept (trimmed and minimised)."""
-    if a.is_empty() or b.is_empty():
-        return Dfa(np.zeros((0, SYMBOLS), dtype=np.int32), np.zeros(0, dtype=bool))
-    index = {(0, 0): 0}
-    order = [(0, 0)]
+    return _product(a, b, max_states, deadline, keep_b=True)
+
+
+def difference(a: Dfa, b: Dfa, max_states: int = 20000, deadline: float | None = None) -> Dfa:
+    """The DFA accepting what `a` accepts and `b` does not (trimmed and minimised)."""
+    return _product(a, b, max_states, deadline, keep_b=False)
+
+
+def _product(a: Dfa, b: Dfa, max_states: int, deadline: float | None, keep_b: bool) -> Dfa:
+    """Product construction; without `keep_b`, b may fall into its dead state (-1) while a goes on."""
+    nothing = Dfa(np.zeros((0, SYMBOLS), dtype=np.int32), np.zeros(0, dtype=bool))
+    if a.is_empty() or (keep_b and b.is_empty()):
+        return nothing
+    dead_row = np.full(SYMBOLS, DEAD, dtype=np.int32)
+    first = (0, 0 if not b.is_empty() else DEAD)
+    index = {first: 0}
+    order = [first]
     rows = []
     while len(rows) < len(order):
+        if len(rows) % 256 == 0:
+            _too_slow(deadline)
         x, y = order[len(rows)]
-        tx, ty = a.trans[x], b.trans[y]
+        tx, ty = a.trans[x], (b.trans[y] if y != DEAD else dead_row)
         row = np.full(SYMBOLS, DEAD, dtype=np.int32)
-        for sym in np.nonzero((tx >= 0) & (ty >= 0))[0].tolist():
+        ok = (tx >= 0) & (ty >= 0) if keep_b else tx >= 0
+        for sym in np.nonzero(ok)[0].tolist():
             pair = (int(tx[sym]), int(ty[sym]))
             if pair not in index:
                 if len(order) >= max_states:
@@ -332,5 +369,6 @@ def intersect(a: Dfa, b: Dfa, max_states: int = 20000) -> Dfa:
                 order.append(pair)
             row[sym] = index[pair]
         rows.append(row)
-    accept = np.array([bool(a.accept[x] and b.accept[y]) for x, y in order])
-    return minimise(trim(Dfa(np.stack(rows).astype(np.int32), accept)))
+    in_b = [y != DEAD and bool(b.accept[y]) for _, y in order]
+    accept = np.array([bool(a.accept[x]) and (yb if keep_b else not yb) for (x, _), yb in zip(order, in_b)])
+    return minimise(trim(Dfa(np.stack(rows).astype(np.int32), accept)), deadline)

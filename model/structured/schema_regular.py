@@ -80,6 +80,7 @@ class RegularLimits:
     """Bounds of the schema compiler (the server's knobs)."""
 
     max_string_chars: int = 256  # longest string generated where maxLength is larger
+    max_array_items: int = 64  # most items generated where maxItems is larger (unbounded arrays stay unbounded)
     max_ref_depth: int = 3  # times a recursive $ref is unrolled
     any_depth: int = 1  # nesting of arrays/objects inside a value with no schema ({})
     max_states: int = 20000  # DFA states of the whole document or any part
@@ -355,6 +356,10 @@ class _Compiler:
             hi = 1 if hi is None else min(hi, 1)
         if hi is not None and lo > hi:
             raise InvalidSchemaError(f"minItems {lo} is above maxItems {hi}", path)
+        cap = self.limits.max_array_items
+        if lo > cap:
+            raise UnsupportedSchemaError("minItems", f"{path}/minItems", f"above the limit of {cap} items")
+        hi = None if hi is None else min(hi, cap)
         if hi == 0:
             return seq(lit(b"["), WS, lit(b"]"))
         item = self.dfa(self.value(items, f"{path}/items"))
@@ -390,7 +395,7 @@ class _Compiler:
                     shape = compile_dfa(pattern(source), self.limits.max_states, self.deadline)
                 except PatternError as exc:
                     raise UnsupportedSchemaError(key, f"{path}/{key}", str(exc)) from None
-                dfa = shape if dfa is None else intersect(dfa, shape, self.limits.max_states)
+                dfa = shape if dfa is None else intersect(dfa, shape, self.limits.max_states, self.deadline)
             body = ("dfa", dfa)
         return seq(lit(b'"'), body, lit(b'"'))
 
