@@ -22,6 +22,7 @@ Shape legend: R rows, L canvas, C vocabulary chunk, A atoms, V vocabulary.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,9 @@ import torch
 from model.structured.automaton import TokenAutomaton
 from model.structured.dp import best_atoms, goal_states
 from model.structured.regex import DEAD
+
+# index_reduce_ (used for per-atom maxima) is stable in behaviour since torch 1.13 but still labelled beta
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 
 @dataclass(eq=False)
@@ -63,42 +67,56 @@ class RegularCanvas:
 
 
 class _RowAccumulator:
-    """Per-position, per-atom best logit / key and their token ids, merged chunk by chunk."""
+    """Per-position, per-atom best logit / key and their token ids, merged chunk by chunk.
+
+    Kept atom-major ([A + 1, L], row A: tokens outside every atom) on the scores' device: a chunk is
+    transposed once to [C, L] so each per-atom maximum is an `index_reduce_` over contiguous rows of L
+    (a scatter along the vocabulary axis of [L, C] is several times slower on CPU). Token ids travel as
+    negated float32 (exact below 2^24), so the first (smallest) id of a tie wins with one more `amax`."""
 
     def __init__(self, canvas: RegularCanvas, L: int):
         self.canvas = canvas
-        ta = canvas.run.automaton
-        self.atom_of = torch.from_numpy(ta.atom_of)  # [V]
+        self.L = L
+        self.atom_of: torch.Tensor | None = None  # [V] on the scores' device, made on the first chunk
+        self.best: list[torch.Tensor] = []  # logits, keys: [A + 1, L]
+        self.arg: list[torch.Tensor] = []  # [A + 1, L] token ids
+
+    def _start(self, device: torch.device) -> None:
+        ta = self.canvas.run.automaton
         A = ta.num_atoms
-        self.best = [
-            torch.full((L, A + 1), float("-inf")) for _ in range(2)
-        ]  # logits, keys; column A: unused
-        self.arg = [torch.zeros(L, A + 1, dtype=torch.long) for _ in range(2)]
+        atom_of = torch.from_numpy(ta.atom_of)
+        self.atom_of = torch.where(atom_of < 0, A, atom_of).to(device)
+        self.best = [torch.full((A + 1, self.L), float("-inf"), device=device) for _ in range(2)]
+        self.arg = [torch.zeros(A + 1, self.L, dtype=torch.long, device=device) for _ in range(2)]
 
     def chunk(self, which: int, scores: torch.Tensor, start: int) -> None:
         L, C = scores.shape
-        atoms = self.atom_of[start : start + C].clone()
-        A = self.best[which].shape[1] - 1
-        atoms[atoms < 0] = A
-        index = atoms[None].expand(L, C)
-        top = torch.full((L, A + 1), float("-inf")).scatter_reduce(1, index, scores, "amax")  # [L, A + 1]
-        hit = scores == top.gather(1, index)
-        ids = torch.where(hit, torch.arange(start, start + C)[None], torch.iinfo(torch.long).max)
-        arg = torch.full((L, A + 1), torch.iinfo(torch.long).max).scatter_reduce(1, index, ids, "amin")
+        if self.atom_of is None:
+            self._start(scores.device)
+        atoms = self.atom_of[start : start + C]  # [C]
+        rows = self.best[which].shape[0]
+        by_token = scores.T.contiguous()  # [C, L]
+        top = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(
+            0, atoms, by_token, "amax"
+        )  # [A + 1, L]
+        neg_ids = -torch.arange(start, start + C, device=scores.device, dtype=torch.float32)[:, None]
+        ids = torch.where(by_token == top[atoms], neg_ids, float("-inf"))  # [C, L]
+        first = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(0, atoms, ids, "amax")
         better = top > self.best[which]  # earlier chunks win ties, as in the unconstrained argmax
         self.best[which] = torch.where(better, top, self.best[which])
-        self.arg[which] = torch.where(better, arg, self.arg[which])
+        self.arg[which] = torch.where(better, (-first).long(), self.arg[which])
 
     def solve(self, which: int, current: torch.Tensor) -> torch.Tensor:
         run, index = self.canvas.run, self.canvas.index
-        scores = self.best[which][:, :-1].double().numpy()
+        scores = self.best[which][:-1].T.double().cpu().numpy()  # [L, A]: the DP runs on the host
         path = best_atoms(run.automaton, scores, run.start_state(index), run.goal(index))
         if path is None:  # cannot happen when the previous canvas ended in a goal state
             raise RuntimeError("regular constraint: no valid canvas from the carried-over state")
         atoms, states = path
         if which == 0:  # the argmax canvas is what gets committed: the next canvas starts where it ends
             run.record(index, int(states[-1]))
-        return self.arg[which][torch.arange(len(atoms)), torch.from_numpy(atoms)]
+        arg = self.arg[which]
+        return arg[torch.from_numpy(atoms).to(arg.device), torch.arange(len(atoms), device=arg.device)].cpu()
 
 
 @dataclass(eq=False)
@@ -192,10 +210,10 @@ class JointStep:
 
     def chunk(self, logits: torch.Tensor, keys: torch.Tensor, start: int) -> None:
         """logits, keys [R, L, C] of vocabulary slice [start, start + C), already masked."""
-        # the accumulators and the DP live on the host (a no-op copy when the sampler runs on CPU)
+        # the per-atom maxima stay on the sampler's device; only [A, L] per row reaches the host's DP
         for r, acc in self.rows.items():
-            acc.chunk(0, logits[r].cpu(), start)
-            acc.chunk(1, keys[r].cpu(), start)
+            acc.chunk(0, logits[r], start)
+            acc.chunk(1, keys[r], start)
 
     def finish(self, argmax: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace constrained rows' argmax / sampled canvases [R, L] by the constrained optimum."""
