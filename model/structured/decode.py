@@ -101,7 +101,9 @@ class _RowAccumulator:
         )  # [A + 1, L]
         neg_ids = -torch.arange(start, start + C, device=scores.device, dtype=torch.float32)[:, None]
         ids = torch.where(by_token == top[atoms], neg_ids, float("-inf"))  # [C, L]
-        first = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(0, atoms, ids, "amax")
+        first = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(
+            0, atoms, ids, "amax"
+        )
         better = top > self.best[which]  # earlier chunks win ties, as in the unconstrained argmax
         self.best[which] = torch.where(better, top, self.best[which])
         self.arg[which] = torch.where(better, (-first).long(), self.arg[which])

@@ -1,8 +1,11 @@
 """Character sets and JSON Schema `pattern`s (an ECMA-262 subset) as byte-level expressions.
 
-Strings are generated as the raw UTF-8 of their characters between quotes, without escapes, so every
-character set is intersected with `SAFE`: code points a JSON string may hold unescaped (>= U+0020,
-not `"`, not `\\`, no surrogates). A pattern that needs another character matches nothing here.
+A JSON string character is either raw UTF-8 of a code point a JSON string may hold unescaped (`SAFE`:
+>= U+0020, not `"`, not `\\`, no surrogates) or an escape (`ESCAPE`: `\\"` `\\\\` `\\/` `\\b` `\\f` `\\n`
+`\\r` `\\t`, or `\\uXXXX` of a non-surrogate code point). Either decodes to exactly one code point, so
+`JSON_CHAR` repeated n times is a string of length n, as `minLength` / `maxLength` count.
+Strings under a `pattern` or `format` are generated raw (no escapes): the pattern's character sets are
+intersected with `SAFE`, so a pattern that needs another character (a quote, a newline) matches nothing.
 
 Pattern subset: literals, `.`, escapes (\\d \\w \\s \\D \\W \\S \\t \\n \\r \\uXXXX \\xXX and escaped
 punctuation), classes `[...]` with ranges and negation, groups `(...)` / `(?:...)`, `|`, quantifiers
@@ -88,6 +91,23 @@ def chars(ranges: Ranges) -> tuple:
 
 
 ANY_CHAR = chars([(0, MAX_CP)])
+_HEX_DIGIT = byteset(b"0123456789abcdefABCDEF")
+ESCAPE = seq(
+    lit(b"\\"),
+    alt(
+        byteset(b'"\\/bfnrt'),
+        seq(
+            lit(b"u"),
+            alt(
+                seq(byteset(b"0123456789abcefABCEF"), _HEX_DIGIT),
+                seq(byteset(b"dD"), byteset(b"01234567")),  # not D800-DFFF: a lone surrogate is not text
+            ),
+            _HEX_DIGIT,
+            _HEX_DIGIT,
+        ),
+    ),
+)
+JSON_CHAR = alt(ANY_CHAR, ESCAPE)
 
 _CLASS_ESCAPES = {
     "d": DIGIT,

@@ -265,7 +265,9 @@ def _renumber(dfa: Dfa, keep: np.ndarray) -> Dfa:
 
 def _too_slow(deadline: float | None) -> None:
     if deadline is not None and time.monotonic() > deadline:
-        raise AutomatonTooLarge("compiling the constraint took too long; simplify the schema or lower its bounds")
+        raise AutomatonTooLarge(
+            "compiling the constraint took too long; simplify the schema or lower its bounds"
+        )
 
 
 def _block_ids(key: np.ndarray) -> np.ndarray:
@@ -273,6 +275,16 @@ def _block_ids(key: np.ndarray) -> np.ndarray:
     weights = np.random.default_rng(0xB10C).integers(1, 2**63, size=key.shape[1], dtype=np.int64)
     h = (key.astype(np.uint64) * (weights.astype(np.uint64) | np.uint64(1))).sum(1, dtype=np.uint64)
     return np.unique(h, return_inverse=True)[1].reshape(-1)
+
+
+def _distinct_columns(trans: np.ndarray) -> np.ndarray:
+    """The distinct columns of trans [S, K] (hashed, then checked exactly; exact sort on a collision)."""
+    weights = np.random.default_rng(0xC01).integers(1, 2**63, size=trans.shape[0], dtype=np.int64)
+    h = ((trans.astype(np.int64) + 2).T.astype(np.uint64) * weights.astype(np.uint64)).sum(1, dtype=np.uint64)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    if (trans[:, first[inverse.reshape(-1)]] == trans).all():
+        return trans[:, first]
+    return np.unique(trans, axis=1)
 
 
 def minimise(dfa: Dfa, deadline: float | None = None) -> Dfa:
@@ -286,7 +298,7 @@ def minimise(dfa: Dfa, deadline: float | None = None) -> Dfa:
     S = dfa.num_states
     if S == 0:
         return dfa
-    columns = np.unique(dfa.trans, axis=1)  # [S, K']: symbols that behave alike are one column
+    columns = _distinct_columns(dfa.trans)  # [S, K']: symbols that behave alike are one column
     accept = dfa.accept.astype(np.int64)[:, None]  # kept in every key: a merged pair never mixes acceptance
     part = accept[:, 0].copy()
     count = len(np.unique(part))
@@ -297,10 +309,11 @@ def minimise(dfa: Dfa, deadline: float | None = None) -> Dfa:
         new = _block_ids(key)
         new_count = int(new.max()) + 1
         if new_count == count:
-            exact = np.unique(key, axis=0, return_inverse=True)[1].reshape(-1)
-            if int(exact.max()) + 1 == count:
-                break
-            new, new_count = exact, int(exact.max()) + 1  # a collision: continue from the exact split
+            first = np.unique(part, return_index=True)[1]  # a member of each block
+            if (key == key[first[np.searchsorted(part[first], part)]]).all():
+                break  # every member agrees with its block's first member: a congruence
+            new = np.unique(key, axis=0, return_inverse=True)[1].reshape(-1)  # a collision: split exactly
+            new_count = int(new.max()) + 1
         part, count = new, new_count
     # renumber blocks so the start's block is 0, in first-seen order
     _, first_seen = np.unique(part, return_index=True)
@@ -370,5 +383,7 @@ def _product(a: Dfa, b: Dfa, max_states: int, deadline: float | None, keep_b: bo
             row[sym] = index[pair]
         rows.append(row)
     in_b = [y != DEAD and bool(b.accept[y]) for _, y in order]
-    accept = np.array([bool(a.accept[x]) and (yb if keep_b else not yb) for (x, _), yb in zip(order, in_b)])
+    accept = np.array(
+        [bool(a.accept[x]) and (yb if keep_b else not yb) for (x, _), yb in zip(order, in_b, strict=True)]
+    )
     return minimise(trim(Dfa(np.stack(rows).astype(np.int32), accept)), deadline)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.structured.json_schema import InvalidSchemaError, UnsupportedSchemaError
-from model.structured.pattern import ANY_CHAR, FORMATS, PatternError, pattern
+from model.structured.pattern import ANY_CHAR, FORMATS, JSON_CHAR, PatternError, pattern
 from model.structured.regex import (
     EMPTY,
     FILLER,
@@ -39,6 +39,7 @@ from model.structured.regex import (
     alt,
     byteset,
     compile_dfa,
+    difference,
     intersect,
     intersects,
     lit,
@@ -79,10 +80,12 @@ _VALIDATING = frozenset(
 class RegularLimits:
     """Bounds of the schema compiler (the server's knobs)."""
 
-    max_string_chars: int = 256  # longest string generated where maxLength is larger
-    max_array_items: int = 64  # most items generated where maxItems is larger (unbounded arrays stay unbounded)
+    max_string_chars: int = 64  # longest string generated where maxLength is larger
+    max_array_items: int = (
+        64  # most items generated where maxItems is larger (unbounded arrays stay unbounded)
+    )
     max_ref_depth: int = 3  # times a recursive $ref is unrolled
-    any_depth: int = 1  # nesting of arrays/objects inside a value with no schema ({})
+    any_depth: int = 2  # nesting of arrays/objects inside a value with no schema ({}, additionalProperties)
     max_states: int = 20000  # DFA states of the whole document or any part
     max_build_seconds: float = 30.0  # building the DFA, and again lifting it to the vocabulary
 
@@ -284,7 +287,7 @@ class _Compiler:
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise InvalidSchemaError("'required' must be an array of names", f"{path}/required")
         extra = schema.get("additionalProperties", True)
-        entries = [(k, v, k in required) for k, v in props.items()]
+        entries = [(k, v, k in required) for k, v in props.items()]  # (name, schema, required)
         for name in required:
             if name not in props:
                 if extra is False:
@@ -294,14 +297,7 @@ class _Compiler:
                 entries.append((name, extra if isinstance(extra, dict) else True, True))
         self._check_pattern_properties(schema, entries, path)
         n_required = sum(1 for e in entries if e[2])
-        if schema.get("minProperties", 0) > n_required:
-            raise UnsupportedSchemaError(
-                "minProperties", f"{path}/minProperties", "more than the required properties"
-            )
-        if schema.get("maxProperties", len(entries)) < len(entries):
-            raise UnsupportedSchemaError(
-                "maxProperties", f"{path}/maxProperties", "fewer than the listed properties"
-            )
+        extras = self._extras(schema, props, entries, n_required, path)
         members = [
             (
                 seq(
@@ -315,14 +311,60 @@ class _Compiler:
             )
             for k, v, req in entries
         ]
-        return seq(lit(b"{"), WS, self.members(members), WS, lit(b"}"))
+        return seq(lit(b"{"), WS, self.members(members, extras), WS, lit(b"}"))
 
-    def members(self, members: list[tuple[tuple, bool]]) -> tuple:
-        """Properties in order, each optional unless required, separated by commas. Built back to
-        front: `after` is the rest once something was written, `first` the rest while nothing was
-        written yet; both are minimised at each step so shared tails are not copied exponentially."""
+    def _extras(self, schema: dict, props: dict, entries: list, n_required: int, path: str):
+        """(member expression, least count, most count or None) of extra properties after the listed
+        ones, or None when none are generated.
+
+        Extras are generated where the schema asks for them: `additionalProperties` true or a schema, or
+        absent on an object that lists no properties (`{"type": "object"}`: a generic object). An object
+        that lists properties and says nothing about others gets only those (a subset of what it allows,
+        as OpenAI's strict mode and XGrammar's default do); so do objects with `patternProperties` or
+        `unevaluatedProperties` (extra names would have to be checked against them). Extra names are raw
+        strings (no escapes) other than the listed names; they may repeat (JSON allows duplicate names)."""
+        extra = schema.get("additionalProperties")
+        allow = extra is True or isinstance(extra, dict) or (extra is None and not props)
+        if "patternProperties" in schema or schema.get("unevaluatedProperties", True) is not True:
+            allow = False
+        least = max(0, schema.get("minProperties", 0) - n_required)
+        most = schema.get("maxProperties")
+        if least and (not allow or least > 1):
+            raise UnsupportedSchemaError(
+                "minProperties",
+                f"{path}/minProperties",
+                "more than the required properties (at most one beyond them, where extra properties are allowed)",
+            )
+        if most is not None and most < len(entries):
+            raise UnsupportedSchemaError(
+                "maxProperties", f"{path}/maxProperties", "fewer than the listed properties"
+            )
+        if not allow or most == len(entries):
+            return None
+        name = ("dfa", compile_dfa(seq(lit(b'"'), rep(ANY_CHAR, 1, None), lit(b'"')), self.limits.max_states))
+        listed = [lit(_text(k, path)) for k, _, _ in entries]
+        if listed:
+            taken = compile_dfa(alt(*listed), self.limits.max_states, self.deadline)
+            name = ("dfa", difference(name[1], taken, self.limits.max_states, self.deadline))
+        value = self.dfa(
+            self.value(extra if isinstance(extra, dict) else True, f"{path}/additionalProperties")
+        )
+        member = self.dfa(seq(name, WS, lit(b":"), WS, value))
+        return member, least, None if most is None else most - len(entries)
+
+    def members(self, members: list[tuple[tuple, bool]], extras: tuple | None = None) -> tuple:
+        """Properties in order, each optional unless required, separated by commas, then `extras`
+        (member, least, most) if any. Built back to front: `after` is the rest once something was
+        written, `first` the rest while nothing was written yet; both are minimised at each step so
+        shared tails are not copied exponentially."""
         sep = seq(WS, lit(b","), WS)
         after, first = EMPTY, EMPTY
+        if extras is not None:
+            member, least, most = extras
+            after = rep(seq(sep, member), least, most)
+            tail = seq(member, rep(seq(sep, member), max(least - 1, 0), None if most is None else most - 1))
+            first = tail if least else opt(tail)
+            after, first = self.dfa(after), self.dfa(first)
         for member, required in reversed(members):
             with_sep, without = seq(sep, member, after), seq(member, after)
             if required:
@@ -381,13 +423,14 @@ class _Compiler:
         hi = None if hi is None else min(hi, cap)
         if hi is not None and lo > hi:
             raise InvalidSchemaError(f"minLength {lo} is above maxLength {hi}", path)
-        body = rep(ANY_CHAR, lo, hi)
         shapes = []
         fmt = schema.get("format")
         if isinstance(fmt, str) and fmt in FORMATS:
             shapes.append(("format", FORMATS[fmt]))
         if "pattern" in schema:
             shapes.append(("pattern", schema["pattern"]))
+        # escapes decode to one character each, so lengths hold; a pattern / format sees raw characters only
+        body = rep(ANY_CHAR if shapes else JSON_CHAR, lo, hi)
         if shapes:
             dfa = compile_dfa(body, self.limits.max_states, self.deadline) if (lo or hi is not None) else None
             for key, source in shapes:
@@ -416,8 +459,9 @@ class _Compiler:
         return alt(ints, _fraction_range(lo, lo_strict, hi, hi_strict, frac))
 
     def any_value(self, depth: int) -> tuple:
+        """Generic JSON: any scalar; arrays and objects (any keys, any count) nested up to `depth` levels."""
         scalars = [
-            seq(lit(b'"'), rep(ANY_CHAR, 0, None), lit(b'"')),
+            seq(lit(b'"'), rep(JSON_CHAR, 0, None), lit(b'"')),
             self.number({}, "", integer=False),
             lit(b"true"),
             lit(b"false"),
@@ -427,7 +471,7 @@ class _Compiler:
             inner = self.dfa(self.any_value(depth - 1))
             sep = seq(WS, lit(b","), WS)
             scalars.append(seq(lit(b"["), WS, opt(seq(inner, rep(seq(sep, inner), 0, None))), WS, lit(b"]")))
-            key = seq(lit(b'"'), rep(ANY_CHAR, 0, None), lit(b'"'), WS, lit(b":"), WS, inner)
+            key = seq(lit(b'"'), rep(JSON_CHAR, 0, None), lit(b'"'), WS, lit(b":"), WS, inner)
             scalars.append(seq(lit(b"{"), WS, opt(seq(key, rep(seq(sep, key), 0, None))), WS, lit(b"}")))
         return alt(*scalars)
 
