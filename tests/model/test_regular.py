@@ -127,7 +127,9 @@ def _number(draw) -> dict:
 _leaf = st.one_of(
     _string(),
     _number(),
-    st.sampled_from([{"type": "boolean"}, {"type": "null"}, {"type": ["string", "null"]}, {}]),
+    st.sampled_from(
+        [{"type": "boolean"}, {"type": "null"}, {"type": ["string", "null"]}, {}, {"type": "object"}]
+    ),
     st.lists(_literal_values, min_size=1, max_size=3, unique_by=json.dumps).map(lambda v: {"enum": v}),
     _literal_values.map(lambda v: {"const": v}),
     st.just({"enum": ["<bos>", "<eos>x"]}),  # special-token text inside strings
@@ -143,8 +145,11 @@ def _containers(children):
             "properties": properties,
             "required": [k for k in properties if draw(st.booleans())],
         }
-        if draw(st.booleans()):
-            schema["additionalProperties"] = False
+        extra = draw(st.sampled_from(["absent", False, True, {"type": "integer", "maximum": 9}]))
+        if extra != "absent":
+            schema["additionalProperties"] = extra
+            if extra is not False and draw(st.booleans()):
+                schema["minProperties"] = len(schema["required"]) + 1  # one extra property at least
         return schema
 
     @st.composite
@@ -261,6 +266,56 @@ def test_formats_validate_with_the_format_checker():
             json.loads(text), {"type": "string", "format": name}, format_checker=FORMAT_CHECKER
         )
     assert set(FORMATS) >= {"date", "date-time", "email", "uuid", "ipv4", "uri"}
+
+
+# --- strings with escapes, generic JSON ------------------------------------------------------------------
+
+_bmp_text = st.text(st.characters(max_codepoint=0xFFFF, exclude_categories=("Cs",)), max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=_bmp_text, lo=st.integers(0, 3), extra=st.integers(0, 3), ascii_only=st.booleans())
+def test_string_language_is_json_strings_counted_by_decoded_length(text, lo, extra, ascii_only):
+    """Raw characters and escapes (json.dumps writes `\\n`, `\\"`, `\\\\`, and `\\uXXXX` with
+    ensure_ascii) are all in the language; each counts as one character against min/maxLength."""
+    dfa = schema_dfa({"type": "string", "minLength": lo, "maxLength": lo + extra})
+    written = json.dumps(text, ensure_ascii=ascii_only).encode()
+    assert dfa.matches(written) == (lo <= len(text) <= lo + extra), written
+
+
+def test_string_language_refuses_lone_surrogates_and_bad_escapes():
+    dfa = schema_dfa({"type": "string"})
+    for bad in (b'"\\ud800"', b'"\\x41"', b'"\\u12"', b'"a\nb"', b'"\\"'):
+        assert not dfa.matches(bad), bad
+    assert dfa.matches(b'"\\u00e9\\/\\b\\f\\r\\t\\uD7FF"')
+
+
+def test_generic_objects_hold_properties():
+    """`{"type": "object"}` (additionalProperties defaults to true) gives real objects, not only `{}`."""
+    schema = {"type": "object"}
+    sizes = []
+    for seed in range(6):
+        value = json.loads(_generate(schema, seed))
+        assert isinstance(value, dict)
+        sizes.append(len(value))
+    assert max(sizes) > 0, sizes
+    dfa = schema_dfa(schema)
+    assert dfa.matches(b'{"a": [1, {"b\\n": null}], "c": "x\\"y"}')  # extra names: raw
+    deep = b'{"a": {"b": {"c": {"d": 1}}}}'  # 4 levels: beyond any_depth + 1
+    assert not dfa.matches(deep) and schema_dfa(schema, RegularLimits(any_depth=3)).matches(deep)
+
+
+def test_extra_properties_never_reuse_listed_names():
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}},
+        "additionalProperties": {"type": "string"},
+    }
+    dfa = schema_dfa(schema)
+    assert dfa.matches(b'{"a":1,"b":"x"}') and dfa.matches(b'{"b":"x","c":"y"}')
+    assert not dfa.matches(b'{"a":"x"}') and not dfa.matches(b'{"a":1,"a":"x"}')
+    listed_only = schema_dfa({"type": "object", "properties": {"a": {"type": "integer"}}})
+    assert listed_only.matches(b'{"a":1}') and not listed_only.matches(b'{"a":1,"b":2}')
 
 
 # --- refusals ----------------------------------------------------------------------------------------
