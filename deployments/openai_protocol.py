@@ -11,8 +11,8 @@ Mappings (documented in the README):
   `blockserve.sampling.t_min` / `t_max` win.
 - `max_tokens` (or `max_completion_tokens`) -> max_new_tokens: the completion never has more tokens, and has
   exactly that many when finish_reason is "length".
-- `response_format` `json_schema` -> json_schema (output guaranteed to validate); `json_object` is refused:
-  blockserve guarantees JSON against a schema, so send the object's schema.
+- `response_format` `json_schema` -> json_schema (output guaranteed to validate); `json_object` -> the schema
+  `{"type": "object"}` (any JSON object, nesting bounded as docs/STRUCTURED.md says).
 - `tool_choice` "none" / "auto" / "required" / {"type": "function", "function": {"name": ...}} -> Chat.tool_choice /
   Chat.tool_name; a forced call's arguments are generated under the tool's parameter schema.
 - The extension field `blockserve`: {"sampling": {max_denoising_steps, entropy_bound, t_min, t_max,
@@ -183,11 +183,7 @@ def _common(body: Common, defaults: SamplingParams, out: pb.GenerateRequest) -> 
     out.request_id = body.blockserve.request_id
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
-        raise BadRequest(
-            "response_format.type json_object is not supported: blockserve guarantees JSON against a schema, so "
-            "send type json_schema with the object's schema",
-            "response_format.type",
-        )
+        out.json_schema = json.dumps({"type": "object"})
     if fmt is not None and fmt.type == "json_schema":
         schema = (fmt.json_schema or {}).get("schema")
         if not isinstance(schema, dict):

@@ -73,7 +73,6 @@ def test_fields_map_onto_the_request():
         ({"logprobs": True}, "logprobs"),
         ({"top_p": 0.9}, "top_p"),
         ({"temperature": 2.5}, "temperature"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"blockserve": {"sampling": {"warmth": 1}}}, "blockserve.sampling"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
@@ -83,6 +82,11 @@ def test_unsupported_or_malformed_fields_are_refused_by_name(kw, param):
     with pytest.raises(oa.BadRequest) as info:
         oa.chat_request(chat_body(**kw), DEFAULTS)
     assert info.value.param == param and param.split("[")[0] in str(info.value)
+
+
+def test_json_object_is_the_generic_object_schema():
+    req = oa.chat_request(chat_body(response_format={"type": "json_object"}), DEFAULTS)
+    assert json.loads(req.json_schema) == {"type": "object"}
 
 
 def test_proto_field_names_become_openai_ones():
