@@ -5,19 +5,20 @@ subset of the valid documents where the schema allows more than a regular langua
 (e.g. `maxLength` above `max_string_chars` generates at most `max_string_chars` characters).
 
 Supported (docs/STRUCTURED.md has the table): `type` (also lists), objects (`properties` in schema
-order, each optional unless `required`; no other keys are ever generated, so `additionalProperties`
-and `unevaluatedProperties` always hold), arrays (`items`, `minItems`/`maxItems`; `uniqueItems`
-caps the count at 1), strings (`minLength`/`maxLength`, `pattern` subset, `format` date, time,
-date-time, email, uuid, ipv4, uri, hostname; other formats are annotations), integers and numbers
+order, each optional unless `required`; extra members where `additionalProperties` is true or a schema,
+or where an object lists no properties, as the specification's default says), arrays (`items`,
+`minItems`/`maxItems`; `uniqueItems` caps the count at 1), strings (`minLength`/`maxLength` on decoded
+characters, escapes allowed; `pattern` subset, `format` date, time, date-time, email, uuid, ipv4, uri,
+hostname, generated raw; other formats are annotations), integers and numbers
 (`minimum`/`maximum`/`exclusiveMinimum`/`exclusiveMaximum`, draft-4 boolean exclusives too; no
 exponents), `enum`, `const`, `anyOf`, `oneOf` (branches must be disjoint: checked), `allOf` (merged
 when the branches do not disagree), local `$ref` into `$defs`/`definitions` (recursion is unrolled
-`max_ref_depth` times, deeper branches drop out), boolean schemas, `{}` (any JSON value, nested up
+`max_ref_depth` times, deeper branches drop out), boolean schemas, `{}` (generic JSON, nested up
 to `any_depth`). Unknown keywords are ignored, as the specification says. Keywords that restrict
 instances in ways this compiler cannot express raise `UnsupportedSchemaError` with their pointer.
 
-Texts are compact JSON with optional whitespace between tokens; strings hold their characters raw
-(no escapes); the document is followed by any number of FILLER symbols (the canvas filler).
+Texts are compact JSON with optional whitespace between tokens; the document is followed by any number
+of FILLER symbols (the canvas filler).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _REFUSED = {
     "else": "conditional schemas are not supported",
     "contains": "arrays with 'contains' are not supported",
     "prefixItems": "tuple arrays are not supported",
-    "propertyNames": "only listed properties are generated; drop propertyNames",
+    "propertyNames": "property names are not checked against a schema; drop propertyNames",
     "dependentRequired": "dependent properties are not supported",
     "dependentSchemas": "dependent properties are not supported",
     "dependencies": "dependent properties are not supported",
