@@ -122,7 +122,7 @@ class _Compiler:
         if "$ref" in schema:
             return self.ref(schema, path)
         if "allOf" in schema:
-            return self.value(self.merge_all_of(schema, path), path)
+            return self.all_of(schema, path)
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 return self.alternatives(schema, key, path)
@@ -206,7 +206,21 @@ class _Compiler:
         says) do not, so a const/enum beside them is generated as it is, escapes included."""
         return any(k in _VALIDATING for k in schema)
 
-    def merge_all_of(self, schema: dict, path: str) -> dict:
+    def all_of(self, schema: dict, path: str) -> tuple:
+        """The merged branches; references resolved while merging count towards `max_ref_depth` like any other."""
+        refs: list[str] = []
+        merged = self.merge_all_of(schema, path, refs)
+        if any(self.ref_depth.get(r, 0) > self.limits.max_ref_depth for r in refs):
+            return NOTHING  # recursion unrolled far enough: this branch drops out
+        for r in refs:
+            self.ref_depth[r] = self.ref_depth.get(r, 0) + 1
+        try:
+            return self.value(merged, path)
+        finally:
+            for r in refs:
+                self.ref_depth[r] -= 1
+
+    def merge_all_of(self, schema: dict, path: str, refs: list[str]) -> dict:
         parts = schema["allOf"]
         if not isinstance(parts, list) or not parts:
             raise InvalidSchemaError("'allOf' must be a non-empty array", f"{path}/allOf")
@@ -217,6 +231,11 @@ class _Compiler:
                 and "$ref" in part
                 and not self._constraining({k: v for k, v in part.items() if k != "$ref"})
             ):
+                refs.append(part["$ref"])
+                if len(refs) > 64:
+                    raise InvalidSchemaError(
+                        "$ref chain does not end (a reference to itself)", f"{path}/allOf/{i}"
+                    )
                 part = self.resolve(part["$ref"], f"{path}/allOf/{i}")
             if part is True:
                 continue
@@ -321,16 +340,22 @@ class _Compiler:
         Extras are generated where the schema asks for them: `additionalProperties` true or a schema, or
         absent on an object that lists no properties (`{"type": "object"}`: a generic object). An object
         that lists properties and says nothing about others gets only those (a subset of what it allows,
-        as OpenAI's strict mode and XGrammar's default do); so do objects with `patternProperties` or
-        `unevaluatedProperties` (extra names would have to be checked against them). Extra names are raw
-        strings (no escapes) other than the listed names; they may repeat (JSON allows duplicate names)."""
+        as OpenAI's strict mode and XGrammar's default do), unless `minProperties` needs one more; so do
+        objects with `patternProperties` or `unevaluatedProperties` (extra names would have to be checked
+        against them), and objects whose extra-value schema this compiler refuses (unless one is needed).
+        Extra names are raw strings (no escapes) other than the listed names; they may repeat (JSON allows
+        duplicate names)."""
         extra = schema.get("additionalProperties")
-        allow = extra is True or isinstance(extra, dict) or (extra is None and not props)
-        if "patternProperties" in schema or schema.get("unevaluatedProperties", True) is not True:
-            allow = False
         least = max(0, schema.get("minProperties", 0) - n_required)
         most = schema.get("maxProperties")
-        if least and (not allow or least > 1):
+        allowed = (
+            extra is not False
+            and "patternProperties" not in schema
+            and schema.get("unevaluatedProperties", True) is True
+        )
+        wanted = allowed and (extra is True or isinstance(extra, dict) or not props or least > 0)
+        room = None if most is None else most - len(entries)  # extras maxProperties leaves
+        if least and (not wanted or least > 1 or (room is not None and room < least)):
             raise UnsupportedSchemaError(
                 "minProperties",
                 f"{path}/minProperties",
@@ -340,18 +365,23 @@ class _Compiler:
             raise UnsupportedSchemaError(
                 "maxProperties", f"{path}/maxProperties", "fewer than the listed properties"
             )
-        if not allow or most == len(entries):
+        if not wanted or room == 0:
             return None
+        try:
+            value = self.dfa(
+                self.value(extra if isinstance(extra, dict) else True, f"{path}/additionalProperties")
+            )
+        except UnsupportedSchemaError:
+            if least:
+                raise
+            return None  # extras are optional: the listed properties alone are still valid
         name = ("dfa", compile_dfa(seq(lit(b'"'), rep(ANY_CHAR, 1, None), lit(b'"')), self.limits.max_states))
         listed = [lit(_text(k, path)) for k, _, _ in entries]
         if listed:
             taken = compile_dfa(alt(*listed), self.limits.max_states, self.deadline)
             name = ("dfa", difference(name[1], taken, self.limits.max_states, self.deadline))
-        value = self.dfa(
-            self.value(extra if isinstance(extra, dict) else True, f"{path}/additionalProperties")
-        )
         member = self.dfa(seq(name, WS, lit(b":"), WS, value))
-        return member, least, None if most is None else most - len(entries)
+        return member, least, room
 
     def members(self, members: list[tuple[tuple, bool]], extras: tuple | None = None) -> tuple:
         """Properties in order, each optional unless required, separated by commas, then `extras`
