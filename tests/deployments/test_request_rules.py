@@ -161,7 +161,8 @@ def test_json_schema_size_nesting_and_positions(env):
     big = '{"type": "array", "minItems": 60, "maxItems": 60, "items": {"type": "string", "maxLength": 200}}'
     bad(env, "automaton states", json_schema=big)
     long = (
-        '{"type": "array", "minItems": 300, "maxItems": 300, "items": {"enum": [1]}}'  # shortest: 601 tokens
+        '{"type": "array", "minItems": 60, "maxItems": 60, "items": '  # 60 x [1,1,1]: shortest 481 tokens
+        '{"type": "array", "minItems": 3, "maxItems": 3, "items": {"enum": [1]}}}'
     )
     bad(env, "limits.max_new_tokens", json_schema=long, max_new_tokens=256)
     short = '{"type": "array", "minItems": 20, "maxItems": 20, "items": {"enum": [1]}}'  # shortest: 41 tokens
