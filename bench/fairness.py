@@ -1,7 +1,7 @@
 """Fairness: latency of a normal request while a long prompt prefills, without and with the token budget.
 
     .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--at 0.9] [--chunks 512]
-        [--budgets 1073741824,8192] [--context-refs 0,4096] [--normal 3] [--model PATH]
+        [--budgets 1073741824,8192] [--normal 3] [--model PATH]
 
 In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
 requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then one
@@ -9,9 +9,7 @@ long prompt of `--prompt-tokens` tokens (1 new token) is prefilled up to `--at` 
 attend to the longest context, the worst case) and the same normal requests run one after another while the
 rest of it prefills. Settings are every pair of `--chunks` (`prefill_chunk`: prompt tokens per iteration; 0 =
 the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `--budgets` (`token_budget`:
-tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed) and
-`--context-refs` (`prefill_context_ref`: past this context a prompt piece shrinks with its attention cost while
-other rows denoise; 0 = off, the scheduler before that cap landed). Prints mean
+tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed). Prints mean
 latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
 """
 
@@ -36,14 +34,9 @@ from model.weights import load_model  # noqa: E402
 NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 
-def run(model, chunk: int, budget: int, ref: int, prompt_tokens: int, normals: int, at: float) -> list[float]:
+def run(model, chunk: int, budget: int, prompt_tokens: int, normals: int, at: float) -> list[float]:
     limits = SchedulerLimits(
-        max_rows=8,
-        max_queue=64,
-        kv_cache_bytes=8 << 30,
-        prefill_chunk=chunk or 1 << 30,
-        token_budget=budget,
-        prefill_context_ref=ref,
+        max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=chunk or 1 << 30, token_budget=budget
     )
     sched = EngineCore(model, limits)
     done: dict[str, float] = {}
@@ -93,11 +86,6 @@ def main() -> None:
     p.add_argument(
         "--at", type=float, default=0.9, help="fraction of the long prompt prefilled before measuring"
     )
-    p.add_argument(
-        "--context-refs",
-        default=f"0,{SchedulerLimits.prefill_context_ref}",
-        help="prefill_context_ref values; 0 = off (prompt pieces not shrunk by their attention cost)",
-    )
     p.add_argument("--normal", type=int, default=3)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
     args = p.parse_args()
@@ -107,19 +95,15 @@ def main() -> None:
         f"model {args.model}; long prompt {args.prompt_tokens} tokens, measured from {args.at:.0%} prefilled; "
         f"{args.normal} normal requests each"
     )
-    idle = sum(run(model, 512, SchedulerLimits.token_budget, 0, 0, args.normal, 0.0)) / args.normal
-    print(f"{'setting':<60} {'mean latency s':>14} {'x idle':>7}")
-    print(f"{'idle engine':<60} {idle:14.2f} {1.0:7.2f}", flush=True)
+    idle = sum(run(model, 512, SchedulerLimits.token_budget, 0, args.normal, 0.0)) / args.normal
+    print(f"{'setting':<40} {'mean latency s':>14} {'x idle':>7}")
+    print(f"{'idle engine':<40} {idle:14.2f} {1.0:7.2f}", flush=True)
     for chunk in (int(c) for c in args.chunks.split(",")):
         for budget in (int(b) for b in args.budgets.split(",")):
-            for ref in (int(r) for r in args.context_refs.split(",")):
-                lat = run(model, chunk, budget, ref, args.prompt_tokens, args.normal, args.at)
-                mean = sum(lat) / len(lat)
-                name = (
-                    f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}, "
-                    f"context_ref {ref or 'off'}"
-                )
-                print(f"{name:<60} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+            lat = run(model, chunk, budget, args.prompt_tokens, args.normal, args.at)
+            mean = sum(lat) / len(lat)
+            name = f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}"
+            print(f"{name:<40} {mean:14.2f} {mean / idle:7.2f}", flush=True)
 
 
 if __name__ == "__main__":
