@@ -176,13 +176,6 @@ class EngineSection(_Strict):
     prefill_chunk: int = Field(
         _SCHEDULER.prefill_chunk, ge=1, description="Prompt tokens prefilled per engine iteration"
     )
-    prefill_context_ref: int = Field(
-        _SCHEDULER.prefill_context_ref,
-        ge=0,
-        description="While streams are denoising, a prompt piece past this many cached tokens shrinks so its "
-        "attention work stays that of a full prefill_chunk at this context (fairness to running streams); "
-        "0 = off",
-    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -519,7 +512,6 @@ class ClusterConfig(_Strict):
                 max_queue=e.max_queue,
                 kv_cache_bytes=int(e.kv_cache_gib * 2**30),
                 prefill_chunk=e.prefill_chunk,
-                prefill_context_ref=e.prefill_context_ref,
                 token_budget=e.token_budget,
             ),
             torch_threads=e.torch_threads,

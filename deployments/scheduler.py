@@ -114,11 +114,6 @@ class Sequence:
     steps: list[int] = field(default_factory=list)
     done: bool = False
 
-    @property
-    def prefilled(self) -> int:
-        """Prompt tokens already encoded (the context the next prompt piece attends to)."""
-        return len(self.request.prompt_ids) - len(self.pending_encode or ())
-
 
 @dataclass(frozen=True)
 class Admit:
@@ -179,10 +174,6 @@ class SchedulerLimits:
     # Tokens one iteration may process (see `share_encoder_tokens`): running canvases' denoising first, encoder
     # work (commits, then prefill shared fairly between prompts) gets the rest but never less than half.
     token_budget: int = 8192
-    # A prefill chunk's attention cost grows with the context already cached: while other rows are denoising,
-    # a prompt piece is shrunk so that pieces x (context + pieces) stays within what a full `prefill_chunk` costs
-    # at this context (see `prefill_chunk_at`). 0 turns the cap off (token counts only).
-    prefill_context_ref: int = 4096
 
 
 @dataclass
@@ -194,32 +185,14 @@ class IterationStats:
     seconds: float
 
 
-def prefill_chunk_at(context: int, chunk: int, ref: int) -> int:
-    """Prompt tokens one iteration prefills for a sequence with `context` tokens already cached.
-
-    Token budgets count tokens, but attending g new tokens over `context` cached ones costs about
-    g x (context + g): at 90k tokens of context a 512-token chunk is ~20x the work of one at 4k, and every
-    running stream waits for it. The piece is the largest g <= chunk with g x (context + g) <= chunk x (ref +
-    chunk), so an iteration's prefill work stays about constant as the context grows; never below chunk / 32
-    (and 1), so a long prompt still makes progress."""
-    if ref <= 0 or context <= ref:
-        return chunk
-    cost = chunk * (ref + chunk)
-    g = (math.isqrt(context * context + 4 * cost) - context) // 2
-    return max(1, chunk // 32, min(chunk, g))
-
-
-def share_encoder_tokens(
-    needs: list[int], whole: list[bool], budget: int, chunk: int | list[int]
-) -> list[int]:
+def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk: int) -> list[int]:
     """Encoder tokens granted this iteration to each pending piece of work (0: wait for a later iteration).
 
     `needs[i]` tokens are pending; `whole[i]` marks a commit (a finished canvas: never split, and granted before
     any prefill because the stream behind it is running); a prompt gets at most `chunk` tokens. Prompts share
     what commits leave by water-filling: equal shares, a prompt that needs less than its share returns the rest
     to the others, so a long prompt cannot take the budget from short ones. At least one piece always runs,
-    so nothing waits forever however small the budget. `chunk` may be given per piece (`prefill_chunk_at`)."""
-    caps = chunk if isinstance(chunk, list) else [chunk] * len(needs)
+    so nothing waits forever however small the budget."""
     grant = [0] * len(needs)
     left = budget
     for i, n in enumerate(needs):
@@ -229,13 +202,13 @@ def share_encoder_tokens(
     while left > 0 and open_:
         share = max(1, left // len(open_))
         for i in list(open_):
-            g = min(min(needs[i], caps[i]) - grant[i], share, left)
+            g = min(min(needs[i], chunk) - grant[i], share, left)
             grant[i] += g
             left -= g
-            if grant[i] == min(needs[i], caps[i]):
+            if grant[i] == min(needs[i], chunk):
                 open_.remove(i)
     if needs and not any(grant):
-        grant[0] = needs[0] if whole[0] else min(needs[0], caps[0])
+        grant[0] = needs[0] if whole[0] else min(needs[0], chunk)
     return grant
 
 
@@ -361,15 +334,11 @@ class Scheduler:
         L = self.config.canvas_length
         denoising = sum(1 for s in self.active.values() if s.denoising)
         budget = max(self.limits.token_budget - denoising * L, self.limits.token_budget // 2)
-        chunk = self.limits.prefill_chunk
-        if denoising:  # running streams wait for this iteration: cap each prompt piece by its attention cost
-            ref = self.limits.prefill_context_ref
-            chunk = [prefill_chunk_at(s.prefilled, chunk, ref) for s in todo]
         grant = share_encoder_tokens(
             [len(s.pending_encode) for s in todo],
             [s.canvas_index > 0 for s in todo],  # after the prompt, pending tokens are a committed canvas
             budget,
-            chunk,
+            self.limits.prefill_chunk,
         )
         for s, g in zip(todo, grant, strict=True):
             if g:

@@ -178,32 +178,6 @@ def test_the_token_budget_splits_prefill_while_a_stream_keeps_denoising():
     assert pieces == [8] * 7 + [4]
 
 
-def test_a_prefill_deep_into_a_long_prompt_takes_smaller_pieces_while_others_denoise():
-    limits = SchedulerLimits(prefill_chunk=32, token_budget=10_000, prefill_context_ref=64)
-    alone = Scheduler(CFG, limits)
-    collect(alone, req("b", prompt=400))
-    alone_pieces = []
-    while not alone.active or alone.active["b"].pending_encode:
-        plan, _ = step(alone)
-        alone_pieces += [len(e.tokens) for e in plan.encode]
-    assert alone_pieces == [32] * 12 + [16]  # nobody waits: whole chunks whatever the context
-    sched = Scheduler(CFG, limits)
-    collect(sched, req("a"))
-    step(sched)
-    collect(sched, req("b", prompt=400))
-    pieces = []
-    while sched.active.get("b") is None or sched.active["b"].pending_encode:
-        plan, _ = step(sched)
-        pieces += [len(e.tokens) for e in plan.encode if e.slot == 1]
-    assert sum(pieces) == 400 and pieces[0] == 32
-    done, late = 0, []
-    for g in pieces:  # each piece's attention work stays within a full chunk's at the reference context
-        assert g == 32 if done <= 64 else g * (done + g) <= 32 * (64 + 32) or g == 1
-        late += [g] if done > 200 else []
-        done += g
-    assert late and max(late) < 16  # deep into the prompt the pieces are far smaller than the chunk
-
-
 def test_fail_all_tells_everyone_and_resets_slots():
     sched = Scheduler(CFG, SchedulerLimits(max_rows=1))
     events = collect(sched, req("a"), req("b"))

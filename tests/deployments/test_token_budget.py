@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.scheduler import prefill_chunk_at, share_encoder_tokens
+from deployments.scheduler import share_encoder_tokens
 
 
 def test_commits_come_first_and_are_never_split():
@@ -46,30 +46,3 @@ def test_grants_respect_needs_caps_and_budget(work, budget, chunk):
     for i in prompts:
         if grant[i] < min(needs[i], chunk) and sum(grant) <= budget:
             assert all(grant[j] <= grant[i] + 1 for j in prompts)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 300_000), st.integers(1, 2048), st.integers(0, 16_384))
-def test_prefill_chunk_keeps_attention_work_about_constant(context, chunk, ref):
-    g = prefill_chunk_at(context, chunk, ref)
-    floor = max(1, chunk // 32)
-    assert min(floor, chunk) <= g <= chunk or g == floor
-    if ref == 0 or context <= ref:
-        assert g == chunk  # short contexts (or the cap turned off) get the whole chunk
-    elif g > floor:
-        assert g * (context + g) <= chunk * (ref + chunk)  # no more work than a full chunk at `ref`
-        assert (g + 1) * (context + g + 1) > chunk * (ref + chunk) or g == chunk  # and the most that fits
-
-
-def test_prefill_chunk_shrinks_as_the_context_grows():
-    got = [prefill_chunk_at(c, 512, 4096) for c in (0, 4096, 16_384, 90_000, 1_000_000)]
-    assert got[:2] == [512, 512] and got[2] > got[3] > got[4] == 16
-    assert got[3] == 26  # 26 x (90,000 + 26) <= 512 x 4,608 < 27 x 90,027
-
-
-def test_per_piece_caps():
-    assert share_encoder_tokens([5000, 5000, 256], [False, False, True], 10_000, [512, 26, 512]) == [
-        512,
-        26,
-        256,
-    ]
