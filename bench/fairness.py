@@ -1,7 +1,7 @@
 """Fairness: latency of a normal request while a long prompt prefills, without and with the token budget.
 
     .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--at 0.9] [--chunks 512]
-        [--budgets 1073741824,8192] [--normal 3] [--model PATH]
+        [--budgets 1073741824,8192] [--time-shares 1,0.5] [--normal 3] [--model PATH]
 
 In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
 requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then one
@@ -9,7 +9,9 @@ long prompt of `--prompt-tokens` tokens (1 new token) is prefilled up to `--at` 
 attend to the longest context, the worst case) and the same normal requests run one after another while the
 rest of it prefills. Settings are every pair of `--chunks` (`prefill_chunk`: prompt tokens per iteration; 0 =
 the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `--budgets` (`token_budget`:
-tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed). Prints mean
+tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed) and
+`--time-shares` (`prefill_time_share`: the share of the engine's time prompt prefill may take while streams
+denoise; 1 = no limit, the scheduler before that rule landed). Prints mean
 latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
 """
 
@@ -34,9 +36,16 @@ from model.weights import load_model  # noqa: E402
 NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 
-def run(model, chunk: int, budget: int, prompt_tokens: int, normals: int, at: float) -> list[float]:
+def run(
+    model, chunk: int, budget: int, share: float, prompt_tokens: int, normals: int, at: float
+) -> list[float]:
     limits = SchedulerLimits(
-        max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=chunk or 1 << 30, token_budget=budget
+        max_rows=8,
+        max_queue=64,
+        kv_cache_bytes=8 << 30,
+        prefill_chunk=chunk or 1 << 30,
+        token_budget=budget,
+        prefill_time_share=share,
     )
     sched = EngineCore(model, limits)
     done: dict[str, float] = {}
@@ -86,6 +95,11 @@ def main() -> None:
     p.add_argument(
         "--at", type=float, default=0.9, help="fraction of the long prompt prefilled before measuring"
     )
+    p.add_argument(
+        "--time-shares",
+        default=f"1,{SchedulerLimits.prefill_time_share}",
+        help="prefill_time_share values; 1 = no limit on prefill's share of the time while streams denoise",
+    )
     p.add_argument("--normal", type=int, default=3)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
     args = p.parse_args()
@@ -95,15 +109,19 @@ def main() -> None:
         f"model {args.model}; long prompt {args.prompt_tokens} tokens, measured from {args.at:.0%} prefilled; "
         f"{args.normal} normal requests each"
     )
-    idle = sum(run(model, 512, SchedulerLimits.token_budget, 0, args.normal, 0.0)) / args.normal
-    print(f"{'setting':<40} {'mean latency s':>14} {'x idle':>7}")
-    print(f"{'idle engine':<40} {idle:14.2f} {1.0:7.2f}", flush=True)
+    idle = sum(run(model, 512, SchedulerLimits.token_budget, 1.0, 0, args.normal, 0.0)) / args.normal
+    print(f"{'setting':<64} {'mean latency s':>14} {'x idle':>7}")
+    print(f"{'idle engine':<64} {idle:14.2f} {1.0:7.2f}", flush=True)
     for chunk in (int(c) for c in args.chunks.split(",")):
         for budget in (int(b) for b in args.budgets.split(",")):
-            lat = run(model, chunk, budget, args.prompt_tokens, args.normal, args.at)
-            mean = sum(lat) / len(lat)
-            name = f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}"
-            print(f"{name:<40} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+            for share in (float(x) for x in args.time_shares.split(",")):
+                lat = run(model, chunk, budget, share, args.prompt_tokens, args.normal, args.at)
+                mean = sum(lat) / len(lat)
+                name = (
+                    f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}, "
+                    f"time_share {share:g}"
+                )
+                print(f"{name:<64} {mean:14.2f} {mean / idle:7.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,13 @@ class EngineSection(_Strict):
     prefill_chunk: int = Field(
         _SCHEDULER.prefill_chunk, ge=1, description="Prompt tokens prefilled per engine iteration"
     )
+    prefill_time_share: float = Field(
+        _SCHEDULER.prefill_time_share,
+        gt=0,
+        le=1,
+        description="Most of the engine's time prompt prefill may take while streams are denoising (a long "
+        "prompt cannot stall running streams); 1 = no limit",
+    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -512,6 +519,7 @@ class ClusterConfig(_Strict):
                 max_queue=e.max_queue,
                 kv_cache_bytes=int(e.kv_cache_gib * 2**30),
                 prefill_chunk=e.prefill_chunk,
+                prefill_time_share=e.prefill_time_share,
                 token_budget=e.token_budget,
             ),
             torch_threads=e.torch_threads,

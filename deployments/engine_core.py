@@ -44,6 +44,7 @@ class EngineCore:
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         finished = self.scheduler.update(plan, result)
+        self.scheduler.record_iteration(plan, time.perf_counter() - t0)
         return IterationStats(
             len(plan.denoise), len(plan.encode), plan.encoded_tokens, finished, time.perf_counter() - t0
         )

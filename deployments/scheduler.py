@@ -147,6 +147,7 @@ class StepPlan:
     denoise: list[int] = field(default_factory=list)  # slots denoised by one batched forward
     drafts: list[int] = field(default_factory=list)  # the subset of `denoise` whose argmax canvas is streamed
     self_conditioning: bool = False  # some denoised row has a previous step (else the soft input is all zero)
+    prefilling: bool = False  # some encode piece is a prompt's (not a committed canvas)
 
     @property
     def encoded_tokens(self) -> int:
@@ -174,6 +175,13 @@ class SchedulerLimits:
     # Tokens one iteration may process (see `share_encoder_tokens`): running canvases' denoising first, encoder
     # work (commits, then prefill shared fairly between prompts) gets the rest but never less than half.
     token_budget: int = 8192
+    # While streams are denoising, prompt prefill may take at most this share of the engine's time (measured per
+    # iteration, see `Scheduler.record_iteration`): after an iteration whose prompt pieces ran long, prompts wait
+    # (denoise-only iterations) until the running streams have had their share back. A piece of a long prompt
+    # deep into its context costs far more than its token count says, so a token budget alone cannot bound it.
+    # Pieces keep their size (a prompt's chunking, and so its cache, does not depend on its batch-mates);
+    # 1.0 turns the rule off.
+    prefill_time_share: float = 0.5
 
 
 @dataclass
@@ -235,6 +243,8 @@ class Scheduler:
         self._free_slots = list(range(limits.max_rows - 1, -1, -1))  # a stack: the lowest slot is taken first
         self._to_release: list[int] = []
         self._encode_turn = 0
+        self._prefill_debt = 0.0  # seconds prompt prefill took beyond its time share (prompts wait while > 0)
+        self._denoise_s = 0.0  # running mean of a denoise-only iteration's seconds
         # running totals for stats / autoscaling
         self.forwards = 0
         self.rows_forwarded = 0
@@ -324,7 +334,10 @@ class Scheduler:
         return plan
 
     def _plan_encode(self, plan: StepPlan) -> None:
+        denoising = sum(1 for s in self.active.values() if s.denoising)
         todo = [s for s in self.active.values() if s.pending_encode]
+        if denoising and self._prefill_debt > 0:  # prompts have had more than their time share: commits only
+            todo = [s for s in todo if s.canvas_index > 0]
         if not todo:
             return
         # rotate who is served first, so a small budget still reaches every sequence in turn
@@ -332,7 +345,6 @@ class Scheduler:
         todo = todo[shift:] + todo[:shift]
         self._encode_turn += 1
         L = self.config.canvas_length
-        denoising = sum(1 for s in self.active.values() if s.denoising)
         budget = max(self.limits.token_budget - denoising * L, self.limits.token_budget // 2)
         grant = share_encoder_tokens(
             [len(s.pending_encode) for s in todo],
@@ -343,6 +355,7 @@ class Scheduler:
         for s, g in zip(todo, grant, strict=True):
             if g:
                 plan.encode.append(Encode(s.slot, s.pending_encode[:g]))
+                plan.prefilling |= s.canvas_index == 0
                 s.pending_encode = s.pending_encode[g:] or None
 
     def _plan_canvases(self, plan: StepPlan) -> None:
@@ -381,6 +394,18 @@ class Scheduler:
                 finished += 1
                 self._finish_canvas(s, result.committed[slot])
         return finished
+
+    def record_iteration(self, plan: StepPlan, seconds: float) -> None:
+        """The wall time of the iteration that ran `plan`: keeps prompt prefill within
+        `limits.prefill_time_share` of the time while streams are denoising (see `_plan_encode`)."""
+        share = self.limits.prefill_time_share
+        if not plan.denoise or share >= 1.0:
+            self._prefill_debt = 0.0  # nobody was waiting for the prefill
+        elif plan.prefilling:  # what the prompt pieces added to the running streams' step
+            self._prefill_debt += max(0.0, seconds - self._denoise_s)
+        else:  # a denoise-only iteration: the streams got this time, prompts earn share / (1 - share) of it
+            self._denoise_s = seconds if not self._denoise_s else 0.8 * self._denoise_s + 0.2 * seconds
+            self._prefill_debt = max(0.0, self._prefill_debt - seconds * share / (1.0 - share))
 
     def _finish_canvas(self, s: Sequence, committed: list[int]) -> None:
         req = s.request

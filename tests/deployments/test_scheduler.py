@@ -178,6 +178,45 @@ def test_the_token_budget_splits_prefill_while_a_stream_keeps_denoising():
     assert pieces == [8] * 7 + [4]
 
 
+def test_prompt_prefill_keeps_to_its_time_share_while_a_stream_denoises():
+    sched = Scheduler(CFG, SchedulerLimits(prefill_chunk=8, prefill_time_share=0.5))
+    collect(sched, req("a", max_new_tokens=1000))
+    plan, _ = step(sched)
+    sched.record_iteration(plan, 0.125)  # "a" alone: its prefill and first step
+    for _ in range(3):
+        plan, _ = step(sched)
+        sched.record_iteration(plan, 0.125)  # denoise-only iterations (times exact in binary)
+    collect(sched, req("b", prompt=200))
+    timeline = []
+    for _ in range(40):
+        plan, _ = step(sched)
+        assert 0 in plan.denoise  # "a" steps in every iteration
+        pieces = [len(e.tokens) for e in plan.encode if e.slot == 1]
+        assert pieces in ([], [8])  # a held prompt waits; its pieces never change size
+        timeline.append(bool(pieces))
+        # a piece deep into a long prompt costs 0.5 s more than the 0.125 s step
+        sched.record_iteration(plan, 0.625 if pieces else 0.125)
+    # each 0.5 s of prefill is paid back by 0.5 s of denoise-only iterations: 4 of them after each piece
+    assert timeline[:11] == [True] + [False] * 4 + [True] + [False] * 4 + [True]
+    prefill_s = 0.5 * sum(timeline)
+    # prefill's extra time equals the denoise-only time (share 0.5); the pieces' own iterations step "a" too
+    assert 0.4 <= prefill_s / (prefill_s + 0.125 * len(timeline)) <= 0.5
+
+
+def test_prompts_are_never_held_when_no_stream_is_waiting_or_the_rule_is_off():
+    for share, running in ((0.5, False), (1.0, True)):
+        sched = Scheduler(CFG, SchedulerLimits(prefill_chunk=8, prefill_time_share=share))
+        if running:
+            collect(sched, req("a", max_new_tokens=1000))
+            plan, _ = step(sched)
+        collect(sched, req("b", prompt=64))
+        slot = 1 if running else 0
+        while sched.active.get("b") is None or sched.active["b"].pending_encode:
+            plan, _ = step(sched)
+            assert [len(e.tokens) for e in plan.encode if e.slot == slot] == [8]  # a piece every iteration
+            sched.record_iteration(plan, 5.0)
+
+
 def test_fail_all_tells_everyone_and_resets_slots():
     sched = Scheduler(CFG, SchedulerLimits(max_rows=1))
     events = collect(sched, req("a"), req("b"))
