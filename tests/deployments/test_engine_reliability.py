@@ -60,28 +60,27 @@ def test_a_lapsed_lease_frees_the_row_and_tells_the_caller(engine):
     wait_idle(engine)
 
 
-def test_renewed_leases_keep_a_request_running_to_its_end(engine):
+def collect_renewing(engine, request, **kwargs) -> list:
+    """Run `request` to its end while renewing its lease every 50 ms, as a connected Router does."""
+
     async def run():
-        task = asyncio.create_task(collect(engine, req("renewed", max_new=48, steps=6), lease_s=0.2))
+        task = asyncio.create_task(collect(engine, request, **kwargs))
         while not task.done():
-            engine.renew(["renewed"])
+            engine.renew([request.request_id])
             await asyncio.sleep(0.05)
         return task.result()
 
-    events = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_renewed_leases_keep_a_request_running_to_its_end(engine):
+    events = collect_renewing(engine, req("renewed", max_new=48, steps=6), lease_s=0.2)
     assert isinstance(events[-1], FinalEvent)
     wait_idle(engine)
 
 
 def test_the_deadline_frees_the_row_even_while_renewed(engine):
-    async def run():
-        task = asyncio.create_task(collect(engine, req("late", max_new=10_000, steps=48), timeout_s=0.3))
-        while not task.done():
-            engine.renew(["late"])
-            await asyncio.sleep(0.05)
-        return task.result()
-
-    events = asyncio.run(run())
+    events = collect_renewing(engine, req("late", max_new=10_000, steps=48), timeout_s=0.3)
     assert events[-1].code == "DEADLINE_EXCEEDED" and "deadline" in events[-1].message
     wait_idle(engine)
 
