@@ -44,10 +44,9 @@ class EngineCore:
         plan = self.scheduler.schedule()
         result = self.runner.execute(plan)
         finished = self.scheduler.update(plan, result)
-        self.scheduler.record_iteration(plan, time.perf_counter() - t0)
-        return IterationStats(
-            len(plan.denoise), len(plan.encode), plan.encoded_tokens, finished, time.perf_counter() - t0
-        )
+        seconds = time.perf_counter() - t0
+        self.scheduler.record_iteration(plan, seconds)  # the same iteration time the stats report
+        return IterationStats(len(plan.denoise), len(plan.encode), plan.encoded_tokens, finished, seconds)
 
     def fail_all(self, message: str, code: str = "INTERNAL") -> None:
         """Every request in flight hears of the failure; every cache and row is dropped."""
