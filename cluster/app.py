@@ -156,7 +156,11 @@ def start(config: ClusterConfig):
     The imperative `serve.run` path, kept for tests that swap configs quickly; `blockserve serve` deploys the
     Serve config document instead (cluster/serve_config.py `deploy`)."""
     serve.start(
-        http_options={"host": config.server.host, "port": config.server.http_port},
+        http_options={
+            "host": config.server.host,
+            "port": config.server.http_port,
+            **config.server.http_tls_options(),
+        },
         grpc_options=grpc_options(config),
     )
     return serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX, blocking=False)

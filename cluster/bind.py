@@ -8,7 +8,8 @@ process of our job (cluster/serve_fixes.py, Ray's `worker_process_setup_hook`) a
 two methods so that an address on every interface (`[::]:port`, `0.0.0.0:port`) becomes
 `BLOCKSERVE_BIND_HOST:port`. Ray core's own servers are C++ and unaffected. Ray is pinned (==2.60.0), and an
 integration test checks the bound sockets, so an upgrade that changes this path fails loudly instead of
-silently listening everywhere.
+silently listening everywhere. Whether the gRPC proxy's port is secure (`server.tls`) is decided in
+cluster/tls.py; either way the address is rehosted here.
 """
 
 from __future__ import annotations

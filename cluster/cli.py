@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -20,13 +21,15 @@ from pathlib import Path
 
 from cluster import env
 
+API_KEY_ENV = "BLOCKSERVE_API_KEY"  # the key `generate` sends (the server's keys: auth.keys_env)
+
 
 def _serve(args: argparse.Namespace) -> int:
     env.apply_loopback_env()
     import ray
     from ray import serve
 
-    from cluster import preflight, telemetry
+    from cluster import preflight, telemetry, tls
     from cluster.config import ClusterConfig
     from cluster.serve_config import deploy, render_serve_config
 
@@ -42,7 +45,11 @@ def _serve(args: argparse.Namespace) -> int:
         config.expert_ranges()  # and if the expert split does not fit the checkpoint
     traced = telemetry.apply_config(config.telemetry)  # before ray.init: every Ray process inherits it
     context = ray.init(
-        **env.ray_init_kwargs(num_cpus=config.server.ray_num_cpus, bind_host=config.server.host),
+        **env.ray_init_kwargs(
+            num_cpus=config.server.ray_num_cpus,
+            bind_host=config.server.host,
+            extra_env=tls.tls_env(config.server.tls),
+        ),
         **telemetry.ray_init_metrics_kwargs(config.server.metrics_port),
     )
     stop = threading.Event()
@@ -50,9 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         deploy(render_serve_config(config), blocking=True)
+        s = config.server
+        grpc_tls = " with TLS" if s.tls.enabled else ""
+        scheme = "https" if s.http_tls_options() else "http"
         print(
-            f"blockserve: serving {config.model.name} on {config.server.host}:{config.server.grpc_port} (gRPC) and "
-            f"http://{config.server.host}:{config.server.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
+            f"blockserve: serving {config.model.name} on {s.host}:{s.grpc_port} (gRPC{grpc_tls}) and "
+            f"{scheme}://{s.host}:{s.http_port}/v1 (OpenAI-compatible) (Ctrl-C to stop); "
             f"metrics on {config.server.host}:{config.server.metrics_port}/metrics; "
             + (f"traces to {traced['OTEL_EXPORTER_OTLP_TRACES_ENDPOINT']}" if traced else "tracing off")
             + f"; `blockserve status --address {context.address_info['gcs_address']}` shows replicas and autoscaling"
@@ -114,15 +124,18 @@ def parse_template(spec: str, min_tokens: int | None = None):
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
+    from cluster.tls import client_channel
     from protos.blockserve.v1 import blockserve_pb2_grpc
 
     req = _request(args)
     live = sys.stdout.isatty() and not args.no_drafts
-    with grpc.insecure_channel(args.address) as channel:
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+    channel = client_channel(args.address, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    with channel:
         stub = blockserve_pb2_grpc.BlockDiffusionStub(channel)
         t0 = time.perf_counter()
         try:
-            for event in stub.GenerateStream(req, timeout=args.timeout):
+            for event in stub.GenerateStream(req, timeout=args.timeout, metadata=metadata):
                 kind = event.WhichOneof("event")
                 if kind == "draft" and live:
                     d = event.draft
@@ -260,6 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("--json-schema", help="file holding a JSON Schema the output must satisfy")
     g.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"API key sent as `authorization: Bearer` (default: ${API_KEY_ENV}); needed when the server has keys",
+    )
+    g.add_argument("--tls-ca", help="PEM CA certificate of a TLS server (server.tls): connect with TLS")
+    g.add_argument(
+        "--tls-cert", help="PEM client certificate, for a server that requires one (client_ca_file)"
+    )
+    g.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    g.add_argument(
+        "--tls-server-name",
+        help="host name to expect in the server's certificate (default: --address's host)",
+    )
     g.set_defaults(fn=_generate)
     st = sub.add_parser("status", help="applications, replicas and autoscaling of a running cluster")
     st.add_argument("--address", default="auto", help="Ray cluster address (default: the local one)")

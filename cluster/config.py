@@ -372,6 +372,40 @@ class ChatSection(_Strict):
         return ChatChoice(self.parser, tuple(sorted(overrides.items())))
 
 
+class TlsSection(_Strict):
+    """Server certificates at the proxies (cluster/tls.py). Off unless `cert_file` is set."""
+
+    cert_file: str | None = Field(
+        None,
+        description="PEM certificate (chain) the gRPC and HTTP proxies present; with key_file it turns TLS on "
+        "(plaintext clients are then refused)",
+    )
+    key_file: str | None = Field(None, description="PEM private key of cert_file (unencrypted)")
+    client_ca_file: str | None = Field(
+        None,
+        description="PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)",
+    )
+    http: bool = Field(
+        True,
+        description="Serve HTTPS on the HTTP port too. Set false under KubeRay: its readiness probe and the "
+        "operator's proxy health check call http://...:http_port/-/healthz in plaintext",
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("server.tls: set both cert_file and key_file (or neither, for plaintext)")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError(
+                "server.tls.client_ca_file needs cert_file and key_file: mutual TLS is TLS first"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 class ServerSection(_Strict):
     grpc_port: int = Field(default_factory=lambda: int(env.BLOCKSERVE_GRPC_PORT), ge=1, le=65535)
     http_port: int = Field(
@@ -390,6 +424,17 @@ class ServerSection(_Strict):
         description="Port of Ray's Prometheus endpoint, where `ray_blockserve_*` metrics are scraped "
         "(bound to the node address: 127.0.0.1 for a local `serve`)",
     )
+    tls: TlsSection = Field(default_factory=TlsSection)
+
+    def http_tls_options(self) -> dict[str, str]:
+        """Serve's `http_options` keys for HTTPS at the HTTP proxy (empty: plaintext HTTP)."""
+        t = self.tls
+        if not (t.enabled and t.http):
+            return {}
+        out = {"ssl_certfile": t.cert_file, "ssl_keyfile": t.key_file}
+        if t.client_ca_file:
+            out["ssl_ca_certs"] = t.client_ca_file
+        return out
 
 
 class TelemetrySection(_Strict):

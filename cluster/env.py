@@ -119,14 +119,17 @@ def apply_loopback_env(environ: MutableMapping[str, str] = os.environ) -> dict[s
     return dict(LOOPBACK_ENV)
 
 
-def ray_init_kwargs(num_cpus: int = 32, bind_host: str = LOOPBACK_NODE_IP) -> dict[str, Any]:
+def ray_init_kwargs(
+    num_cpus: int = 32, bind_host: str = LOOPBACK_NODE_IP, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for `ray.init()` that start a small local cluster bound to loopback.
 
     `num_cpus` is Ray's logical CPU count, not the machine's: replicas reserve one CPU each by default, so a
     count above the real 2 cores lets several replicas start (Ray's own tests use 36).
     `bind_host` (`server.host`) is where Serve's gRPC proxy and the replicas' gRPC servers listen: Serve 2.60
     hard-codes every interface for them, which cluster/bind.py corrects in each worker process. Serve's
-    SO_REUSEPORT is off, so two servers never share a port silently.
+    SO_REUSEPORT is off, so two servers never share a port silently. `extra_env` joins the environment of
+    every Ray worker (the proxies' certificate files, cluster/tls.py `tls_env`).
     """
     if num_cpus < 1:
         raise ValueError(f"num_cpus={num_cpus}: Ray needs at least 1 logical CPU to place any replica")
@@ -135,11 +138,14 @@ def ray_init_kwargs(num_cpus: int = 32, bind_host: str = LOOPBACK_NODE_IP) -> di
         include_dashboard=False,
         _node_ip_address=LOOPBACK_NODE_IP,
         object_store_memory=OBJECT_STORE_BYTES,
-        runtime_env={"worker_process_setup_hook": SETUP_HOOK, "env_vars": server_env(bind_host)},
+        runtime_env={
+            "worker_process_setup_hook": SETUP_HOOK,
+            "env_vars": {**server_env(bind_host), **(extra_env or {})},
+        },
     )
 
 
-# cluster/serve_fixes.py (binds, dropped cancellations), named here so this module imports nothing heavy.
+# cluster/serve_fixes.py (binds, TLS at the proxies, dropped cancellations), named here so this module imports nothing heavy.
 SETUP_HOOK = "cluster.serve_fixes.apply"
 
 

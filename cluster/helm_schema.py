@@ -77,6 +77,11 @@ CHART_PROPERTIES: dict[str, Any] = {
             sizeLimit=_STR,
         ),
     ),
+    "tls": _obj(
+        "A Secret with the proxies' certificate (config.server.tls names files under mountPath)",
+        secretName=_STR,
+        mountPath=_STR,
+    ),
     "head": _pods("The Ray head pod: Serve controller, proxies, the Router; never GPUs"),
     "engineWorkers": _pods("Worker pods for Engines (used when config.engine.num_gpus > 0)"),
     "expertWorkers": _pods("Worker pods for ExpertShards (disaggregated mode)"),

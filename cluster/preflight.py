@@ -1,12 +1,13 @@
 """Checks `blockserve serve` runs before starting Ray: fail in a second with a message, not minutes later in a
 replica's traceback. The checkpoint's metadata must load (config, tokenizer, weight index and headers), and the
-gRPC and HTTP ports must be free on `server.host`.
+gRPC and HTTP ports must be free on `server.host`, and the `server.tls` files must load (cluster/tls.py).
 """
 
 from __future__ import annotations
 
 import socket
 
+from cluster import tls
 from cluster.config import ClusterConfig, ConfigFileError
 
 
@@ -43,5 +44,6 @@ def check(config: ClusterConfig) -> None:
                 f"{name}: {s.host}:{port} is already in use (another blockserve or program listens there); "
                 "stop it or choose another port"
             )
+    problems += tls.problems(s.tls)
     if problems:
         raise ConfigFileError("cannot start:\n  " + "\n  ".join(problems))

@@ -66,7 +66,7 @@ def render_serve_config(config: ClusterConfig) -> dict[str, Any]:
     server = config.server
     return {
         "proxy_location": PROXY_LOCATION,
-        "http_options": {"host": server.host, "port": server.http_port},
+        "http_options": {"host": server.host, "port": server.http_port, **server.http_tls_options()},
         "grpc_options": {"port": server.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)},
         "applications": [application(config)],
     }

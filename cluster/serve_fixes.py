@@ -13,6 +13,8 @@ named by cluster/env.py `ray_init_kwargs`): before any Serve actor exists in tha
    earlier version of this fix. The engine's leases remain the backstop (deployments/leases.py).
 3. Deadlines: Serve does not pass the client's gRPC deadline on; the time remaining goes to the Router as
    metadata (`forward_deadline`), and from there to the Engine.
+4. TLS (cluster/tls.py): the gRPC proxy's port is added with server credentials when `server.tls` names a
+   certificate, and a client CA at the HTTP proxy means client certificates are required.
 
 Ray is pinned (==2.60.0) and the integration tests exercise each, so an upgrade that moves these fails loudly.
 """
@@ -25,6 +27,7 @@ import logging
 import grpc
 
 from cluster.bind import rebind_serve_servers
+from cluster.tls import require_client_certificates, secure_grpc_proxy
 from deployments.leases import DEADLINE_METADATA
 
 log = logging.getLogger("blockserve.serve_fixes")
@@ -138,4 +141,6 @@ def forward_deadline(proxy_request) -> None:
 
 def apply() -> None:
     rebind_serve_servers()
+    secure_grpc_proxy()
+    require_client_certificates()
     cancel_dropped_streams()

@@ -37,6 +37,13 @@ are applied by the app builder from cluster/config.py.
 {{- define "blockserve.serveConfig" -}}
 {{- $server := .Values.config.server -}}
 {{- $http := dict "host" (required "config.server.host is required (0.0.0.0 in a pod)" $server.host) "port" (required "config.server.http_port is required" $server.http_port) -}}
+{{- /* HTTPS at the HTTP proxy (cluster/config.py ServerSection.http_tls_options; tls.http defaults to true) */ -}}
+{{- $tls := dig "tls" (dict) $server -}}
+{{- if and $tls.cert_file (dig "http" true $tls) -}}
+{{- $_ := set $http "ssl_certfile" $tls.cert_file -}}
+{{- $_ := set $http "ssl_keyfile" $tls.key_file -}}
+{{- if $tls.client_ca_file -}}{{- $_ := set $http "ssl_ca_certs" $tls.client_ca_file -}}{{- end -}}
+{{- end -}}
 {{- $servicers := list "deployments.wire.add_BlockDiffusion_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" -}}
 {{- $grpc := dict "port" (include "blockserve.grpcPort" . | int) "grpc_servicer_functions" $servicers -}}
 {{- $app := dict "name" "blockserve" "route_prefix" "/" "import_path" "cluster.app:app_builder" "args" .Values.config -}}
@@ -101,6 +108,22 @@ Engine replica count to size for). Prints a number.
 {{- if and .Values.checkpoint.download.enabled (not .Values.checkpoint.download.repo) -}}
 {{- fail "checkpoint.download.enabled needs checkpoint.download.repo (a Hub repository id)" -}}
 {{- end -}}
+{{- $tls := dig "server" "tls" (dict) $c -}}
+{{- if and $tls.cert_file (not .Values.tls.secretName) -}}
+{{- fail "config.server.tls.cert_file is set: name the Secret holding it in tls.secretName (it is mounted at tls.mountPath)" -}}
+{{- end -}}
+{{- if and .Values.tls.secretName (not $tls.cert_file) -}}
+{{- fail (printf "tls.secretName is set: point config.server.tls.cert_file and key_file at its files, e.g. %s/tls.crt and %s/tls.key" .Values.tls.mountPath .Values.tls.mountPath) -}}
+{{- end -}}
+{{- range $name := list "cert_file" "key_file" "client_ca_file" -}}
+{{- $path := get $tls $name | default "" -}}
+{{- if and $path (not (hasPrefix $.Values.tls.mountPath $path)) -}}
+{{- fail (printf "config.server.tls.%s %s must lie under tls.mountPath %s, where the Secret is mounted" $name $path $.Values.tls.mountPath) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $tls.cert_file (dig "http" true $tls) -}}
+{{- fail "config.server.tls: set http: false under KubeRay (its readiness probe and the operator's proxy health check call http://...:http_port/-/healthz in plaintext, so HTTPS there keeps pods unready); terminate HTTPS at the ingress" -}}
+{{- end -}}
 {{- if and (or .Values.checkpoint.pvc.claimName .Values.checkpoint.download.enabled) (not (hasPrefix .Values.checkpoint.mountPath (dig "model" "path" "" $c))) -}}
 {{- fail (printf "config.model.path must lie under checkpoint.mountPath %s, where the checkpoint volume is mounted" .Values.checkpoint.mountPath) -}}
 {{- end -}}
@@ -110,6 +133,22 @@ Engine replica count to size for). Prints a number.
 {{- define "blockserve.env" -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
+{{- /* cluster/serve_fixes.py in every Ray worker process (what `blockserve serve` names in ray.init's runtime_env:
+Ray reads this variable when a worker starts and runs the function it names) */}}
+- name: __RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+  value: cluster.serve_fixes.apply
+{{- $tls := dig "server" "tls" (dict) .Values.config }}
+{{- if $tls.cert_file }}
+{{- /* where the gRPC proxy finds its certificate (cluster/tls.py tls_env) */}}
+- name: BLOCKSERVE_TLS_CERT_FILE
+  value: {{ $tls.cert_file | quote }}
+- name: BLOCKSERVE_TLS_KEY_FILE
+  value: {{ $tls.key_file | quote }}
+{{- if $tls.client_ca_file }}
+- name: BLOCKSERVE_TLS_CLIENT_CA_FILE
+  value: {{ $tls.client_ca_file | quote }}
+{{- end }}
+{{- end }}
 {{- $t := dig "telemetry" (dict) .Values.config }}
 {{- /* the variables of cluster/telemetry.py's tracing_env, from config.telemetry (defaults: cluster/config.py) */}}
 - name: OTEL_SERVICE_NAME
@@ -141,6 +180,11 @@ Engine replica count to size for). Prints a number.
   mountPath: {{ .Values.checkpoint.mountPath }}
   readOnly: {{ not .Values.checkpoint.download.enabled }}
 {{- end }}
+{{- if .Values.tls.secretName }}
+- name: tls
+  mountPath: {{ .Values.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{- define "blockserve.volumes" -}}
@@ -157,6 +201,11 @@ Engine replica count to size for). Prints a number.
 - name: checkpoint
   emptyDir:
     sizeLimit: {{ .Values.checkpoint.download.sizeLimit }}
+{{- end }}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
 {{- end }}
 {{- end -}}
 
