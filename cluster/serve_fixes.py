@@ -1,5 +1,6 @@
 """Fixes for Ray Serve 2.60, applied in every Ray worker process of our job (Ray's `worker_process_setup_hook`,
-named by cluster/env.py `ray_init_kwargs`): before any Serve actor exists in that process.
+named by cluster/env.py `ray_init_kwargs`; on Kubernetes the chart names it in every Ray container's
+environment): before any Serve actor exists in that process.
 
 1. Binding (cluster/bind.py): Serve's gRPC proxy and replica servers listen on `server.host`, not `[::]`.
 2. Dropped cancellations: when a gRPC client goes away while Serve's proxy is suspended at `yield result` in

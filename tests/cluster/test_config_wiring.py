@@ -85,7 +85,10 @@ EXAMPLES: dict[str, list[Any]] = {
         f"chat.{m}": ["<m>"] for m in ("reasoning_start", "reasoning_end", "tool_call_start", "tool_call_end")
     },
     "chat.end_of_turn": ["<m>"],
+    "server.tls.client_ca_file": ["/etc/blockserve/tls/ca.crt"],
 }
+# server.tls on (its fields reach Serve's http_options only with a certificate and key set)
+TLS_ON = {"cert_file": "/etc/blockserve/tls/tls.crt", "key_file": "/etc/blockserve/tls/tls.key"}
 
 
 def _candidates(path: str, value: Any, annotation: Any) -> list[Any]:
@@ -130,6 +133,7 @@ def _baselines() -> list[dict]:
     matters only in `disaggregated` mode, or only with autoscaling on, is checked where it matters."""
     base = ClusterConfig.model_validate({"model": {"path": str(DEFAULT_MODEL_PATH)}}).model_dump(mode="json")
     out = [base, _with(base, "model.device", "cuda")]  # GPU-only fields (engine.num_gpus) matter on cuda
+    out.append(_with(base, "server.tls", {**base["server"]["tls"], **TLS_ON}))
     for path, annotation in _leaves(ClusterConfig):
         value = _get(base, path)
         if typing.get_origin(annotation) is Literal:
