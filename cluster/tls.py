@@ -64,7 +64,8 @@ def problems(tls: TlsFiles, prefix: str = "server.tls") -> list[str]:
         return found
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        # an empty password: an encrypted key fails here instead of OpenSSL prompting on the terminal
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=b"")
     except ssl.SSLError as e:
         found.append(_chain_problem(prefix, tls, e))
     if tls.client_ca_file:

@@ -84,6 +84,22 @@ def test_files_that_are_not_pem_are_named(certs, tmp_path):
     assert found.startswith(f"server.tls.client_ca_file: {junk} holds no PEM CA certificate")
 
 
+def test_an_encrypted_key_is_refused_without_prompting(certs, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(certs.server_key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    (found,) = tls.problems(section(certs, key_file=str(encrypted)))
+    assert "unencrypted private key" in found
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_key_is_named(certs, tmp_path):
     key = tmp_path / "locked.key"
