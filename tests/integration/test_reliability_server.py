@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
@@ -152,6 +153,15 @@ def test_api_keys_on(guarded):
     other = (("authorization", "bearer second-key"),)
     assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=60, metadata=other).vocab_size > 0
     assert guarded.serving()  # health needs no key: probes and load balancers call it
+    cli = [sys.executable, "-m", "cluster.cli", "generate", "x = ", "--address", guarded.address]
+    cli += ["--max-new-tokens", "4", "--no-drafts"]
+    env = {k: v for k, v in os.environ.items() if k != "BLOCKSERVE_API_KEY"}
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1 and "error: UNAUTHENTICATED" in run.stderr
+    run = subprocess.run(
+        cli, capture_output=True, text=True, timeout=120, env={**env, "BLOCKSERVE_API_KEY": KEY}
+    )
+    assert run.returncode == 0 and "tokens in" in run.stderr, run.stderr
 
 
 def test_100_streams_cancelled_at_random_points_leave_no_rows(guarded):
