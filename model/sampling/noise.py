@@ -1,19 +1,27 @@
-"""Keyed, counter-based noise: random numbers as a pure function of (seed, canvas, step, position[, vocab index]).
+"""Keyed, counter-based noise: random numbers as a pure function of (seed, canvas, step, stream, position[, index]).
 
-Shape legend: R rows, L canvas positions, C vocabulary chunk.
+Shape legend: R rows, L canvas positions, C vocabulary chunk, N vocabulary blocks.
 
 The serving sampler draws no state from a `torch.Generator`. Every random number is a hash of its coordinates,
 computed with int64 tensor ops on whatever device the step runs on, for all rows at once. A request's draws
-therefore depend only on its seed and where it is in its generation — never on its batch-mates, on how the
-vocabulary is chunked, or on the device — and no host round trip is needed to draw them.
+therefore depend only on its seed and where it is in its generation — never on its batch-mates or on the device
+— and no host round trip is needed to draw them.
 
 The hash is splitmix64 (Steele, Lea, Flood: "Fast splittable pseudorandom number generators", OOPSLA 2014): a
 Weyl-sequence counter passed through a 64-bit finaliser. torch has no unsigned 64-bit arithmetic, so it runs in
 int64: products wrap modulo 2**64 (two's complement), and `>>` sign-extends, so every right shift is masked to
 act as a logical shift. The bits are the same as the unsigned algorithm's.
 
-Streams: the initial canvas, re-noising and the Gumbel noise of sampling each use their own stream tag, so the
-three never reuse a number.
+Streams: each use has its own stream tag, so no two uses ever share a number. The key of a draw is built by
+absorbing, in order, the seed, the stream, the canvas index, the step and the canvas position (`row_keys`,
+`position_keys`); the last coordinate, when there is one, is the index into that position's splitmix64 sequence
+(`words`):
+- STREAM_CANVAS, STREAM_RENOISE: one token per position (no last coordinate);
+- STREAM_BLOCK (Gumbel choice among vocabulary blocks) and STREAM_INVCDF (inverse-CDF draw inside a block): one
+  number per (position, block), indexed by the block number — what the serving sampler uses. Its tokens thus
+  depend on the block size (the fixed `VOCAB_CHUNK` of model/sampling/sampler.py), never on the batch;
+- STREAM_GUMBEL: one Gumbel number per (position, vocabulary index), for canvases with a joint constraint
+  (model/structured/decode.py needs every token's perturbed score).
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import torch
 
 STREAM_CANVAS = 1  # the uniformly random canvas a new canvas starts from
 STREAM_RENOISE = 2  # tokens that replace rejected positions after a step
-STREAM_GUMBEL = 3  # Gumbel-max sampling noise over the vocabulary
+STREAM_GUMBEL = 3  # per-token Gumbel noise over the vocabulary (joint constraints only)
+STREAM_BLOCK = 4  # per-(position, vocabulary block) Gumbel noise: which block a sample comes from
+STREAM_INVCDF = 5  # per-(position, vocabulary block) uniform: which token inside the block
 
 
 def _signed(u: int) -> int:
@@ -76,6 +86,27 @@ def uniform(bits: torch.Tensor) -> torch.Tensor:
     """float32 in (0, 1) from the top 24 bits of each int64 word: exactly representable, never 0 or 1."""
     # the top word's midpoint (2^24 - 0.5) rounds up to 2^24 in float32: clamp it to the largest float below 1
     return ((_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=U_MAX)
+
+
+U64_MAX = 1.0 - 2.0**-53  # largest float64 below 1
+
+
+def words(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """int64 words [..., n] of elements [start, stop) of each key's splitmix64 sequence (element i being the
+    (i + 1)-th output), for keys [...]."""
+    steps = torch.arange(start + 1, stop + 1, dtype=torch.long, device=keys.device) * GOLDEN
+    return mix(keys[..., None] + steps)
+
+
+def uniform64(bits: torch.Tensor) -> torch.Tensor:
+    """float64 in (0, 1) from the top 53 bits of each int64 word, never 0 or 1."""
+    # the top word's midpoint (2^53 - 0.5) rounds to 2^53 in float64: clamp it below 1, as `uniform` does
+    return ((_shr(bits, 11).double() + 0.5) * 2.0**-53).clamp_(max=U64_MAX)
+
+
+def gumbel64(bits: torch.Tensor) -> torch.Tensor:
+    """float64 Gumbel noise -log(-log U) from int64 words, U from `uniform64` (finite: |noise| < 38)."""
+    return uniform64(bits).log_().neg_().log_().neg_()
 
 
 def gumbel(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -17,11 +17,15 @@ at different steps and a row's tokens do not depend on its batch-mates.
 
 Two ways to draw the random numbers:
 - `fast` (serving): keyed noise (model/sampling/noise.py), a pure function of (seed, canvas index, step,
-  position, vocabulary index) computed on the step's device for all rows at once: no generator state, no host
-  round trip, the same numbers whatever the batch or the vocabulary chunking. Steps 1, 2 and 5 run through the
-  vocabulary in chunks of `VOCAB_CHUNK` with an online softmax and Gumbel-max sampling (argmax of
-  logits - log(-log U)); a chunk holds every row of a group at once, and a group is as many rows as the
-  device's element budget allows (`element_budget`): never [rows, L, V].
+  position, vocabulary block) computed on the step's device for all rows at once: no generator state, no host
+  round trip, the same numbers whatever the batch. Steps 1, 2 and 5 run through the vocabulary in fixed blocks
+  of `VOCAB_CHUNK` tokens with an online softmax; the sample is hierarchical and exact — inside each block one
+  token by inverse CDF of its exp(logit - running max) values (one keyed uniform per position and block), and
+  among blocks one by Gumbel-max over the blocks' log-masses (one keyed Gumbel number per position and block),
+  kept as a running best — so P(token) = P(block) * P(token | block) = softmax, at a cost of O(1) random
+  numbers per position and block instead of one per vocabulary entry. A row's tokens depend on `VOCAB_CHUNK`
+  (a constant of the sampler), never on its batch. A chunk holds every row of a group at once, and a group is
+  as many rows as the device's element budget allows (`element_budget`): never [rows, L, V].
 - `reference` (tests, batch of one): the exact calls, shapes and order of the transformers loop after
   `torch.manual_seed(seed)` — `torch.randint` for canvases, `torch.multinomial` over full [L, V] probabilities —
   so both produce the same tokens. It materialises the full logits, which is why it is not the serving path.
@@ -37,7 +41,8 @@ so its entropy is 0 and it is always accepted) and restrict others to an allowed
 sampling, argmax and entropy for all rows of a chunk at once. A batch without constraints skips all of it.
 A canvas may also carry a joint constraint (`CanvasConstraint.joint`: a JSON Schema's automaton, or slot minimums):
 then its sampled and argmax canvases are replaced by the best ones that satisfy it (model/structured/decode.py);
-that is one narrow hook in `_draw_group` (`JointStep`), skipped when no row has one.
+that is one narrow hook in `_draw_group` (`JointStep`), skipped when no row has one. Those rows need every
+token's perturbed score, so they alone keep per-token keyed Gumbel noise (`_PerTokenGumbel`).
 """
 
 from __future__ import annotations
@@ -222,7 +227,7 @@ def inverse_temperature(
 
 
 def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
-    """Chunked online softmax + keyed Gumbel-max over the vocabulary for all rows. hidden [R, L, D]."""
+    """Chunked online softmax + the keyed hierarchical sample over the vocabulary for all rows. hidden [R, L, D]."""
     device = hidden.device
     f64 = lambda value: _row_tensor(rows, value, torch.float64, device)  # noqa: E731
     i64 = lambda value: _row_tensor(rows, value, torch.long, device)  # noqa: E731
@@ -240,6 +245,30 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
     )
 
 
+@dataclass
+class KeyedDraws:
+    """The keyed noise of one step of R rows (model/sampling/noise.py): per (position, vocabulary block) for
+    the hierarchical sample, and the position keys of the per-token Gumbel noise joint constraints need."""
+
+    block_gumbel: torch.Tensor  # [R, L, N] float64: Gumbel noise choosing among the N blocks
+    block_uniform: torch.Tensor  # [R, L, N] float64: the inverse-CDF uniform inside each block
+    token_keys: torch.Tensor  # [R, L] long: keys of per-token Gumbel noise (STREAM_GUMBEL)
+
+    @classmethod
+    def make(cls, seeds, canvas_index, steps, L: int, blocks: int) -> KeyedDraws:
+        def stream(tag: int) -> torch.Tensor:
+            return noise.position_keys(noise.row_keys(seeds, canvas_index, steps, tag), L)  # [R, L]
+
+        return cls(
+            noise.gumbel64(noise.words(stream(noise.STREAM_BLOCK), 0, blocks)),
+            noise.uniform64(noise.words(stream(noise.STREAM_INVCDF), 0, blocks)),
+            stream(noise.STREAM_GUMBEL),
+        )
+
+    def rows(self, lo: int, hi: int) -> KeyedDraws:
+        return KeyedDraws(self.block_gumbel[lo:hi], self.block_uniform[lo:hi], self.token_keys[lo:hi])
+
+
 def draw_keyed(
     model,
     hidden: torch.Tensor,
@@ -254,17 +283,20 @@ def draw_keyed(
     steps [R] long (the coordinates of each row's keyed noise). `constrained`: R objects with a `.constraint`
     (for joint constraints), or None when no row carries one. No host sync (unless a joint constraint runs)."""
     R, L, D = hidden.shape
-    keys = noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_GUMBEL), L)  # [R, L]
+    V = model.embed_tokens.weight.shape[0]
+    chunk = VOCAB_CHUNK  # read once per step: every block of this step has the same size
+    keyed = KeyedDraws.make(seeds, canvas_index, steps, L, -(-V // chunk))
     # A fixed chunk size, whatever the batch: online-softmax rounding then depends on the row alone.
-    group = max(1, element_budget(hidden.device) // (L * VOCAB_CHUNK))
+    group = max(1, element_budget(hidden.device) // (L * chunk))
     parts = [
         _draw_group(
             model,
             hidden[i : i + group],
             inv_t[i : i + group, None, None],
-            keys[i : i + group],
+            keyed.rows(i, i + group),
             tables.rows(i, i + group) if tables is not None else None,
             JointStep.begin(constrained[i : i + group], L) if constrained is not None else None,
+            chunk,
         )
         for i in range(0, R, group)
     ]
@@ -275,14 +307,36 @@ def draw_keyed(
     )
 
 
+def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per position of a vocabulary block by inverse CDF. e [R, L, C] unnormalised probabilities
+    (0 where masked), u [R, L] float64 uniforms in (0, 1) -> (index in the block [R, L] long, the block's
+    mass [R, L] float32, the last element of the cumulative sum).
+
+    P(index j) = e_j / sum(e), up to float32 rounding of the cumulative sum (the token intervals are resolved
+    to ~1e-7 of the block's mass, as fine as 24-bit Gumbel noise resolves a token). A token with e = 0 owns an
+    empty interval, so it is never picked; a target rounded up to the mass itself is clamped to the last token
+    with mass (the first index where the sum reaches it)."""
+    cdf = torch.cumsum(e, -1)  # [R, L, C]
+    mass = cdf[..., -1:].contiguous()  # [R, L, 1]
+    target = (u[..., None] * mass.double()).float()
+    pick = torch.searchsorted(cdf, target, right=True)  # first index whose cumulative sum exceeds the target
+    last = torch.searchsorted(cdf, mass, right=False)  # the last token with mass
+    return torch.minimum(pick, last)[..., 0], mass[..., 0]
+
+
 def _draw_group(
     model,
     hidden: torch.Tensor,
     inv_t: torch.Tensor,
-    keys: torch.Tensor,
+    keyed: KeyedDraws,
     tables: ConstraintTables | None,
-    joint: JointStep | None = None,
+    joint: JointStep | None,
+    chunk: int,
 ) -> StepDraws:
+    """One pass over the vocabulary in blocks of `chunk` tokens for a group of rows. The sample is
+    hierarchical and exact: inside each block one token by inverse CDF, and among blocks one by Gumbel-max over
+    their log-masses (log sum exp of the block's scaled logits) — P(token) = P(block) * P(token | block) =
+    softmax. Both choices are made online (a running best block), so nothing of size [R, L, V] exists."""
     R, L, D = hidden.shape
     dev = hidden.device
     weight = model.embed_tokens.weight  # [V, D] (tied LM head)
@@ -295,12 +349,14 @@ def _draw_group(
         torch.full((R, L), float("-inf"), device=dev),
         torch.zeros(R, L, dtype=torch.long, device=dev),
     )
-    key_val, key_idx = (
-        torch.full((R, L), float("-inf"), device=dev),
+    # the sample: the best block so far by log-mass + Gumbel noise (float64), and its inverse-CDF token
+    draw_val, draw_idx = (
+        torch.full((R, L), float("-inf"), dtype=torch.float64, device=dev),
         torch.zeros(R, L, dtype=torch.long, device=dev),
     )
-    for start in range(0, V, VOCAB_CHUNK):
-        stop = min(V, start + VOCAB_CHUNK)
+    per_token = _PerTokenGumbel(R, L, dev, keyed.token_keys) if joint is not None else None
+    for b, start in enumerate(range(0, V, chunk)):
+        stop = min(V, start + chunk)
         w = weight[start:stop]  # [C, D]
         # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
         logits = (hidden @ w.T).float()  # [R, L, C], a fresh tensor
@@ -313,13 +369,8 @@ def _draw_group(
         cval, cidx = logits.max(-1)
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
-        # Gumbel-max sample with keyed noise: the same numbers whatever the batch and the chunking
-        keyed = noise.gumbel(keys, start, stop).add_(logits)
-        kval, kidx = keyed.max(-1)
-        if joint is not None:
-            joint.chunk(logits, keyed, start)
-        better = kval > key_val
-        key_val, key_idx = torch.where(better, kval, key_val), torch.where(better, kidx + start, key_idx)
+        if per_token is not None:
+            per_token.chunk(logits, start, joint)
         # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
         # self-conditioning; s1 is kept centred on the running max so entropy = log s0 - s1/s0 does not cancel
         new_m = torch.maximum(m, cval)
@@ -327,6 +378,13 @@ def _draw_group(
         alpha = torch.exp(m - safe_m)
         d = logits - safe_m[..., None]  # [R, L, C]
         e = torch.exp(d)
+        # the sample, block by block: log-mass = log(mass) + safe_m (-inf for a block without mass: it never
+        # wins, ties keep the earlier block); a block's mass below float32's range relative to the running max
+        # (under e^-87) rounds to 0, as it does in the full softmax
+        pick, mass = block_pick(e, keyed.block_uniform[..., b])
+        score = mass.double().log() + safe_m.double() + keyed.block_gumbel[..., b]
+        better = score > draw_val
+        draw_val, draw_idx = torch.where(better, score, draw_val), torch.where(better, pick + start, draw_idx)
         shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
         # e * d, with 0 (not NaN) where a position's token is masked (d = -inf, e = 0): clamping d to the
         # lowest finite float changes no other element, and a zero term adds nothing to the sum
@@ -337,10 +395,36 @@ def _draw_group(
         soft = soft * alpha[..., None] + (e.to(w.dtype) @ w).float()
         m = new_m
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
-    if joint is not None:
-        best_idx, key_idx = joint.finish(best_idx, key_idx)
+    if per_token is not None:
+        best_idx, draw_idx = per_token.finish(joint, best_idx, draw_idx)
     soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale().to(dev)
-    return StepDraws(key_idx, best_idx, entropy, soft)
+    return StepDraws(draw_idx, best_idx, entropy, soft)
+
+
+class _PerTokenGumbel:
+    """The joint-constraint branch of `_draw_group`: rows with a joint constraint (model/structured/decode.py)
+    choose among whole canvases from every token's score, so they keep per-token keyed Gumbel noise
+    (STREAM_GUMBEL): each chunk's perturbed logits go to the `JointStep` hook, and a joint row's sample is the
+    per-token Gumbel-max before the hook replaces it. Rows of the same group without a joint constraint keep
+    the hierarchical sample, so they draw what they draw alone."""
+
+    def __init__(self, R: int, L: int, dev: torch.device, token_keys: torch.Tensor):
+        self.keys = token_keys  # [R, L]
+        self.val = torch.full((R, L), float("-inf"), device=dev)
+        self.idx = torch.zeros(R, L, dtype=torch.long, device=dev)
+
+    def chunk(self, logits: torch.Tensor, start: int, joint: JointStep) -> None:
+        keyed = noise.gumbel(self.keys, start, start + logits.shape[-1]).add_(logits)  # [R, L, C]
+        kval, kidx = keyed.max(-1)
+        joint.chunk(logits, keyed, start)
+        better = kval > self.val
+        self.val, self.idx = torch.where(better, kval, self.val), torch.where(better, kidx + start, self.idx)
+
+    def finish(self, joint: JointStep, argmax: torch.Tensor, sampled: torch.Tensor):
+        rows = torch.zeros(len(sampled), dtype=torch.bool)
+        rows[list(joint.rows)] = True
+        sampled = torch.where(rows.to(sampled.device)[:, None], self.idx, sampled)
+        return joint.finish(argmax, sampled)
 
 
 def draw_reference(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
