@@ -4,14 +4,18 @@ Command (from the repo root; about 2 minutes on a busy 2-core machine):
 
     .venv/bin/python bench/engine_step.py                     # rows 1,4,16,64
     .venv/bin/python bench/engine_step.py --rows 1,4 --threads 2
+    .venv/bin/python bench/engine_step.py --config small-cpu  # the published vocabulary and canvas (~3 min)
 
-One run, one small random checkpoint (built and saved by transformers: vocab 4096, hidden 128, 4 layers, canvas
-64 — the speed checkpoint of bench/model_vs_reference.py), printed side by side:
+One run, one random checkpoint built and saved by transformers, printed side by side. `--config tiny` (default):
+vocab 4096, hidden 128, 4 layers, canvas 64 — the speed checkpoint of bench/model_vs_reference.py.
+`--config small-cpu`: the `small-cpu` preset of model/config.py (vocab 262,144, canvas 256, 6 thin layers), where
+the vocabulary-wide work of sampling dominates a step on both sides; its defaults are one canvas, rows 1 and
+one repeat, to stay short.
 
 1. batch 1: delivered tokens/s of one request through the serving engine (EngineCore) and through our plain
    `generate` loop (rng="fast"), against transformers' `generate`, same prompt and settings, and the ratios;
 2. batching: aggregate delivered tokens/s of one EngineCore (Scheduler + ModelRunner) running 1 / 4 / 16 / 64 requests at once (each
-   request 2 canvases of 64 tokens, 16 denoising steps, distinct seeds), and the gain over 1 row;
+   request 2 canvases by default, 16 denoising steps, distinct seeds), and the gain over 1 row;
 3. per denoising iteration at each row count: wall time, the part spent inside the model's forward passes
    (encode + denoise), the part in the sampler step (`draw_keyed` + `advance_rows`), the rest ("python":
    planning, events, the runner's slot-buffer gathers / write-backs and its small [R, L] keyed re-noise — host
@@ -24,6 +28,7 @@ One run, one small random checkpoint (built and saved by transformers: vocab 409
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -117,7 +122,7 @@ def batch_one(ref, ours, prompt, params, repeats: int) -> dict:
             reference_generate(ref, prompt, params, seed, eos=None)[: params.max_new_tokens]
         ),
     }
-    warm = SamplingParams(max_new_tokens=64, max_denoising_steps=2)
+    warm = SamplingParams(max_new_tokens=ours.config.canvas_length, max_denoising_steps=2)
     generate(ours, prompt, warm, seed=99)
     engine_once(ours, prompt, warm, 99)
     rates = {k: [] for k in runs}
@@ -166,20 +171,42 @@ def engine_run(model, prompt, params, rows: int) -> dict:
     }
 
 
+# --config: (transformers reference builder, defaults for --rows, --repeats, --canvases)
+CONFIGS = {
+    "tiny": (
+        lambda: mvr._reference_model(4096, 128, [mvr.SLIDING] * 3 + [mvr.FULL], canvas=64, seed=0),
+        "1,4,16,64",
+        3,
+        2,
+    ),
+    "small-cpu": (lambda: mvr.reference_from_preset("small-cpu", seed=0), "1", 1, 1),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="1,4,16,64")
-    ap.add_argument("--repeats", type=int, default=3, help="batch-1 runs (median)")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="tiny", help="checkpoint shape")
+    ap.add_argument("--rows", default=None, help="engine row counts (default: per config)")
+    ap.add_argument("--repeats", type=int, default=None, help="batch-1 runs (median; default: per config)")
+    ap.add_argument("--canvases", type=int, default=None, help="canvases per request (default: per config)")
+    ap.add_argument("--steps", type=int, default=16, help="max denoising steps per canvas")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args(argv)
+    build, rows_default, repeats_default, canvases_default = CONFIGS[args.config]
+    args.rows = args.rows or rows_default
+    args.repeats = args.repeats or repeats_default
     torch.set_num_threads(args.threads)
-    ref = mvr._reference_model(4096, 128, [mvr.SLIDING] * 3 + [mvr.FULL], canvas=64, seed=0)
+    ref = build()
     with tempfile.TemporaryDirectory() as tmp:
         ours = load_model(mvr._save(ref, Path(tmp) / "m"))
-    prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
-    params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
+    c = ours.config
+    prompt = torch.randint(3, c.vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    canvases = args.canvases or canvases_default
+    params = SamplingParams(max_new_tokens=canvases * c.canvas_length, max_denoising_steps=args.steps)
     print(
-        f"checkpoint: vocab 4096, hidden 128, 4 layers, canvas 64; prompt 48; {params}; threads {args.threads}"
+        f"checkpoint {args.config}: vocab {c.vocab_size}, hidden {c.hidden_size}, {c.num_layers} layers, canvas "
+        f"{c.canvas_length}; prompt 48; {params}; threads {args.threads}; load average "
+        f"{os.getloadavg()[0]:.2f}"
     )
     one = batch_one(ref, ours, prompt, params, args.repeats)
     tf = one["transformers"]
@@ -201,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['kv_reserved'] / 2**20:>10.2f}Mi {r['kv_peak'] / 2**20:>8.2f}Mi"
         )
     print("syncs: per denoising iteration (median); KV peak: caches + the padded prefix copy the step reads")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,43 @@ def _reference_model(vocab: int, hidden: int, layer_types: list[str], canvas: in
     return model
 
 
+def reference_from_preset(name: str, seed: int):
+    """A random transformers DiffusionGemmaForBlockDiffusion of one of our presets' shapes (model/config.py),
+    with `_reference_model`'s sharper embeddings."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from model.config import from_name
+
+    c = from_name(name)
+    sliding = next((s for s in c.layers if s.is_sliding), c.layers[0])
+    full = next((s for s in c.layers if not s.is_sliding), c.layers[-1])
+    torch.manual_seed(seed)
+    cfg = DiffusionGemmaConfig(
+        text_config=dict(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=sliding.num_kv_heads,
+            head_dim=sliding.head_dim,
+            global_head_dim=full.head_dim,
+            num_global_key_value_heads=full.num_kv_heads,
+            sliding_window=c.sliding_window,
+            num_experts=c.num_experts,
+            top_k_experts=c.top_k,
+            moe_intermediate_size=c.moe_intermediate_size,
+            layer_types=[s.kind for s in c.layers],
+        ),
+        vision_config=TINY_VISION_CONFIG,
+        canvas_length=c.canvas_length,
+    )
+    model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight.mul_(5)
+    return model
+
+
 def _save(model, path: Path) -> Path:
     model.save_pretrained(path)
     return path

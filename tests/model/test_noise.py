@@ -110,3 +110,46 @@ def test_the_top_word_stays_below_one_and_its_gumbel_noise_is_finite():
     keys = torch.arange(1 << 16, dtype=torch.long) * 7919
     g = noise.gumbel(keys, 0, 512)  # [65536, 512]: ~2 draws of the top word expected
     assert torch.isfinite(g).all()
+
+
+def test_words_are_the_splitmix64_sequence_gumbel_reads():
+    keys = _keys([3, 4], [0, 1], [2, 2], L=5)
+    w = noise.words(keys, 2, 9)  # [2, 5, 7]
+    third = torch.tensor(3, dtype=torch.long) * noise.GOLDEN  # int64 product, wrapping as the hash does
+    assert torch.equal(w[..., 0], noise.mix(keys + third))  # element 2 is the 3rd output
+    # the float32 per-token Gumbel noise is the same sequence's top 24 bits
+    u = noise.uniform(w)
+    torch.testing.assert_close(noise.gumbel(keys, 2, 9), -torch.log(-torch.log(u)), atol=0, rtol=0)
+
+
+def test_uniform64_is_uniform_open_and_finer_than_float32():
+    w = noise.words(_keys(list(range(16)), [0] * 16, [1] * 16, noise.STREAM_INVCDF), 0, 256)  # [16, 64, 256]
+    u = noise.uniform64(w)
+    assert u.dtype == torch.float64 and u.min() > 0 and u.max() < 1
+    assert _chi2(torch.histc(u, bins=256, min=0, max=1)) < CHI2_999[255]
+    assert (u * 2**24 != torch.floor(u * 2**24) + 0.5).float().mean() > 0.99  # not just 24-bit midpoints
+    top = torch.tensor(
+        [-1, 0], dtype=torch.long
+    )  # the largest and smallest words: still strictly inside (0, 1)
+    assert noise.uniform64(top).tolist() == [noise.U64_MAX, 2.0**-54]
+    g = noise.gumbel64(top)
+    assert torch.isfinite(g).all() and -3.7 < g.min() and g.max() < 37
+
+
+def test_block_streams_differ_from_each_other_and_from_the_token_stream():
+    """The per-(position, block) numbers are keyed by their own streams: not a copy of one another, nor of
+    the per-token Gumbel noise at the same index."""
+    seeds, zero = torch.arange(200, dtype=torch.long), torch.zeros(200, dtype=torch.long)
+    streams = [noise.STREAM_BLOCK, noise.STREAM_INVCDF, noise.STREAM_GUMBEL]
+    words = [noise.words(noise.position_keys(noise.row_keys(seeds, zero, zero, s), 8), 0, 4) for s in streams]
+    top4 = [noise._shr(w, 60).flatten() for w in words]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert (words[i] != words[j]).all()
+            assert _chi2(torch.bincount(top4[i] * 16 + top4[j], minlength=256)) < CHI2_999[255]
+
+
+def test_gumbel64_moments():
+    g = noise.gumbel64(noise.words(_keys(list(range(8)), [0] * 8, [0] * 8, noise.STREAM_BLOCK), 0, 512))
+    torch.testing.assert_close(g.mean().item(), 0.5772156649, atol=5e-3, rtol=0)
+    torch.testing.assert_close(g.var().item(), torch.pi**2 / 6, atol=2e-2, rtol=0)

@@ -4,9 +4,12 @@ Shape legend: R rows, L canvas, V vocab, D hidden.
 
 - a batch of rows at different steps, with different seeds, settings, prefixes and constraints gives each row
   exactly what it gets alone (the engine's continuous batching stands on this);
-- `draw_fast` (vocabulary in chunks, online softmax, Gumbel-max) agrees with the full-vocabulary computation
-  (`draw_reference`, the transformers calls) on argmax, entropy and soft embeddings, whatever the chunk size;
-- Gumbel-max draws follow softmax(logits / t);
+- `draw_fast` (vocabulary in chunks, online softmax, hierarchical keyed sample) agrees with the full-vocabulary
+  computation (`draw_reference`, the transformers calls) on argmax, entropy and soft embeddings, whatever the
+  chunk size; its samples depend on the chunk size (the fixed `VOCAB_CHUNK`), never on the batch;
+- the hierarchical sample (inverse CDF inside a block, Gumbel-max among blocks) follows softmax(logits / t) over
+  several blocks, with masked tokens, ragged and massless blocks; rows with a joint constraint keep per-token
+  Gumbel noise without changing their batch-mates' draws;
 - acceptance, parameter validation and canvas constraints (pins, allowed-token classes) at their edges.
 """
 
@@ -24,6 +27,7 @@ from torch import nn
 
 from model.config import from_name
 from model.kv_cache import PrefixBatch
+from model.sampling import noise
 from model.sampling import sampler as sampler_mod
 from model.sampling.params import SamplingParams
 from model.sampling.sampler import (
@@ -35,6 +39,7 @@ from model.sampling.sampler import (
     draw_reference,
     step,
 )
+from model.structured.decode import SlotCanvas, SlotRun
 from model.transformer import DiffusionGemma, TokenBatch
 from model.weights import init_random
 
@@ -182,9 +187,11 @@ def test_draw_fast_matches_full_vocabulary_computation(model, monkeypatch, chunk
     monkeypatch.setattr(sampler_mod, "VOCAB_CHUNK", chunk)  # read at call time; 512 % 100 and 512 % 7 != 0
     g = torch.Generator().manual_seed(3)
     # from near-uniform to nearly one-hot distributions: noise plus a pull of random strength towards one token
-    noise = torch.randn(3, L, D, generator=g) * torch.exp(torch.empty(3, L, 1).uniform_(-3, 0.5, generator=g))
+    jitter = torch.randn(3, L, D, generator=g) * torch.exp(
+        torch.empty(3, L, 1).uniform_(-3, 0.5, generator=g)
+    )
     targets = model.embed_tokens.weight[torch.randint(0, V, (3, L), generator=g)]  # [3, L, D]
-    hidden = noise + torch.empty(3, L, 1).uniform_(0, 1.5, generator=g) * targets
+    hidden = jitter + torch.empty(3, L, 1).uniform_(0, 1.5, generator=g) * targets
     rows = [
         RowState.start(
             SamplingParams(max_denoising_steps=10, t_min=t, t_max=t + 0.5),
@@ -260,6 +267,83 @@ def test_gumbel_max_frequencies_follow_softmax(monkeypatch, chunk, temperature):
     torch.testing.assert_close(draws.soft[0, 0], expected, atol=1e-6, rtol=0)  # identity head: soft == probs
     entropy = -(expected * expected.log()).sum()
     torch.testing.assert_close(draws.entropy[0], entropy.expand(n).float(), atol=1e-5, rtol=0)
+
+
+# one position's distribution over 11 tokens in blocks of 4 (the last block ragged): (logits, allowed tokens)
+_LOGITS = torch.tensor([1.0, 0.2, -0.5, 0.7, 0.0, 1.3, -1.0, 0.4, 0.9, -0.3, 0.6])
+HIERARCHY_CASES = {
+    "spread": (_LOGITS, None),
+    # masked tokens in every block, block 1 left with one allowed token
+    "masked": (_LOGITS, [0, 3, 4, 8, 10]),
+    # all the mass in block 1: the other blocks' exponentials underflow to 0 (massless blocks must never win)
+    "one block": (torch.where((torch.arange(11) // 4) == 1, _LOGITS, -200.0), None),
+    # one allowed token per block, and the last block entirely masked
+    "one per block": (_LOGITS, [2, 5]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HIERARCHY_CASES))
+@torch.no_grad()
+def test_hierarchical_draws_follow_softmax_over_several_blocks(monkeypatch, case):
+    monkeypatch.setattr(sampler_mod, "VOCAB_CHUNK", 4)  # blocks [0, 4), [4, 8), [8, 11)
+    logits, allowed = HIERARCHY_CASES[case]
+    V_ = len(logits)
+    head = _IdentityHead(V_)
+    n = 40_000
+    hidden = logits.expand(1, n, V_).contiguous()  # n independent draws of the same position
+    constraint = None
+    mask = torch.ones(V_, dtype=torch.bool)
+    if allowed is not None:
+        mask = torch.zeros(V_, dtype=torch.bool)
+        mask[allowed] = True
+        masks = torch.stack([torch.ones(V_, dtype=torch.bool), mask])  # class 1: the allowed set
+        no_pins = torch.full((n,), -1, dtype=torch.long)
+        constraint = CanvasConstraint(no_pins, torch.ones(n, dtype=torch.long), masks)
+    row = RowState.start(SamplingParams(t_min=0.8, t_max=0.8), V_, n, 321, constraint)
+    draws = draw_fast(head, hidden, [row])
+    expected = torch.softmax((logits / 0.8).masked_fill(~mask, float("-inf")).double(), -1)
+    counts = torch.bincount(draws.sampled[0], minlength=V_).double()
+    assert (counts[expected == 0] == 0).all(), counts  # masked or massless tokens are never drawn
+    live = expected > 0
+    chi2 = float(((counts[live] - n * expected[live]) ** 2 / (n * expected[live])).sum())
+    df = int(live.sum()) - 1
+    if df == 0:
+        return
+    crit = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 9: 27.88, 10: 29.59}[df]  # chi-square p = 0.001
+    assert chi2 < crit, (case, chi2, (counts / n).tolist(), expected.tolist())
+
+
+def test_block_pick_never_lands_on_a_token_without_mass():
+    e = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 0.0]).expand(1, 4, 6).contiguous()  # [1, 4, C]
+    u = torch.tensor([[2.0**-54, 0.3, 0.34, noise.U64_MAX]], dtype=torch.float64)  # [1, 4]
+    pick, mass = sampler_mod.block_pick(e, u)
+    assert pick.tolist() == [[1, 1, 3, 3]]  # the top uniform is clamped to the last token with mass, not 5
+    assert mass.tolist() == [[3.0] * 4]
+
+
+@torch.no_grad()
+def test_joint_rows_keep_per_token_noise_and_batch_mates_draw_as_alone(monkeypatch):
+    """A group holding a joint-constrained row (slot minimums) goes through the per-token branch; a row without
+    a joint constraint in that group draws exactly what it draws alone, and the joint row's sample follows the
+    per-token keyed Gumbel-max (STREAM_GUMBEL), the scores its constraint solver ranks."""
+    monkeypatch.setattr(sampler_mod, "VOCAB_CHUNK", 5)
+    V_, n = 12, 64
+    head = _IdentityHead(V_)
+    logits = torch.randn(2, n, V_, generator=torch.Generator().manual_seed(2))
+    run = SlotRun([(0, n, 0)], n, pad_id=0)  # a slot with minimum 0: the solver keeps the sampled canvas
+    joint = CanvasConstraint(
+        torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.long), joint=SlotCanvas(run, 0)
+    )
+    params = SamplingParams(t_min=1.0, t_max=1.0)
+    rows = [RowState.start(params, V_, n, 5, joint), RowState.start(params, V_, n, 6)]
+    both = draw_fast(head, logits, rows)
+    alone = draw_fast(head, logits[1:], [rows[1]])
+    assert torch.equal(both.sampled[1], alone.sampled[0]) and torch.equal(both.argmax[1], alone.argmax[0])
+    keys = noise.position_keys(
+        noise.row_keys(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), noise.STREAM_GUMBEL), n
+    )
+    per_token = (noise.gumbel(keys, 0, V_) + logits[:1]).argmax(-1)  # [1, n]
+    assert torch.equal(both.sampled[0], per_token[0])
 
 
 def test_rows_with_the_same_seed_draw_the_same_and_other_seeds_differ():
