@@ -25,11 +25,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        # the casts are skipped (not just no-ops) in fp32: on CPU each dispatched op costs microseconds
+        xf = x if x.dtype == torch.float32 else x.float()
         out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
         if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+            w = self.weight
+            out = out * (w if w.dtype == torch.float32 else w.float())
+        return out if out.dtype == x.dtype else out.type_as(x)
 
 
 # CPU GEMM kernels round differently for fewer than 4 rows (measured: n = 1..3 differ from the same rows
@@ -66,6 +68,39 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
+class Packed:
+    """Several Linears of one input, run as one GEMM (q/k/v, gate/up): their weights stacked [sum N, K] in one
+    tensor, made on first use, whose slices then *are* the Linears' parameters (one copy in memory, the
+    checkpoint names and `state_dict` unchanged, in-place weight updates seen by both). Re-made when a
+    parameter no longer lives there (`.to()`, `load_state_dict(assign=True)` or any `.data =` swap)."""
+
+    def __init__(self, *linears: Linear):
+        self.linears = linears
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.weight: torch.Tensor | None = None
+        self._ptrs: tuple[int, ...] = ()
+
+    def _live(self) -> bool:
+        return self.weight is not None and tuple(lin.weight.data_ptr() for lin in self.linears) == self._ptrs
+
+    def stacked(self) -> torch.Tensor:
+        if not self._live():
+            with torch.no_grad():
+                weight = torch.cat([lin.weight.detach() for lin in self.linears])
+            for lin, part in zip(self.linears, weight.split(self.sizes), strict=True):
+                lin.weight.data = part
+            self.weight = weight
+            self._ptrs = tuple(lin.weight.data_ptr() for lin in self.linears)
+        return self.weight
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [..., K] -> each Linear's output [..., N_i]. With gradients on (training) the Linears run one by
+        one, so each parameter gets its own gradient."""
+        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in self.linears):
+            return [lin(x) for lin in self.linears]
+        return list(linear(x, self.stacked()).split(self.sizes, dim=-1))
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -76,9 +111,11 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, inner)
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
+        self.__dict__["gate_up"] = Packed(self.gate_proj, self.up_proj)  # not a submodule: no state of its own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(gelu_tanh(gate) * up)
 
 
 def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
@@ -101,12 +138,31 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, d]; rotate-half convention (pairs i and i + d/2)."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+class RopeTables:
+    """The RoPE tables of one forward pass, made once per layer kind instead of once per layer: every layer of a
+    kind has the same spec, hence the same inverse frequencies. Tables are [B, T, 1, d] (broadcast over heads);
+    sin carries the rotate-half sign (-sin on the first half), so applying RoPE is x * cos + swap(x) * sin."""
+
+    def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
+        self.positions, self.dtype = positions, dtype
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, spec: LayerSpec, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (spec.head_dim, spec.rope)
+        if key not in self.tables:
+            cos, sin = rope_cos_sin(inv_freq, self.positions, self.dtype)
+            half = sin.shape[-1] // 2
+            sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+            self.tables[key] = cos[:, :, None, :], sin[:, :, None, :]
+        return self.tables[key]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, d] with `RopeTables` cos / signed sin [B, T, 1, d]; rotate-half convention (pairs i and
+    i + d/2): x * cos + [-x2, x1] * sin, written as [x2, x1] * [-sin1, sin2] (negation is exact: same bits)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + swapped * signed_sin
 
 
 class Attention(nn.Module):
@@ -124,15 +180,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
+        projections = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
+        self.__dict__["qkv"] = Packed(*projections)  # one GEMM for q, k (and v); not a submodule
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """q [B, H, T, d], and the new tokens' k, v [B, G, T, d] as they are stored in the cache."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RopeTables | None = None):
+        """q [B, H, T, d], and the new tokens' k, v [B, G, T, d] as they are stored in the cache. `rope`: the
+        forward pass's shared tables (made here when None)."""
         B, T, _ = x.shape
         d = self.spec.head_dim
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, d)), cos, sin)
-        k_raw = self.k_proj(x).view(B, T, -1, d)
-        v = self.v_proj(x).view(B, T, -1, d) if self.v_proj is not None else k_raw
+        rope = rope if rope is not None else RopeTables(positions, x.dtype)
+        cos, sin = rope.get(self.spec, self.inv_freq)
+        parts = self.qkv(x)
+        q = apply_rope(self.q_norm(parts[0].view(B, T, -1, d)), cos, sin)
+        k_raw = parts[1].view(B, T, -1, d)
+        v = parts[2].view(B, T, -1, d) if len(parts) == 3 else k_raw
         k = apply_rope(self.k_norm(k_raw), cos, sin)
         v = self.v_norm(v)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -25,7 +25,7 @@ from torch import nn
 from model.attention import DenseKeys
 from model.config import ModelConfig
 from model.kv_cache import KVPool, PrefixBatch, SequenceCache, reservation_bytes, write_layer, write_plan
-from model.layers import Attention, GatedMLP, RMSNorm
+from model.layers import Attention, GatedMLP, RMSNorm, RopeTables
 from model.moe import ExpertBank, Router
 
 # (layer index, normed tokens [T, D], weights [T, K], expert ids [T, K]) -> MoE output [T, D]
@@ -96,10 +96,12 @@ class Layer(nn.Module):
         *,
         encoder: bool,
         moe: MoEBackend | None,
+        rope: RopeTables | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (new hidden [B, T, D], new keys, new values [B, G, T, d])."""
+        """Returns (new hidden [B, T, D], new keys, new values [B, G, T, d]). `rope`: the forward pass's RoPE
+        tables, shared by the layers of one kind (made per layer when None)."""
         attn = self.self_attn
-        q, k, v = attn.project(self.input_layernorm(h), batch.positions)
+        q, k, v = attn.project(self.input_layernorm(h), batch.positions, rope)
         new = DenseKeys(k, v, batch.positions, batch.valid)
         sources = [_prefix_keys(prefix, self.index), new] if prefix is not None else [new]
         window = self.window if encoder and self.spec.is_sliding else None
@@ -189,8 +191,9 @@ class DiffusionGemma(nn.Module):
         pool = caches[0].pool
         plan = write_plan(caches, lengths, batch.ids.shape[1], pool.device)
         h = self.embed(batch.ids)
+        rope = RopeTables(batch.positions, h.dtype)
         for layer in self.layers:
-            h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend)
+            h, k, v = layer(h, batch, prefix, encoder=True, moe=self.moe_backend, rope=rope)
             write_layer(pool, layer.index, plan, k, v)  # after the layer read the cache: rings overwrite
         for r, cache in enumerate(caches):
             cache.advance(lengths[r])
@@ -206,8 +209,9 @@ class DiffusionGemma(nn.Module):
             canvas, positions, torch.ones(B, L, dtype=torch.bool, device=canvas.device), [L] * B
         )
         h = self.self_conditioning(self.embed(canvas), soft)
+        rope = RopeTables(positions, h.dtype)
         for layer in self.layers:
-            h, _, _ = layer(h, batch, prefix, encoder=False, moe=self.moe_backend)
+            h, _, _ = layer(h, batch, prefix, encoder=False, moe=self.moe_backend, rope=rope)
         return self.norm(h)
 
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
