@@ -111,7 +111,9 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(hidden, inner)
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
-        self.__dict__["gate_up"] = Packed(self.gate_proj, self.up_proj)  # not a submodule: no state of its own
+        self.__dict__["gate_up"] = Packed(
+            self.gate_proj, self.up_proj
+        )  # not a submodule: no state of its own
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
