@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     one = batch_one(ref, ours, prompt, params, args.repeats)
     tf = one["transformers"]
     print(
-        f"batch 1: engine {one['engine']:.0f} tok/s ({one['engine'] / tf:.2f}x), plain loop {one['generate']:.0f} "
-        f"tok/s ({one['generate'] / tf:.2f}x), transformers {tf:.0f} tok/s"
+        f"batch 1: engine {one['engine']:.3g} tok/s ({one['engine'] / tf:.2f}x), plain loop "
+        f"{one['generate']:.3g} tok/s ({one['generate'] / tf:.2f}x), transformers {tf:.3g} tok/s"
     )
     print(
         f"{'rows':>5} {'tok/s':>8} {'gain':>6} {'step ms':>8} {'model ms':>9} {'sampler ms':>11} {'python ms':>10} "
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         r = engine_run(ours, prompt, params, rows)
         base = base or r["tokens_per_s"]
         print(
-            f"{rows:>5} {r['tokens_per_s']:>8.0f} {r['tokens_per_s'] / base:>5.1f}x {r['step_ms']:>8.1f} "
+            f"{rows:>5} {r['tokens_per_s']:>8.3g} {r['tokens_per_s'] / base:>5.1f}x {r['step_ms']:>8.1f} "
             f"{r['model_ms']:>9.1f} {r['sampler_ms']:>11.1f} {r['python_ms']:>10.1f} {r['syncs']:>6.0f} "
             f"{r['kv_reserved'] / 2**20:>10.2f}Mi {r['kv_peak'] / 2**20:>8.2f}Mi"
         )

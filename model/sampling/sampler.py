@@ -387,8 +387,9 @@ def _draw_group(
         draw_val, draw_idx = torch.where(better, score, draw_val), torch.where(better, pick + start, draw_idx)
         shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
         # e * d, with 0 (not NaN) where a position's token is masked (d = -inf, e = 0): clamping d to the
-        # lowest finite float changes no other element, and a zero term adds nothing to the sum
-        centred = d.clamp_(min=torch.finfo(d.dtype).min).mul_(e)
+        # lowest finite float changes no other element, and a zero term adds nothing to the sum. Without
+        # constraint tables nothing is masked, so the pass is skipped.
+        centred = (d.clamp_(min=torch.finfo(d.dtype).min) if tables is not None else d).mul_(e)
         s1 = (s1 + shift) * alpha + centred.sum(-1)
         s0 = s0 * alpha + e.sum(-1)
         # probabilities times embeddings in the weight dtype (as the reference's soft input), summed in fp32

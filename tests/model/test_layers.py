@@ -1,0 +1,93 @@
+"""Packed projections (model/layers.py `Packed`): one GEMM for q/k/v and gate/up, one copy of the weights.
+
+Shape legend: T tokens, D hidden.
+
+- the Linears' parameters become views of the packed weight (no second copy), the state_dict keeps its names;
+- the packed output equals the Linears run one by one, before and after `.to(dtype)`, in-place updates and a
+  `.data` swap (the pack is re-made when a parameter moved);
+- with gradients on, each parameter still gets its own gradient;
+- RoPE through the shared per-forward tables equals the per-layer formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.config import from_name
+from model.layers import GatedMLP, RopeTables, apply_rope, rope_cos_sin
+from model.transformer import DiffusionGemma
+from model.weights import init_random
+
+CFG = from_name("tiny-test")
+
+
+def _separate(mlp: GatedMLP, x: torch.Tensor) -> torch.Tensor:
+    gate = x @ mlp.gate_proj.weight.T
+    up = x @ mlp.up_proj.weight.T
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up @ mlp.down_proj.weight.T
+
+
+@torch.no_grad()
+def test_packed_weights_are_the_parameters_and_follow_updates():
+    torch.manual_seed(0)
+    mlp = GatedMLP(16, 24)
+    x = torch.randn(9, 16)
+    names = sorted(mlp.state_dict())
+    torch.testing.assert_close(mlp(x), _separate(mlp, x))
+    packed = mlp.gate_up.weight  # [2 * 24, 16]
+    assert packed.shape == (48, 16)
+    # one copy: the parameters live inside the packed tensor
+    assert mlp.gate_proj.weight.data_ptr() == packed.data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert sorted(mlp.state_dict()) == names
+    mlp.up_proj.weight.mul_(3)  # in place (load_model's copy_, init_random): seen by the packed GEMM
+    torch.testing.assert_close(mlp(x), _separate(mlp, x))
+    mlp.gate_proj.weight.data = torch.randn(24, 16)  # a swap: the pack is re-made
+    torch.testing.assert_close(mlp(x), _separate(mlp, x))
+    assert mlp.gate_up.weight.data_ptr() == mlp.gate_proj.weight.data_ptr()
+    mlp.to(torch.float64)  # .to() gives every parameter its own storage: re-packed in the new dtype
+    x64 = x.double()
+    torch.testing.assert_close(mlp(x64), _separate(mlp, x64))
+    assert mlp.gate_up.weight.dtype == torch.float64
+
+
+def test_with_gradients_each_parameter_gets_its_own():
+    torch.manual_seed(1)
+    mlp = GatedMLP(8, 12)
+    x = torch.randn(5, 8)
+    mlp(x).square().sum().backward()
+    want = [p.grad.clone() for p in (mlp.gate_proj.weight, mlp.up_proj.weight)]
+    mlp.zero_grad()
+    ref = _separate(mlp, x).square().sum()
+    ref.backward()
+    for p, g in zip((mlp.gate_proj.weight, mlp.up_proj.weight), want, strict=True):
+        torch.testing.assert_close(p.grad, g)
+
+
+@torch.no_grad()
+def test_shared_rope_tables_equal_the_rotate_half_formula():
+    positions = torch.arange(40).view(2, 20) * 3
+    model = DiffusionGemma(CFG)
+    tables = RopeTables(positions, torch.float32)
+    for layer in model.layers:
+        attn = layer.self_attn
+        x = torch.randn(2, 20, 4, attn.spec.head_dim)
+        cos, sin = rope_cos_sin(attn.inv_freq, positions, x.dtype)
+        d = x.shape[-1] // 2
+        want = x * cos[:, :, None] + torch.cat([-x[..., d:], x[..., :d]], -1) * sin[:, :, None]
+        assert torch.equal(apply_rope(x, *tables.get(attn.spec, attn.inv_freq)), want)
+    # one table per layer kind, shared by every layer of that kind
+    assert len(tables.tables) == len({(s.head_dim, s.rope) for s in CFG.layers}) < CFG.num_layers
+
+
+@torch.no_grad()
+def test_attention_projections_are_packed_into_one_copy():
+    model = init_random(DiffusionGemma(CFG), seed=0)
+    before = sum(p.numel() for p in model.parameters())
+    canvas = torch.randint(0, CFG.vocab_size, (1, CFG.canvas_length))
+    model.denoise(canvas, model.prefix([model.new_cache()]))
+    assert sum(p.numel() for p in model.parameters()) == before
+    for layer in model.layers:
+        attn = layer.self_attn
+        storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight)}
+        assert storages == {attn.qkv.weight.untyped_storage().data_ptr()}
