@@ -115,24 +115,48 @@ def engine_once(model, prompt, params, seed: int) -> int:
 
 def batch_one(ref, ours, prompt, params, repeats: int) -> dict:
     """Median delivered tokens/s of the serving engine, the plain loop and transformers, one request each."""
+    steps = {"generate": 0, "transformers": 0}  # denoising steps run (the engine's equal the plain loop's)
+
+    def ours_generate(seed):
+        out = generate(ours, prompt, params, seed=seed)
+        steps["generate"] += sum(out.steps_per_canvas)
+        return len(out.token_ids)
+
+    def reference(seed):
+        denoise = ref._denoising_step  # one call per denoising step of transformers' loop
+
+        def counted(*a, **k):
+            steps["transformers"] += 1
+            return denoise(*a, **k)
+
+        ref._denoising_step = counted
+        try:
+            return len(reference_generate(ref, prompt, params, seed, eos=None)[: params.max_new_tokens])
+        finally:
+            del ref._denoising_step
+
     runs = {
         "engine": lambda seed: engine_once(ours, prompt, params, seed),
-        "generate": lambda seed: len(generate(ours, prompt, params, seed=seed).token_ids),
-        "transformers": lambda seed: len(
-            reference_generate(ref, prompt, params, seed, eos=None)[: params.max_new_tokens]
-        ),
+        "generate": ours_generate,
+        "transformers": reference,
     }
     warm = SamplingParams(max_new_tokens=ours.config.canvas_length, max_denoising_steps=2)
     generate(ours, prompt, warm, seed=99)
     engine_once(ours, prompt, warm, 99)
     rates = {k: [] for k in runs}
+    seconds = {k: 0.0 for k in runs}
     for seed in range(repeats):
         for name, run in runs.items():  # interleaved, so a load spike on the shared machine hits all three
             t0 = time.perf_counter()
             with torch.no_grad():
                 n = run(seed)
-            rates[name].append(n / (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in rates.items()}
+            wall = time.perf_counter() - t0
+            seconds[name] += wall
+            rates[name].append(n / wall)
+    out = {k: statistics.median(v) for k, v in rates.items()}
+    out["step_ms"] = {k: 1e3 * seconds[k] / max(1, steps[k]) for k in steps}
+    out["steps"] = {k: steps[k] / repeats for k in steps}
+    return out
 
 
 def engine_run(model, prompt, params, rows: int) -> dict:
@@ -213,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"batch 1: engine {one['engine']:.3g} tok/s ({one['engine'] / tf:.2f}x), plain loop "
         f"{one['generate']:.3g} tok/s ({one['generate'] / tf:.2f}x), transformers {tf:.3g} tok/s"
+    )
+    ms, steps = one["step_ms"], one["steps"]
+    print(
+        f"batch 1 per denoising step: plain loop {ms['generate']:.1f} ms ({steps['generate']:.1f} steps per run), "
+        f"transformers {ms['transformers']:.1f} ms ({steps['transformers']:.1f} steps per run): "
+        f"{ms['transformers'] / ms['generate']:.2f}x"
     )
     print(
         f"{'rows':>5} {'tok/s':>8} {'gain':>6} {'step ms':>8} {'model ms':>9} {'sampler ms':>11} {'python ms':>10} "
