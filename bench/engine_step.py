@@ -144,17 +144,19 @@ def batch_one(ref, ours, prompt, params, repeats: int) -> dict:
     generate(ours, prompt, warm, seed=99)
     engine_once(ours, prompt, warm, 99)
     rates = {k: [] for k in runs}
-    seconds = {k: 0.0 for k in runs}
+    step_ms = {k: [] for k in steps}
     for seed in range(repeats):
         for name, run in runs.items():  # interleaved, so a load spike on the shared machine hits all three
+            before = steps.get(name, 0)
             t0 = time.perf_counter()
             with torch.no_grad():
                 n = run(seed)
             wall = time.perf_counter() - t0
-            seconds[name] += wall
             rates[name].append(n / wall)
+            if name in steps:
+                step_ms[name].append(1e3 * wall / max(1, steps[name] - before))
     out = {k: statistics.median(v) for k, v in rates.items()}
-    out["step_ms"] = {k: 1e3 * seconds[k] / max(1, steps[k]) for k in steps}
+    out["step_ms"] = {k: statistics.median(v) for k, v in step_ms.items()}  # medians, as the rates
     out["steps"] = {k: steps[k] / repeats for k in steps}
     return out
 
