@@ -321,6 +321,14 @@ def test_block_pick_never_lands_on_a_token_without_mass():
     assert mass.tolist() == [[3.0] * 4]
 
 
+def test_exp_below_the_floor_is_exactly_zero_and_above_it_exact():
+    d = torch.tensor([0.0, -1.5, -86.9, -87.0, -95.0, -200.0, float("-inf")]).expand(2, 3, 7).contiguous()
+    want = torch.exp(d.clone())
+    e = sampler_mod._exp_below_max(d.clone())
+    assert torch.equal(e[..., :3], want[..., :3])  # normal results: the same bits as exp
+    assert (e[..., 3:] == 0).all()  # under e^-87 of the running max, and masked (-inf): no mass at all
+
+
 @torch.no_grad()
 def test_joint_rows_keep_per_token_noise_and_batch_mates_draw_as_alone(monkeypatch):
     """A group holding a joint-constrained row (slot minimums) goes through the per-token branch; a row without
