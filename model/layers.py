@@ -85,7 +85,8 @@ class Packed:
 
     def stacked(self) -> torch.Tensor:
         if not self._live():
-            with torch.no_grad():
+            # a normal tensor even when first used under inference_mode: it becomes the parameters' storage
+            with torch.no_grad(), torch.inference_mode(False):
                 weight = torch.cat([lin.weight.detach() for lin in self.linears])
             for lin, part in zip(self.linears, weight.split(self.sizes), strict=True):
                 lin.weight.data = part

@@ -51,6 +51,17 @@ def test_packed_weights_are_the_parameters_and_follow_updates():
     assert mlp.gate_up.weight.dtype == torch.float64
 
 
+def test_packing_under_inference_mode_leaves_trainable_parameters():
+    mlp = GatedMLP(8, 12)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        mlp(x)
+    assert not mlp.gate_proj.weight.is_inference()
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(2)  # an in-place update outside inference mode still works
+    torch.testing.assert_close(mlp(x), _separate(mlp, x))
+
+
 def test_with_gradients_each_parameter_gets_its_own():
     torch.manual_seed(1)
     mlp = GatedMLP(8, 12)
