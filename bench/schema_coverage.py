@@ -1,7 +1,9 @@
 """Coverage of real-world JSON Schemas by the regular-constraint compiler, validity of its outputs, and costs.
 
     .venv/bin/python bench/schema_coverage.py [--seeds 3] [--big 3] [--positions 256] [--schema-seconds 10]
-        [--step-schemas 20] [--sources function_calling,schemastore_small] [--model DIR]
+        [--step-schemas 20] [--sources function_calling,schemastore_small] [--model DIR] [--steps-only]
+
+`--steps-only` skips the coverage and validation part: the per-step costs of the first schemas that compile.
 
 Schemas come from bench/schemas/*.jsonl (one source per file; bench/schemas/SOURCES.md records where each
 file comes from and its licence). For every schema, with the shipped default model's tokenizer:
@@ -9,10 +11,11 @@ file comes from and its licence). For every schema, with the shipped default mod
   under a build bound of `--schema-seconds` (a schema past it is refused, as the server would, and tallied);
 - for accepted ones, `--seeds` outputs decoded by the constrained DP from random per-position scores over
   `--positions` positions, each parsed and validated with `jsonschema` (formats checked): must be 100%.
-Then the per-step constraint cost: the time spent inside the sampler's joint-constraint hook
-(model/structured/decode.py's JointStep: per-atom maxima of every vocabulary chunk, both DPs) during one
-constrained `draw_fast`, against one plain model step (decoder forward + unconstrained sampler) on the
-same canvas, each the minimum of `--repeats` runs:
+Then the per-step constraint cost, against one plain model step (decoder forward + the unconstrained
+sampler of this checkout) on the same canvas, each the minimum of `--repeats` runs: the hook (time inside
+model/structured/decode.py's JointStep: per-(block, atom) statistics of every vocabulary chunk, both DPs, the
+in-atom token picks) and the extra draw time (constrained draw - unconstrained draw of the same hidden states:
+the hook plus whatever the sampler does only for constrained rows, such as masking; the two minima's difference):
 - at the default model (its vocabulary and canvas), for the first `--step-schemas` accepted schemas;
 - at vocabulary 262,144 (`small-cpu` preset, random weights, canvas 256) for the first `--big` accepted
   schemas, with a synthetic BPE-like 262,144-token vocabulary (the 256 bytes, then random concatenations of
@@ -154,8 +157,11 @@ class _HookClock:
 
 
 @torch.no_grad()
-def step_costs(model, classes, entries, limits, repeats: int = 3) -> list[tuple[float, float]]:
-    """(model step seconds, constraint hook seconds) per schema, each the minimum over `repeats`."""
+def step_costs(model, classes, entries, limits, repeats: int = 3) -> list[tuple[float, float, float]]:
+    """(plain model step, hook, extra) seconds per schema, each the minimum over `repeats`: the plain step is
+    the decoder forward + the unconstrained sampler; the hook is the time inside JointStep; extra is the
+    fastest constrained draw minus the fastest unconstrained draw of the same hidden states (the hook plus
+    anything else the sampler does only for constrained rows)."""
     cfg = model.config
     torch.manual_seed(0)
     cache = model.new_cache()
@@ -167,18 +173,24 @@ def step_costs(model, classes, entries, limits, repeats: int = 3) -> list[tuple[
         compiled = compile_json_schema(entry["schema"], classes, limits)
         canvases = max(1, -(-compiled.min_tokens // cfg.canvas_length))
         cons = _constraints(RegularLayout(compiled, cfg.canvas_length, canvases, cfg.pad_token_id))[0]
-        model_t, cons_t = [], []
+        model_t, hook_t, plain_t, cons_t = [], [], [], []
         for _ in range(repeats):
             row = RowState.start(params, cfg.vocab_size, cfg.canvas_length, 0)
             t0 = time.perf_counter()
             hidden = model.denoise(row.canvas[None], prefix, None)
+            t1 = time.perf_counter()
             draw_fast(model, hidden, [row])
-            model_t.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
             crow = RowState.start(params, cfg.vocab_size, cfg.canvas_length, 0, cons)
             with _HookClock() as clock:
+                t3 = time.perf_counter()
                 draw_fast(model, hidden, [crow])
-            cons_t.append(clock.seconds)
-        out.append((min(model_t), min(cons_t)))
+                t4 = time.perf_counter()
+            model_t.append(t2 - t0)
+            hook_t.append(clock.seconds)
+            plain_t.append(t2 - t1)
+            cons_t.append(t4 - t3)
+        out.append((min(model_t), min(hook_t), min(cons_t) - min(plain_t)))
     return out
 
 
@@ -227,6 +239,7 @@ def main() -> None:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per timed step (the minimum is kept)")
     p.add_argument("--sources", default="", help="comma-separated source names (default: all)")
+    p.add_argument("--steps-only", action="store_true", help="skip validating outputs: time the steps only")
     args = p.parse_args()
     args.limits = RegularLimits(max_build_seconds=args.schema_seconds)
     torch.set_num_threads(1)
@@ -241,18 +254,33 @@ def main() -> None:
     sources = load_sources()
     if args.sources:
         sources = {k: v for k, v in sources.items() if k in args.sources.split(",")}
-    accepted = coverage(sources, classes, args)
+    if args.steps_only:  # the first schemas that compile, in source order: no coverage, no validation
+        accepted = []
+        for entry in (e for entries in sources.values() for e in entries):
+            if len(accepted) >= max(args.step_schemas, args.big):
+                break
+            try:
+                if compile_json_schema(entry["schema"], classes, args.limits).min_tokens <= args.positions:
+                    accepted.append(entry)
+            except ValueError:
+                continue
+    else:
+        accepted = coverage(sources, classes, args)
 
     print(
         f"\n== per-step constraint cost, default model (vocab {cfg.vocab_size}, canvas {cfg.canvas_length}), 1 thread"
     )
     model = load_model(args.model).eval()
     costs = step_costs(model, classes, accepted[: args.step_schemas], args.limits, args.repeats)
-    ratios = [c / m for m, c in costs]
+    for k, what in ((1, "hook (inside JointStep)"), (2, "extra (constrained draw - plain draw)")):
+        ratios = [c[k] / c[0] for c in costs]
+        print(
+            f"{what}: median {statistics.median(c[k] for c in costs) * 1e3:.1f} ms "
+            f"({statistics.median(ratios):.0%} of the plain step), max {max(c[k] for c in costs) * 1e3:.1f} ms "
+            f"({max(ratios):.0%}) over {len(costs)} schemas"
+        )
     print(
-        f"model step {statistics.median(m for m, _ in costs) * 1e3:.1f} ms; constraint median "
-        f"{statistics.median(c for _, c in costs) * 1e3:.1f} ms ({statistics.median(ratios):.0%} of the step), "
-        f"max {max(c for _, c in costs) * 1e3:.1f} ms ({max(ratios):.0%}) over {len(costs)} schemas; goal <= 25%"
+        f"plain model step (forward + unconstrained sampler) median {statistics.median(c[0] for c in costs) * 1e3:.1f} ms; goal <= 25%"
     )
 
     big = from_name("small-cpu")
@@ -274,12 +302,14 @@ def main() -> None:
         compiled = compile_json_schema(
             entry["schema"], classes_big, args.limits
         )  # cached by the timing below
-        ((m, c),) = step_costs(big_model, classes_big, [entry], args.limits, repeats=max(1, args.repeats - 1))
+        ((m, c, x),) = step_costs(
+            big_model, classes_big, [entry], args.limits, repeats=max(1, args.repeats - 1)
+        )
         ta = compiled.automaton
         print(
             f"{entry['name'][:28]:<30} dfa {t1 - t0:5.1f} s  lift {t2 - t1:5.1f} s  states {ta.num_states:5d}  "
             f"atoms {ta.num_atoms:5d}  tables {ta.nbytes / 2**20:5.1f} MiB  lift peak {peak / 2**20:6.1f} MiB  "
-            f"step {m * 1e3:7.1f} ms  constraint {c * 1e3:7.1f} ms ({c / m:.0%})"
+            f"step {m * 1e3:7.1f} ms  hook {c * 1e3:7.1f} ms ({c / m:.0%})  extra {x * 1e3:7.1f} ms ({x / m:.0%})"
         )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

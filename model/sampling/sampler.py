@@ -40,9 +40,9 @@ Constraints (infill / JSON): a row's canvas may pin positions (never re-noised; 
 so its entropy is 0 and it is always accepted) and restrict others to an allowed-token class, applied before
 sampling, argmax and entropy for all rows of a chunk at once. A batch without constraints skips all of it.
 A canvas may also carry a joint constraint (`CanvasConstraint.joint`: a JSON Schema's automaton, or slot minimums):
-then its sampled and argmax canvases are replaced by the best ones that satisfy it (model/structured/decode.py);
-that is one narrow hook in `_draw_group` (`JointStep`), skipped when no row has one. Those rows need every
-token's perturbed score, so they alone keep per-token keyed Gumbel noise (`_PerTokenGumbel`).
+then its argmax canvas is replaced by the best one that satisfies it and its sampled canvas by a draw inside it
+(model/structured/decode.py); that is one narrow hook in `_draw_group` (`JointStep`: it sees each chunk's logits
+and may recompute a few positions' logits over one vocabulary block), skipped when no row has one.
 """
 
 from __future__ import annotations
@@ -248,11 +248,12 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
 @dataclass
 class KeyedDraws:
     """The keyed noise of one step of R rows (model/sampling/noise.py): per (position, vocabulary block) for
-    the hierarchical sample, and the position keys of the per-token Gumbel noise joint constraints need."""
+    the hierarchical sample, and the position keys joint constraints derive their noise from (slot minimums:
+    per-token Gumbel noise; regular languages: per-atom numbers, model/structured/decode.py)."""
 
     block_gumbel: torch.Tensor  # [R, L, N] float64: Gumbel noise choosing among the N blocks
     block_uniform: torch.Tensor  # [R, L, N] float64: the inverse-CDF uniform inside each block
-    token_keys: torch.Tensor  # [R, L] long: keys of per-token Gumbel noise (STREAM_GUMBEL)
+    token_keys: torch.Tensor  # [R, L] long: STREAM_GUMBEL position keys, for joint constraints
 
     @classmethod
     def make(cls, seeds, canvas_index, steps, L: int, blocks: int) -> KeyedDraws:
@@ -295,7 +296,9 @@ def draw_keyed(
             inv_t[i : i + group, None, None],
             keyed.rows(i, i + group),
             tables.rows(i, i + group) if tables is not None else None,
-            JointStep.begin(constrained[i : i + group], L) if constrained is not None else None,
+            JointStep.begin(constrained[i : i + group], L, keyed.token_keys[i : i + group])
+            if constrained is not None
+            else None,
             chunk,
         )
         for i in range(0, R, group)
@@ -305,6 +308,17 @@ def draw_keyed(
     return StepDraws(
         *(torch.cat([getattr(p, f) for p in parts]) for f in ("sampled", "argmax", "entropy", "soft"))
     )
+
+
+def _scaled_logits(
+    hidden: torch.Tensor, w: torch.Tensor, cap: float | None, inv_t: torch.Tensor
+) -> torch.Tensor:
+    """Soft-capped, temperature-scaled fp32 logits [..., C] of hidden [..., D] against vocab rows w [C, D]."""
+    # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
+    logits = (hidden @ w.T).float()  # a fresh tensor
+    if cap:
+        logits.div_(cap).tanh_().mul_(cap)
+    return logits.mul_(inv_t)
 
 
 def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,23 +384,18 @@ def _draw_group(
         torch.full((R, L), float("-inf"), dtype=torch.float64, device=dev),
         torch.zeros(R, L, dtype=torch.long, device=dev),
     )
-    per_token = _PerTokenGumbel(R, L, dev, keyed.token_keys) if joint is not None else None
     for b, start in enumerate(range(0, V, chunk)):
         stop = min(V, start + chunk)
         w = weight[start:stop]  # [C, D]
-        # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
-        logits = (hidden @ w.T).float()  # [R, L, C], a fresh tensor
-        if cap:
-            logits.div_(cap).tanh_().mul_(cap)
-        logits.mul_(inv_t)
+        logits = _scaled_logits(hidden, w, cap, inv_t)  # [R, L, C]
         if tables is not None:
             logits.masked_fill_(~tables.allowed(start, stop), float("-inf"))
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
-        if per_token is not None:
-            per_token.chunk(logits, start, joint)
+        if joint is not None:
+            joint.chunk(logits, start)
         # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
         # self-conditioning; s1 is kept centred on the running max so entropy = log s0 - s1/s0 does not cancel
         new_m = torch.maximum(m, cval)
@@ -413,36 +422,20 @@ def _draw_group(
         soft = soft * alpha[..., None] + (e.to(w.dtype) @ w).float()
         m = new_m
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
-    if per_token is not None:
-        best_idx, draw_idx = per_token.finish(joint, best_idx, draw_idx)
+    if joint is not None:
+
+        def logits_of(r: int, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # [P, hi - lo] as above
+            out = _scaled_logits(hidden[r, pos], weight[lo:hi], cap, inv_t[r])
+            if tables is not None:
+                sub = ConstraintTables(
+                    tables.pins[r : r + 1, pos], tables.classes[r : r + 1, pos], tables.table
+                )
+                out.masked_fill_(~sub.allowed(lo, hi)[0], float("-inf"))
+            return out
+
+        best_idx, draw_idx = joint.finish(best_idx, draw_idx, logits_of)
     soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale().to(dev)
     return StepDraws(draw_idx, best_idx, entropy, soft)
-
-
-class _PerTokenGumbel:
-    """The joint-constraint branch of `_draw_group`: rows with a joint constraint (model/structured/decode.py)
-    choose among whole canvases from every token's score, so they keep per-token keyed Gumbel noise
-    (STREAM_GUMBEL): each chunk's perturbed logits go to the `JointStep` hook, and a joint row's sample is the
-    per-token Gumbel-max before the hook replaces it. Rows of the same group without a joint constraint keep
-    the hierarchical sample, so they draw what they draw alone."""
-
-    def __init__(self, R: int, L: int, dev: torch.device, token_keys: torch.Tensor):
-        self.keys = token_keys  # [R, L]
-        self.val = torch.full((R, L), float("-inf"), device=dev)
-        self.idx = torch.zeros(R, L, dtype=torch.long, device=dev)
-
-    def chunk(self, logits: torch.Tensor, start: int, joint: JointStep) -> None:
-        keyed = noise.gumbel(self.keys, start, start + logits.shape[-1]).add_(logits)  # [R, L, C]
-        kval, kidx = keyed.max(-1)
-        joint.chunk(logits, keyed, start)
-        better = kval > self.val
-        self.val, self.idx = torch.where(better, kval, self.val), torch.where(better, kidx + start, self.idx)
-
-    def finish(self, joint: JointStep, argmax: torch.Tensor, sampled: torch.Tensor):
-        rows = torch.zeros(len(sampled), dtype=torch.bool)
-        rows[list(joint.rows)] = True
-        sampled = torch.where(rows.to(sampled.device)[:, None], self.idx, sampled)
-        return joint.finish(argmax, sampled)
 
 
 def draw_reference(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:

@@ -8,16 +8,23 @@ Two kinds, each a per-request run shared by its canvases and a per-canvas handle
 - `SlotRun` / `SlotCanvas(run, index)`: template slots that must hold at least `min_tokens`
   non-filler tokens; the filler is a choice weighed against the best content token, not a default.
 
-During one denoising step the sampler walks the vocabulary in chunks; for every constrained row
-`JointStep.chunk` keeps (regular languages), per position and atom, the best temperature-scaled logit and the best
-Gumbel-perturbed key with their token ids. `RegularStep.finish` then runs the DP twice: on the
-logits (the argmax canvas: the most probable canvas inside the language, which is what gets
-committed) and on the keys (the sampled canvas, a perturb-and-MAP draw inside the language).
-Both start in the state the previous canvas was committed in and must end in a state from which
-the remaining canvases can still complete the document, so the state carries across canvas
-boundaries and the last canvas ends the document (then fillers).
+During one denoising step the sampler walks the vocabulary in chunks; for every regular row
+`JointStep.chunk` keeps, per vocabulary block, atom and position, the best temperature-scaled logit and
+the probability mass (no per-token noise). `JointStep.finish` then runs two DPs (model/structured/dp.py):
+a max-sum DP on the per-atom best logits gives the argmax canvas (the most probable canvas inside the
+language, which is what gets committed); a sum-product DP on the per-atom log-masses draws the sampled
+canvas's atoms from the exact distribution of the step's per-position product restricted to the
+language, and one token per position is then drawn from the softmax restricted to its atom (the
+sampler's own draw where it lies in that atom, else from one vocabulary block of logits, recomputed or
+kept). Both start in the state the previous canvas was committed in and
+must end in a state from which the remaining canvases can still complete the document, so the state
+carries across canvas boundaries and the last canvas ends the document (then fillers).
 
-Shape legend: R rows, L canvas, C vocabulary chunk, A atoms, V vocabulary.
+Noise is keyed like the sampler's (a pure function of seed, canvas, step, position and atom / block),
+so a row's draw does not depend on its batch-mates; like the sampler's, it depends on the vocabulary chunk
+size (a constant), which sets the blocks.
+
+Shape legend: R rows, L canvas, C vocabulary chunk, A atoms, V vocabulary, N vocabulary blocks, P positions.
 """
 
 from __future__ import annotations
@@ -28,12 +35,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from model.sampling import noise
 from model.structured.automaton import TokenAutomaton
-from model.structured.dp import best_atoms, goal_states
+from model.structured.dp import best_atoms, goal_states, sample_atoms
 from model.structured.regex import DEAD
 
 # index_reduce_ (used for per-atom maxima) is stable in behaviour since torch 1.13 but still labelled beta
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
+
+# Few blocks keep the recomputation to few calls (its cost is mostly per call on CPU), many keep each small.
+MIN_BLOCK = 256
+STATISTICS_ELEMENTS = 1 << 22  # bound on a regular row's per-(block, atom, position) statistics (x2, fp32)
+# a regular row with at most this many [L, V] logits keeps them instead of recomputing blocks
+KEPT_ELEMENTS = 1 << 20
+EXP_FLOOR = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal (~1.2e-38)
+# Sub-streams of a row's keyed noise for joint constraints: tags combined into the sampler's position keys
+# (model/sampling/noise.py), so these numbers never coincide with the sampler's own.
+_JOINT = 0x4A01
+_ATOM, _BLOCK, _TOKEN = 1, 2, 3  # Gumbel per (position, atom); uniform per position: block; token in block
 
 
 @dataclass(eq=False)
@@ -62,63 +81,185 @@ class RegularCanvas:
     run: RegularRun
     index: int
 
-    def accumulator(self, L: int) -> _RowAccumulator:
-        return _RowAccumulator(self, L)
+    def accumulator(self, L: int, keys: torch.Tensor) -> _RowAccumulator:
+        return _RowAccumulator(self, L, keys)
 
 
 class _RowAccumulator:
-    """Per-position, per-atom best logit / key and their token ids, merged chunk by chunk.
+    """Per vocabulary block, atom and position: the best logit and the probability mass, chunk by chunk.
 
-    Kept atom-major ([A + 1, L], row A: tokens outside every atom) on the scores' device: a chunk is
-    transposed once to [C, L] so each per-atom maximum is an `index_reduce_` over contiguous rows of L
-    (a scatter along the vocabulary axis of [L, C] is several times slower on CPU). Token ids travel as
-    negated float32 (exact below 2^24), so the first (smallest) id of a tie wins with one more `amax`."""
+    Kept block-and-atom-major ([N * (A + 1), L], N vocabulary blocks of B tokens; row a of a block: its
+    tokens of atom a, row A: tokens outside every atom) on the scores' device. A chunk is transposed once
+    to [C, L], so both statistics are one `index_reduce_` (maximum) and one `index_add_` (mass) over
+    contiguous rows of L (a scatter along the vocabulary axis of [L, C] is several times slower on CPU).
+    Masses are exp(logit - r) with r the chunk's per-position maximum, kept per block, so a mass never
+    overflows; an atom more than ~87 nats below its chunk's best token underflows to zero (see `solve`).
 
-    def __init__(self, canvas: RegularCanvas, L: int):
+    `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample),
+    then one token per position is found or drawn inside the chosen atom by recomputing the logits of the
+    one block that holds it (`logits_of`). Blocks are small enough that this recomputation is a small
+    share of the step, and few enough that the statistics stay bounded (`_block_size`). A small row
+    (L * V up to `KEPT_ELEMENTS`) keeps its logits instead, and nothing is recomputed."""
+
+    def __init__(self, canvas: RegularCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
         self.L = L
-        self.atom_of: torch.Tensor | None = None  # [V] on the scores' device, made on the first chunk
-        self.best: list[torch.Tensor] = []  # logits, keys: [A + 1, L]
-        self.arg: list[torch.Tensor] = []  # [A + 1, L] token ids
+        self.keys = keys  # [L] int64: this row's keys of the joint-constraint stream at this step
+        ta = canvas.run.automaton
+        self.A = ta.num_atoms
+        self.V = len(ta.atom_of)
+        self.index: torch.Tensor | None = None  # [V] block * (A + 1) + atom, on the scores' device
 
-    def _start(self, device: torch.device) -> None:
-        ta = self.canvas.run.automaton
-        A = ta.num_atoms
-        atom_of = torch.from_numpy(ta.atom_of)
-        self.atom_of = torch.where(atom_of < 0, A, atom_of).to(device)
-        self.best = [torch.full((A + 1, self.L), float("-inf"), device=device) for _ in range(2)]
-        self.arg = [torch.zeros(A + 1, self.L, dtype=torch.long, device=device) for _ in range(2)]
+    def _start(self, C: int, device: torch.device) -> None:
+        A1, L = self.A + 1, self.L
+        # a small row keeps its logits (no recomputation at all): one block per chunk
+        self.kept = torch.empty(L, self.V, device=device) if L * self.V <= KEPT_ELEMENTS else None
+        self.B = C if self.kept is not None else _block_size(self.V, A1, L, C)
+        self.N = -(-self.V // self.B)
+        atom_of = torch.from_numpy(self.canvas.run.automaton.atom_of)
+        atom_of = torch.where(atom_of < 0, self.A, atom_of)
+        self.atom_of = atom_of.to(device)
+        self.index = (torch.arange(self.V) // self.B * A1 + atom_of).to(device)
+        self.best = torch.full((self.N * A1, L), float("-inf"), device=device)
+        self.mass = torch.zeros(self.N * A1, L, device=device)
+        self.ref = torch.zeros(self.N, L, device=device)  # [N, L] reference r of each block's masses
+        self.total = torch.zeros(
+            A1, L, device=device
+        )  # [A + 1, L] each atom's mass so far, relative to `top`
+        self.top = torch.full((L,), float("-inf"), device=device)  # [L] the best logit so far
+        self.buffer = torch.empty(C, L, device=device)
 
-    def chunk(self, which: int, scores: torch.Tensor, start: int) -> None:
+    def chunk(self, scores: torch.Tensor, start: int) -> None:
+        """scores [L, C]: temperature-scaled, masked logits of vocabulary slice [start, start + C)."""
         L, C = scores.shape
-        if self.atom_of is None:
-            self._start(scores.device)
-        atoms = self.atom_of[start : start + C]  # [C]
-        rows = self.best[which].shape[0]
-        by_token = scores.T.contiguous()  # [C, L]
-        top = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(
-            0, atoms, by_token, "amax"
-        )  # [A + 1, L]
-        neg_ids = -torch.arange(start, start + C, device=scores.device, dtype=torch.float32)[:, None]
-        ids = torch.where(by_token == top[atoms], neg_ids, float("-inf"))  # [C, L]
-        first = torch.full((rows, L), float("-inf"), device=scores.device).index_reduce_(
-            0, atoms, ids, "amax"
-        )
-        better = top > self.best[which]  # earlier chunks win ties, as in the unconstrained argmax
-        self.best[which] = torch.where(better, top, self.best[which])
-        self.arg[which] = torch.where(better, (-first).long(), self.arg[which])
+        if self.index is None:
+            self._start(C, scores.device)
+        if start % self.B:
+            raise ValueError(f"vocabulary chunks must start on a multiple of {self.B}")
+        if self.kept is not None:
+            self.kept[:, start : start + C] = scores
+        by_token = self.buffer[:C].copy_(scores.T)  # [C, L]
+        index = self.index[start : start + C]
+        self.best.index_reduce_(0, index, by_token, "amax")  # earlier maxima were -inf: a plain maximum
+        lo, hi = start // self.B, -(-(start + C) // self.B)
+        rows = slice(lo * (self.A + 1), hi * (self.A + 1))
+        best = self.best[rows].view(hi - lo, self.A + 1, L).amax((0, 1))  # [L] the chunk's best logit
+        r = torch.where(torch.isinf(best), torch.zeros_like(best), best)  # 0: no allowed token here
+        self.ref[lo:hi] = r
+        # exp of x below ~-87 leaves the vectorised CPU kernel (20-50x slower per element) and most of a peaked
+        # distribution is there: clamped, such a token adds e^-87 of its chunk's best token to its atom
+        # (at most V * e^-87 ~ 4e-33 in all), where the exact sum would add less
+        self.mass.index_add_(0, index, by_token.sub_(r).clamp_(min=EXP_FLOOR).exp_())
+        top = torch.maximum(self.top, best)  # -inf until a position has an allowed token
+        safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        chunk_total = self.mass[rows].view(hi - lo, self.A + 1, L).sum(0)  # [A + 1, L] relative to r
+        self.total = self.total * torch.exp(self.top - safe) + chunk_total * torch.exp(r - safe)
+        self.top = top
 
-    def solve(self, which: int, current: torch.Tensor) -> torch.Tensor:
+    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(best [A, L], its first block [A, L], log-mass [A, L])."""
+        shape = (self.N, self.A + 1, self.L)
+        best, block = self.best.view(shape)[:, : self.A].max(0)  # the first block on ties
+        log_mass = self.total[: self.A].log() + torch.where(torch.isinf(self.top), 0.0, self.top)
+        # an atom with no allowed token has no mass; one far below its chunks' best tokens may underflow to
+        # zero mass: its best token's logit is then its log-mass (short by at most log(atom size)), so the
+        # DP still sees the path
+        log_mass = torch.where(torch.isfinite(best), log_mass, float("-inf"))
+        under = torch.isinf(log_mass) & torch.isfinite(best)
+        return best, block, torch.where(under, best, log_mass)
+
+    def _block_log_mass(self, atoms: torch.Tensor) -> torch.Tensor:
+        """[L, N] log-mass of atom atoms[p] in each vocabulary block at each position p."""
+        pos = torch.arange(self.L, device=atoms.device)
+        mass = self.mass.view(self.N, self.A + 1, self.L)[:, atoms, pos]  # [N, L]
+        return (mass.log() + self.ref).T
+
+    def solve(
+        self, argmax: torch.Tensor, sampled: torch.Tensor, logits_of
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constrained argmax canvas and a constrained draw ([L] token ids each). argmax / sampled [L]:
+        the sampler's unconstrained argmax and draw at this step. `logits_of(positions, start, stop)`: this
+        row's masked, temperature-scaled logits [P, stop - start] at `positions`."""
         run, index = self.canvas.run, self.canvas.index
-        scores = self.best[which][:-1].T.double().cpu().numpy()  # [L, A]: the DP runs on the host
-        path = best_atoms(run.automaton, scores, run.start_state(index), run.goal(index))
-        if path is None:  # cannot happen when the previous canvas ended in a goal state
+        ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
+        if self.kept is not None:
+            logits_of = lambda pos, lo, hi: self.kept[pos, lo:hi]  # noqa: E731
+        best, block, log_mass = self._statistics()
+        path = best_atoms(ta, best.T.double().cpu().numpy(), start_state, goal)
+        gumbel = noise.gumbel(noise.combine(self.keys, _ATOM)[None], 0, self.A)[0]  # [L, A]
+        drawn = sample_atoms(
+            ta, log_mass.T.double().cpu().numpy(), start_state, goal, gumbel.double().cpu().numpy()
+        )
+        if path is None or drawn is None:  # cannot happen when the previous canvas ended in a goal state
             raise RuntimeError("regular constraint: no valid canvas from the carried-over state")
-        atoms, states = path
-        if which == 0:  # the argmax canvas is what gets committed: the next canvas starts where it ends
-            run.record(index, int(states[-1]))
-        arg = self.arg[which]
-        return arg[torch.from_numpy(atoms).to(arg.device), torch.arange(len(atoms), device=arg.device)].cpu()
+        run.record(index, int(path[1][-1]))  # the argmax canvas is committed: the next canvas starts there
+        dev = self.best.device
+        pos = torch.arange(self.L, device=dev)
+        # Where the unconstrained argmax lies in the chosen atom it is that atom's first best token; where
+        # the unconstrained draw X lies in the chosen atom it is a draw from the atom's softmax (X given
+        # X in the atom), and the recomputed draw elsewhere uses independent noise, so the mixture is exact.
+        top_atoms, draw_atoms = torch.from_numpy(path[0]).to(dev), torch.from_numpy(drawn[0]).to(dev)
+        picked = torch.zeros_like(draw_atoms)
+        if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
+            masses = self._block_log_mass(draw_atoms)  # [L, N]
+            u = noise.uniform(noise.mix(noise.combine(self.keys, _BLOCK)))  # [L]
+            picked = _inverse_cdf(masses, u)
+            picked = torch.where(torch.isfinite(masses).any(1), picked, block[draw_atoms, pos])  # underflowed
+        return self._tokens(
+            (top_atoms, block[top_atoms, pos], argmax.to(dev), None),
+            (draw_atoms, picked, sampled.to(dev), noise.uniform(noise.mix(noise.combine(self.keys, _TOKEN)))),
+            logits_of=logits_of,
+        )
+
+    def _tokens(self, *picks, logits_of) -> tuple[torch.Tensor, ...]:
+        """Per pick (atoms, blocks, free, u), [L] one token of atom atoms[p] at each position p: free[p] where
+        it lies in that atom, else one inside vocabulary block blocks[p]: the first best (u None) or drawn
+        from the softmax restricted to the atom with uniforms u [L]. One recomputation per block serves all
+        picks (at most N blocks; the positions that need one block share its matmul)."""
+        todo = [self.atom_of[free] != atoms for atoms, _, free, _ in picks]
+        outs = [free.clone() for _, _, free, _ in picks]
+        needed = torch.cat([blocks[t] for (_, blocks, _, _), t in zip(picks, todo, strict=True)])
+        for b in torch.unique(needed).tolist():
+            lo, hi = b * self.B, min(self.V, (b + 1) * self.B)
+            here = [t & (blocks == b) for (_, blocks, _, _), t in zip(picks, todo, strict=True)]
+            where = torch.nonzero(torch.stack(here).any(0))[:, 0]
+            logits = logits_of(where, lo, hi)  # [P, hi - lo]
+            for (atoms, _, _, u), out, mine in zip(picks, outs, here, strict=True):
+                rows = torch.nonzero(mine[where])[:, 0]
+                if len(rows) == 0:
+                    continue
+                p = where[rows]
+                # only the block's tokens of the atoms wanted here (structural atoms are small)
+                block_atoms = self.atom_of[lo:hi]
+                cols = torch.nonzero(torch.isin(block_atoms, atoms[p]))[:, 0]  # ascending: first best kept
+                scores = logits[rows[:, None], cols]
+                scores = torch.where(block_atoms[cols] == atoms[p, None], scores, float("-inf"))
+                pick = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
+                out[p] = cols[pick] + lo
+        return tuple(outs)
+
+
+def _block_size(V: int, rows: int, L: int, chunk: int) -> int:
+    """Tokens per vocabulary block: the smallest power of two from `MIN_BLOCK` whose statistics ([V / B * rows, L])
+    stay within `STATISTICS_ELEMENTS`, at most the sampler's chunk (a block never straddles two chunks)."""
+    B = MIN_BLOCK
+    while B < chunk and -(-V // B) * rows * L > STATISTICS_ELEMENTS:
+        B *= 2
+    return min(B, chunk)
+
+
+def _inverse_cdf(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[P] index drawn from each row of log_weights [P, K] (-inf: excluded; each row has a finite entry) with
+    uniforms u [P] in (0, 1). The index's probability is its weight's share up to the rounding of the
+    cumulative sum in the weights' dtype (float32: ~1e-7 of the row's mass, as fine as 24-bit uniforms)."""
+    top = log_weights.amax(-1, keepdim=True)
+    cum = torch.cumsum(torch.exp(log_weights - top), -1)  # exp(-inf) = 0: an excluded entry owns no interval
+    total = cum[:, -1:].contiguous()  # [P, 1]
+    # the first index whose cumulative sum exceeds the target; a target rounded up to the total gets the
+    # last index with weight
+    idx = torch.searchsorted(cum, u.to(cum.dtype)[:, None] * total, right=True)
+    last = torch.searchsorted(cum, total, right=False)
+    return torch.minimum(idx, last)[:, 0]
 
 
 @dataclass(eq=False)
@@ -150,15 +291,18 @@ class SlotCanvas:
     run: SlotRun
     index: int
 
-    def accumulator(self, L: int) -> _SlotAccumulator:
-        return _SlotAccumulator(self, L)
+    def accumulator(self, L: int, keys: torch.Tensor) -> _SlotAccumulator:
+        return _SlotAccumulator(self, L, keys)
 
 
 class _SlotAccumulator:
-    """Per position: the filler's score and the best other allowed token (id and score), chunk by chunk."""
+    """Per position: the filler's score and the best other allowed token (id and score), chunk by chunk,
+    for the logits (0) and for the logits plus keyed Gumbel noise (1): the sampled side is a perturb-and-MAP
+    draw, and its per-token noise (the sampler's own Gumbel stream) is computed here, for slot rows only."""
 
-    def __init__(self, canvas: SlotCanvas, L: int):
+    def __init__(self, canvas: SlotCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
+        self.keys = keys[None]  # [1, L] the sampler's Gumbel position keys of this row
         self.pad = [torch.full((L,), float("-inf")) for _ in range(2)]
         self.best = [torch.full((L,), float("-inf")) for _ in range(2)]
         self.arg = [torch.zeros(L, dtype=torch.long) for _ in range(2)]
@@ -173,6 +317,16 @@ class _SlotAccumulator:
         better = top > self.best[which]
         self.best[which] = torch.where(better, top, self.best[which])
         self.arg[which] = torch.where(better, idx + start, self.arg[which])
+
+    def observe(self, logits: torch.Tensor, start: int) -> None:
+        """logits [L, C] of vocabulary slice [start, start + C)."""
+        self.chunk(0, logits, start)
+        self.chunk(1, noise.gumbel(self.keys, start, start + logits.shape[1])[0].add_(logits), start)
+
+    def gumbel_max(self) -> torch.Tensor:
+        """[L] the unconstrained per-token Gumbel-max draw of the keys seen (the filler or the best other)."""
+        pad = torch.full_like(self.arg[1], self.canvas.run.pad_id)
+        return torch.where(self.pad[1] > self.best[1], pad, self.arg[1])
 
     def solve(self, which: int, current: torch.Tensor) -> torch.Tensor:
         """The best canvas with each slot's minimum: start from the unconstrained choice (filler where it
@@ -195,32 +349,53 @@ class _SlotAccumulator:
 
 
 class JointStep:
-    """The joint-constraint part of one sampler step over a group of rows (regular languages, slot minimums)."""
+    """The joint-constraint part of one sampler step over a group of rows (regular languages, slot minimums).
 
-    def __init__(self, rows: list, L: int):
-        self.rows = {
-            r: row.constraint.joint.accumulator(L)
-            for r, row in enumerate(rows)
-            if row.constraint is not None and row.constraint.joint is not None
-        }
+    The sampler calls `begin` with the group's rows and their Gumbel position keys, `chunk` with every
+    vocabulary chunk's masked, temperature-scaled logits, and `finish` with its argmax and sampled canvases
+    and a way to recompute logits of a few positions over one vocabulary block. Regular rows need no
+    per-token noise (see `_RowAccumulator`); slot rows draw theirs here."""
+
+    def __init__(self, rows: list, L: int, keys: torch.Tensor):
+        joint_keys = noise.combine(keys, _JOINT)  # [R, L]
+        self.rows = {}
+        for r, row in enumerate(rows):
+            joint = row.constraint.joint if row.constraint is not None else None
+            if isinstance(joint, RegularCanvas):
+                self.rows[r] = joint.accumulator(L, joint_keys[r])
+            elif joint is not None:
+                self.rows[r] = joint.accumulator(L, keys[r])
 
     @classmethod
-    def begin(cls, rows: list, L: int) -> JointStep | None:
-        """None when no row carries a joint constraint (the sampler then skips every hook)."""
-        step = cls(rows, L)
-        return step if step.rows else None
+    def begin(cls, rows: list, L: int, keys: torch.Tensor) -> JointStep | None:
+        """None when no row carries a joint constraint (the sampler then skips every hook). keys [R, L]: the
+        rows' Gumbel position keys at this step (a pure function of seed, canvas, step, position)."""
+        if all(row.constraint is None or row.constraint.joint is None for row in rows):
+            return None
+        return cls(rows, L, keys)
 
-    def chunk(self, logits: torch.Tensor, keys: torch.Tensor, start: int) -> None:
-        """logits, keys [R, L, C] of vocabulary slice [start, start + C), already masked."""
-        # the per-atom maxima stay on the sampler's device; only [A, L] per row reaches the host's DP
+    def chunk(self, logits: torch.Tensor, start: int) -> None:
+        """logits [R, L, C] of vocabulary slice [start, start + C), temperature-scaled and masked."""
+        # statistics stay on the sampler's device; only [A, L]-sized ones reach the host's DPs
         for r, acc in self.rows.items():
-            acc.chunk(0, logits[r], start)
-            acc.chunk(1, keys[r], start)
+            if isinstance(acc, _RowAccumulator):
+                acc.chunk(logits[r], start)
+            else:
+                acc.observe(logits[r], start)
 
-    def finish(self, argmax: torch.Tensor, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace constrained rows' argmax / sampled canvases [R, L] by the constrained optimum."""
+    def finish(
+        self, argmax: torch.Tensor, sampled: torch.Tensor, logits_of
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace constrained rows' argmax / sampled canvases [R, L] by constrained ones. `logits_of(row,
+        positions, start, stop)`: the logits `chunk` saw, recomputed for a few positions of one row."""
         argmax, sampled = argmax.clone(), sampled.clone()
         for r, acc in self.rows.items():
-            argmax[r] = acc.solve(0, argmax[r].cpu()).to(argmax.device)
-            sampled[r] = acc.solve(1, sampled[r].cpu()).to(sampled.device)
+            if isinstance(acc, _RowAccumulator):
+                top, draw = acc.solve(
+                    argmax[r], sampled[r], lambda pos, lo, hi, r=r: logits_of(r, pos, lo, hi)
+                )
+                argmax[r], sampled[r] = top.to(argmax.device), draw.to(sampled.device)
+            else:
+                argmax[r] = acc.solve(0, argmax[r].cpu()).to(argmax.device)
+                sampled[r] = acc.solve(1, acc.gumbel_max()).to(sampled.device)
         return argmax, sampled

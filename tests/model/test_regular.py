@@ -5,8 +5,10 @@ validates; unsupported keywords are refused with their pointer."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import math
 import re
 
 import jsonschema
@@ -50,6 +52,10 @@ def _tiny_automaton(expr):
     dfa = compile_dfa(seq(expr, rep(byteset([FILLER]), 0, None)))
     assume(not dfa.is_empty())
     return dfa, lift(dfa, TokenClasses(_TINY_VOCAB, pad_id=0))
+
+
+def _lift(expr):
+    return lift(compile_dfa(expr), TokenClasses(_TINY_VOCAB, pad_id=0))
 
 
 @settings(max_examples=150, deadline=None)
@@ -266,6 +272,9 @@ def test_formats_validate_with_the_format_checker():
             json.loads(text), {"type": "string", "format": name}, format_checker=FORMAT_CHECKER
         )
     assert set(FORMATS) >= {"date", "date-time", "email", "uuid", "ipv4", "uri"}
+    # year 0000 is RFC 3339 but not a date for the format checker (Python's date): kept out of the language
+    date = re.compile(FORMATS["date"])
+    assert not date.match("0000-01-02") and date.match("0001-01-02") and date.match("2000-12-31")
 
 
 # --- strings with escapes, generic JSON ------------------------------------------------------------------
@@ -390,6 +399,126 @@ def test_generation_under_a_schema_spans_canvases_and_validates():
         jsonschema.validate(json.loads(lay.fill(out.token_ids, tok.token_bytes).text), schema)
 
 
+# --- the sampler hook without per-token noise: exact argmax and exact constrained draws ------------------
+
+
+def _joint_draws(ta, logits: torch.Tensor, seeds: range, chunk: int, sampled: torch.Tensor | None = None):
+    """(argmax [R, L], sampled [R, L]) of JointStep for rows of seeds `seeds` over logits [L, V], the
+    vocabulary walked in chunks of `chunk` (as the sampler does); `sampled`: the sampler's unconstrained
+    draws [R, L] (default: drawn here)."""
+    from types import SimpleNamespace
+
+    from model.sampling import noise
+    from model.structured.decode import JointStep, RegularCanvas, RegularRun
+
+    L, V = logits.shape
+    R = len(seeds)
+    run = RegularRun(ta, num_canvases=1, canvas_length=L)
+    rows = [SimpleNamespace(constraint=SimpleNamespace(joint=RegularCanvas(run, 0))) for _ in seeds]
+    t = lambda v: torch.full((R,), v, dtype=torch.long)  # noqa: E731
+    keys = noise.position_keys(noise.row_keys(torch.tensor(list(seeds)), t(0), t(3), noise.STREAM_GUMBEL), L)
+    step = JointStep.begin(rows, L, keys)
+    for start in range(0, V, chunk):
+        step.chunk(logits[None, :, start : start + chunk].expand(R, -1, -1), start)
+    # the sampler's unconstrained argmax and draw (here from torch's RNG: independent of the keyed noise)
+    argmax = logits.argmax(-1).expand(R, L)
+    if sampled is None:
+        gen = torch.Generator().manual_seed(seeds.start)
+        sampled = torch.multinomial(torch.softmax(logits, -1).repeat(R, 1), 1, generator=gen).view(R, L)
+    return step.finish(argmax, sampled, lambda r, pos, lo, hi: logits[pos, lo:hi])
+
+
+@settings(max_examples=60, deadline=None)
+@given(expr=_exprs, length=st.integers(1, 4), seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([3, 8]))
+def test_joint_step_argmax_is_the_dp_optimum(expr, length, seed, chunk):
+    """The chunked hook's argmax canvas is the brute-force-checked DP's (`best_tokens` on full scores), with
+    kept logits (chunk 8) and with recomputed blocks (chunk 3, nothing kept)."""
+    from model.structured import decode
+
+    _, ta = _tiny_automaton(expr)
+    scores = torch.from_numpy(np.random.default_rng(seed).normal(size=(length, len(_TINY_VOCAB)))).float()
+    want = best_tokens(ta, scores.double().numpy(), 0, goal_states(ta, 0))
+    assume(want is not None)
+    kept = decode.KEPT_ELEMENTS
+    decode.KEPT_ELEMENTS = kept if chunk == 8 else 0
+    try:
+        argmax, sampled = _joint_draws(ta, scores, range(3), chunk)
+    finally:
+        decode.KEPT_ELEMENTS = kept
+    assert argmax[0].tolist() == want.tolist()
+    assert all(goal_states(ta, 0)[ta.run(row.tolist())] for row in sampled)  # draws are valid too
+
+
+@pytest.mark.parametrize(
+    "kept, shift",
+    [(True, 0.0), (False, 0.0), (False, -300.0)],
+    ids=["kept-logits", "recomputed-blocks", "low"],
+)
+def test_joint_step_draws_from_the_exact_constrained_distribution(kept, shift, monkeypatch):
+    """Enumerate every canvas of a tiny language: the draws' frequencies match the per-position product
+    distribution restricted to the language (chi-square, p < 1e-4 to fail), and a row's draw is the same alone.
+    Both ways of finding a token inside its atom: kept logits (small rows) and recomputed blocks (large); and
+    logits far below zero (temperature-scaled logits can be), which change nothing."""
+    from model.structured import decode
+
+    if not kept:
+        monkeypatch.setattr(decode, "KEPT_ELEMENTS", 0)
+    ta = _lift(
+        seq(rep(alt(lit(b"ab"), lit(b"c")), 1, None), rep(lit(b"b"), 0, 1), rep(byteset([FILLER]), 0, None))
+    )
+    L, V = 3, len(_TINY_VOCAB)
+    logits = torch.from_numpy(np.random.default_rng(7).normal(size=(L, V))).float()
+    logits[1, 4] = float("-inf")  # a masked token ("c" at position 1), as the sampler's class masks do
+    logits += shift
+    goal = goal_states(ta, 0)
+    probs = {}
+    for ids in itertools.product(range(V), repeat=L):
+        state = ta.run(ids)
+        if state >= 0 and goal[state]:
+            probs[ids] = float(
+                torch.exp(logits[torch.arange(L), torch.tensor(ids)].double().sum() - L * shift)
+            )
+    total = sum(probs.values())
+    n = 6000
+    gen = torch.Generator().manual_seed(0)
+    free = torch.multinomial(torch.softmax(logits, -1).repeat(n, 1), 1, generator=gen).view(n, L)
+    _, sampled = _joint_draws(ta, logits, range(n), chunk=3, sampled=free)
+    counts = collections.Counter(tuple(row) for row in sampled.tolist())
+    assert set(counts) <= set(probs)  # only valid canvases, never the masked token
+    expected = {ids: n * p / total for ids, p in probs.items()}
+    big = [ids for ids, e in expected.items() if e >= 5]  # the rest pooled into one bin
+    chi2 = sum((counts[ids] - expected[ids]) ** 2 / expected[ids] for ids in big)
+    rest_e = n - sum(expected[ids] for ids in big)
+    rest_c = n - sum(counts[ids] for ids in big)
+    chi2 += (rest_c - rest_e) ** 2 / rest_e if rest_e > 0 else 0.0
+    df = len(big) - (0 if rest_e > 0 else 1)
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile; Wilson-Hilferty for the chi-square's quantile
+    assert df >= 5 and chi2 < df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    _, alone = _joint_draws(ta, logits, range(5, 6), chunk=3, sampled=free[5:6])  # alone, not in a batch
+    assert alone[0].tolist() == sampled[5].tolist()
+
+
+def test_joint_step_reaches_a_forced_token_far_below_the_best():
+    """An atom hundreds of nats below its position's best token has zero float32 mass; the draw still
+    takes the only valid path."""
+    ta = _lift(seq(lit(b"c"), rep(byteset([FILLER]), 0, None)))
+    logits = torch.zeros(2, len(_TINY_VOCAB))
+    logits[0, 2] = 500.0  # "a" is far likelier at position 0, but the language is "c" then filler
+    argmax, sampled = _joint_draws(ta, logits, range(4), chunk=8)
+    assert argmax[0].tolist() == [4, 0] and all(row == [4, 0] for row in sampled.tolist())
+
+
+def test_sampled_dp_keeps_paths_thousands_of_nats_below_the_best():
+    """A path with mass e^-3000 (below float64's range as a probability) is still drawn when it is the only one."""
+    from model.structured.dp import sample_atoms
+
+    ta = _lift(seq(lit(b"c"), rep(byteset([FILLER]), 0, None)))
+    log_mass = np.zeros((2, ta.num_atoms))
+    log_mass[0, ta.atom_of[4]] = -3000.0  # "c", the only valid first token
+    atoms, _ = sample_atoms(ta, log_mass, 0, goal_states(ta, 0), np.zeros_like(log_mass))
+    assert atoms.tolist() == [ta.atom_of[4], ta.atom_of[0]]
+
+
 # --- slot minimums: the filler is weighed, not a default -------------------------------------------
 
 
@@ -409,7 +538,7 @@ def test_slot_minimum_is_the_best_canvas_with_enough_content(spans, seed):
     L, V = pos, 3
     run = SlotRun(layout_spans, L, pad_id=0)
     scores = torch.from_numpy(np.random.default_rng(seed).normal(size=(L, V))).float()
-    acc = SlotCanvas(run, 0).accumulator(L)
+    acc = SlotCanvas(run, 0).accumulator(L, torch.zeros(L, dtype=torch.long))
     acc.chunk(0, scores, 0)
     got = acc.solve(0, scores.argmax(-1))
     best = max(

@@ -331,7 +331,7 @@ def test_exp_below_the_floor_is_exactly_zero_and_above_it_exact():
 
 @torch.no_grad()
 def test_joint_rows_keep_per_token_noise_and_batch_mates_draw_as_alone(monkeypatch):
-    """A group holding a joint-constrained row (slot minimums) goes through the per-token branch; a row without
+    """A group holding a joint-constrained row (slot minimums, whose hook draws per-token noise); a row without
     a joint constraint in that group draws exactly what it draws alone, and the joint row's sample follows the
     per-token keyed Gumbel-max (STREAM_GUMBEL), the scores its constraint solver ranks."""
     monkeypatch.setattr(sampler_mod, "VOCAB_CHUNK", 5)
