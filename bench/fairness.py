@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--at 0.9] [--chunks 512]
         [--budgets 1073741824,8192] [--time-shares 1,0.5] [--normal 3] [--model PATH]
+    .venv/bin/python bench/fairness.py --piece-costs [--contexts 30000,100000] [--pieces 8,64,512]
 
 In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
 requests (a 16-token prompt, 32 new tokens, 8 denoising steps) one after another on an idle engine; then one
@@ -13,6 +14,12 @@ tokens one iteration may process; 2**30 = no budget, the scheduler before the bu
 `--time-shares` (`prefill_time_share`: the share of the engine's time prompt prefill may take while streams
 denoise; 1 = no limit, the scheduler before that rule landed). Prints mean
 latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
+
+With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
+of `--pieces` tokens on one sequence holding `--contexts` cached tokens (the cache's pages are filled with
+random K/V and its length set directly: the cost depends on how many keys the piece attends to, not on their
+values, and filling 100k tokens through the encoder would take longer than the measurement), against one
+denoising step of a normal request (16-token prompt); best of `--repeats`, 1 thread.
 """
 
 from __future__ import annotations
@@ -74,6 +81,51 @@ def run(
     return out
 
 
+def _filled_cache(model, tokens: int, room: int):
+    """A sequence cache holding `tokens` cached tokens of random K/V, with room for `room` more."""
+    cache = model.new_cache(tokens + room)
+    pool = cache.pool
+    g = torch.Generator().manual_seed(0)
+    for store in (*pool.keys, *pool.values):  # every page of the pool (this cache's and the free ones)
+        store.copy_(torch.randn(store.shape, generator=g, dtype=torch.float).to(store.dtype))
+    cache.advance(tokens)
+    return cache
+
+
+def _best_of(repeats: int, fn) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def piece_costs(model, contexts: list[int], pieces: list[int], repeats: int) -> None:
+    from model.transformer import TokenBatch
+
+    normal = model.new_cache(16 + model.config.canvas_length)
+    with torch.no_grad():
+        model.encode(TokenBatch.from_lists([list(range(5, 21))], [0], 0), [normal])
+        canvas = torch.full((1, model.config.canvas_length), 7, dtype=torch.long)
+        step = _best_of(repeats, lambda: model.denoise(canvas, model.prefix([normal])))
+    print(f"one denoising step of a normal request (16-token prompt, 1 row): {step * 1e3:.1f} ms")
+    print(f"{'cached tokens':>13} {'piece tokens':>12} {'encode s':>9} {'x denoise step':>14}")
+    for ctx in contexts:
+        cache = _filled_cache(model, ctx, max(pieces))
+        for n in pieces:
+            batch = TokenBatch.from_lists([[5 + i % 200 for i in range(n)]], [ctx], 0)
+
+            def once():
+                with torch.no_grad():
+                    model.encode(batch, [cache])
+                cache.length = ctx  # the next repeat writes the same slots again
+
+            cost = _best_of(repeats, once)
+            print(f"{ctx:>13} {n:>12} {cost:9.3f} {cost / step:14.1f}", flush=True)
+        cache.release()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -102,9 +154,18 @@ def main() -> None:
     )
     p.add_argument("--normal", type=int, default=3)
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
+    p.add_argument("--piece-costs", action="store_true", help="time single prefill pieces instead (see above)")
+    p.add_argument("--contexts", default="30000,100000", help="--piece-costs: cached tokens")
+    p.add_argument("--pieces", default="8,64,512", help="--piece-costs: piece sizes in tokens")
+    p.add_argument("--repeats", type=int, default=3, help="--piece-costs: best of this many calls")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
+    if args.piece_costs:
+        ints = [[int(x) for x in a.split(",")] for a in (args.contexts, args.pieces)]
+        print(f"model {args.model}; one model.encode per piece on one sequence, best of {args.repeats}, 1 thread")
+        piece_costs(model, *ints, args.repeats)
+        return
     print(
         f"model {args.model}; long prompt {args.prompt_tokens} tokens, measured from {args.at:.0%} prefilled; "
         f"{args.normal} normal requests each"

@@ -1,25 +1,33 @@
-"""Attention of rows with different key lengths in one batched pass: fixed-size key blocks, online softmax.
+"""Attention of rows with different key lengths in one batched pass: fixed-size key groups, online softmax.
 
 Shape legend: B rows, G kv heads, Q query heads per kv head (H = G * Q), T query tokens, M = Q * T query rows of
-one kv head, P keys per block (= tokens per KV page), d head dim, S keys of a dense source.
+one kv head, P keys per page (= tokens per KV page), K keys of one key group (a multiple of P), d head dim,
+S keys of a dense source.
 
 A row's keys come from one or more sources read in order — the cached prefix (pages of the KV pool, or a padded
-dense tensor in training) and then the new tokens (a dense [B, G, T, d] tensor). Each source is cut into blocks
-of exactly P keys; a row with fewer keys than its batch-mates gets blocks that are partly or fully masked.
+dense tensor in training) and then the new tokens (a dense [B, G, T, d] tensor). Each source is cut into P-key
+blocks (a pool page is one block) and the blocks into key groups of 1, 1, 2, 4, ... up to `GROUP_BLOCKS` blocks,
+then `GROUP_BLOCKS`-block groups (`key_groups`); each group is one step of the online softmax. The pages of a
+group are gathered with one index op, so a long context costs ~log2(GROUP_BLOCKS) + pages / GROUP_BLOCKS Python
+iterations per layer, not one per page. A row with fewer keys than its batch-mates gets groups that are partly
+or fully masked; the last group of a source is padded with masked keys to its full size.
 
 Why this is batch-invariant bit for bit (a request's output must not depend on its batch-mates):
 - every reduction has a shape fixed by the model, never by the batch: q·k over d, the softmax sum and the
-  probabilities-times-values product over the P keys of one block; masked keys contribute exact zeros;
-- a row's partial result is carried across blocks in the online-softmax form (running max m, sum l, output acc).
-  A block in which the row has no key leaves it unchanged *exactly*: its max is -inf, so m stays, the rescale
-  factor is exp(0) = 1, and l + 0, acc + 0 are exact. So the only blocks that change a row's numbers are its own,
-  in the same order and with the same shapes whether it runs alone or beside 63 longer rows;
+  probabilities-times-values product over the K keys of one group, and a group's bounds depend only on its
+  index (never on the batch's longest row); masked keys contribute exact zeros;
+- a row's partial result is carried across groups in the online-softmax form (running max m, sum l, output
+  acc). A group in which the row has no key leaves it unchanged *exactly*: its max is -inf, so m stays, the
+  rescale factor is exp(0) = 1, and l + 0, acc + 0 are exact. So the only groups that change a row's numbers are
+  its own, in the same order and with the same shapes whether it runs alone or beside 63 longer rows;
 - batched GEMMs (`torch.bmm`) on CPU give each matrix the same bits whatever the batch count and row count,
-  once there are at least two matrices and `MIN_GEMM_ROWS` rows (measured; tests/model/test_attention.py pins
-  it). Below that CPU kernels switch algorithms, so query rows and the batch are padded up to those sizes.
+  once there are at least two matrices and `MIN_GEMM_ROWS` rows (measured for every group size;
+  tests/model/test_attention.py pins it). Below that CPU kernels switch algorithms, so query rows and the batch
+  are padded up to those sizes.
 
 The masks come from absolute positions: the encoder's causal sliding window (keys in (p - window, p]) and the
-decoder's bidirectional view are both a comparison of key and query positions plus each key's validity.
+decoder's bidirectional view are both a comparison of key and query positions plus each key's validity; a
+sliding layer's ring of pages holds positions out of order, which the masks and the softmax do not mind.
 """
 
 from __future__ import annotations
@@ -31,20 +39,47 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Keys per attention block and tokens per KV page (one home for both: a page is read as one block).
+# Tokens per KV page, and the unit of a key group's size (one home for both).
 BLOCK_TOKENS = 64
+# The largest key group, in pages: 32 x 64 = 2048 keys. Larger groups mean fewer Python iterations per layer
+# on long contexts but larger per-row scores (`workspace_bytes`, which admission reserves).
+GROUP_BLOCKS = 32
 
 
 @dataclass
 class KeyBlock:
-    keys: torch.Tensor  # [B, G, P, d]
-    values: torch.Tensor  # [B, G, P, d]
-    positions: torch.Tensor  # [B, P] absolute positions
-    valid: torch.Tensor  # [B, P] bool
+    """One key group of every row."""
+
+    keys: torch.Tensor  # [B, G, K, d]
+    values: torch.Tensor  # [B, G, K, d]
+    positions: torch.Tensor  # [B, K] absolute positions
+    valid: torch.Tensor  # [B, K] bool
+
+
+def key_groups(blocks: int) -> list[tuple[int, int]]:
+    """The partition of a source's P-key blocks into the key groups the attention reads at once:
+    [0, 1), [1, 2), [2, 4), [4, 8), ... (each group as long as everything before it) up to GROUP_BLOCKS, then
+    GROUP_BLOCKS-wide groups, covering at least `blocks` blocks (the last group is padded with masked keys).
+
+    A group's bounds depend only on its index, never on how many blocks the batch holds, so a row's keys fall
+    into the same groups, of the same sizes, alone or beside longer rows (module docstring). A row reads at
+    most about twice its own keys, in ~log2(GROUP_BLOCKS) + blocks / GROUP_BLOCKS iterations."""
+    out, a = [], 0
+    while a < blocks:
+        size = min(max(a, 1), GROUP_BLOCKS)
+        out.append((a, a + size))
+        a += size
+    return out
+
+
+def padded_blocks(blocks: int) -> int:
+    """Blocks covered by `key_groups(blocks)` (a source is padded to this many)."""
+    groups = key_groups(blocks)
+    return groups[-1][1] if groups else 0
 
 
 class DenseKeys:
-    """Keys held as one padded tensor (new tokens, or a training-time prefix), read in blocks of P."""
+    """Keys held as one padded tensor (new tokens, or a training-time prefix), read in key groups."""
 
     def __init__(
         self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
@@ -54,19 +89,20 @@ class DenseKeys:
 
     def blocks(self) -> Iterator[KeyBlock]:
         S = self.keys.shape[2]
-        for a in range(0, S, BLOCK_TOKENS):
-            b = min(a + BLOCK_TOKENS, S)
-            pad = BLOCK_TOKENS - (b - a)
+        for a, b in key_groups(-(-S // BLOCK_TOKENS)):
+            a, b = a * BLOCK_TOKENS, b * BLOCK_TOKENS
+            pad = max(0, b - S)
             k, v = self.keys[:, :, a:b], self.values[:, :, a:b]
             pos, ok = self.positions[:, a:b], self.valid[:, a:b]
-            if pad:  # the last block is padded to P with masked zero keys: the block shape never varies
+            if pad:  # the last group is padded with masked zero keys: a group's shape never varies
                 k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
                 pos, ok = F.pad(pos, (0, pad), value=-1), F.pad(ok, (0, pad), value=False)
             yield KeyBlock(k, v, pos, ok)
 
 
 class PagedKeys:
-    """Keys of B rows in pages of a KV pool: block j of row b is page `table[b, j]`, gathered one block at a time."""
+    """Keys of B rows in pages of a KV pool: block j of row b is page `table[b, j]`; the pages of one key group
+    are gathered with one index op per group (K and V)."""
 
     def __init__(
         self,
@@ -76,20 +112,39 @@ class PagedKeys:
         positions: torch.Tensor,  # [B, nb, P]
         valid: torch.Tensor,  # [B, nb, P] bool
     ):
+        pad = padded_blocks(table.shape[1]) - table.shape[1]
+        if pad:  # PrefixBatch pads its tables already; masked entries read page 0
+            table = F.pad(table, (0, pad))
+            positions = F.pad(positions, (0, 0, 0, pad), value=-1)
+            valid = F.pad(valid, (0, 0, 0, pad), value=False)
         self.keys, self.values, self.table = keys, values, table
         self.positions, self.valid = positions, valid
 
     def blocks(self) -> Iterator[KeyBlock]:
-        for j in range(self.table.shape[1]):
-            pages = self.table[:, j]
-            yield KeyBlock(self.keys[pages], self.values[pages], self.positions[:, j], self.valid[:, j])
+        B, G, P, d = self.table.shape[0], *self.keys.shape[1:]
+        for a, b in key_groups(self.table.shape[1]):
+            pages = self.table[:, a:b]  # [B, n]
+            n = b - a
+
+            def gather(store: torch.Tensor) -> torch.Tensor:  # [B, n, G, P, d] -> [B, G, n * P, d]
+                return store[pages].transpose(1, 2).reshape(B, G, n * P, d)
+
+            pos = self.positions[:, a:b].reshape(B, n * P)
+            yield KeyBlock(gather(self.keys), gather(self.values), pos, self.valid[:, a:b].reshape(B, n * P))
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched GEMM whose per-matrix result does not depend on the batch count (see the module docstring)."""
-    if a.shape[0] == 1 and a.device.type == "cpu":  # a stride-0 second copy: no input is copied
-        return torch.bmm(a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:]))[:1]
-    return torch.bmm(a, b)
+def _bmm(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+    """Batched GEMM whose per-matrix result does not depend on the batch count (see the module docstring).
+
+    A single matrix on CPU becomes a batch of two: its rows cut in halves when each half keeps `min_rows` rows
+    (a row's bits do not depend on its matrix's row count), else a stride-0 second copy (twice the work, no
+    input copied)."""
+    if a.shape[0] != 1 or a.device.type != "cpu":
+        return torch.bmm(a, b)
+    M = a.shape[1]
+    if min_rows > 1 and M % 2 == 0 and M // 2 >= min_rows:
+        return torch.bmm(a.view(2, M // 2, a.shape[2]), b.expand(2, *b.shape[1:])).view(1, M, b.shape[2])
+    return torch.bmm(a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:]))[:1]
 
 
 def blocked_attention(
@@ -122,29 +177,29 @@ def blocked_attention(
     qp = q_pos[:, :, None]  # [B, T, 1]
     inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
     for blk in (blk for src in sources for blk in src.blocks()):
-        P = blk.keys.shape[2]
-        mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, P]
+        K = blk.keys.shape[2]
+        mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
         if causal:
             kp = blk.positions[:, None, :]
             mask = mask & (kp <= qp)
             if window is not None:
                 mask = mask & (kp > qp - window)
-        k = blk.keys.reshape(B * G, P, d).float()
-        v = blk.values.reshape(B * G, P, d).float()
-        s = _bmm(qg, k.transpose(1, 2)).view(B, G, Q, T_pad, P)  # [B, G, Q, T, P]
+        k = blk.keys.reshape(B * G, K, d).float()
+        v = blk.values.reshape(B * G, K, d).float()
+        s = _bmm(qg, k.transpose(1, 2), min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
         hide = ~mask[:, None, None]
-        s = (s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)).view(B * G, M, P)
+        s = (s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)).view(B * G, M, K)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
         # masked keys: exp(-inf) = 0 exactly
         p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)  # 1 exactly when the block changed nothing, 0 before the first key
+        alpha = torch.exp(m - m_safe)  # 1 exactly when the group changed nothing, 0 before the first key
         if inplace:  # the same arithmetic, without a second copy of the running state
             l.mul_(alpha).add_(p.sum(-1))
-            acc.mul_(alpha[..., None]).add_(_bmm(p, v))
+            acc.mul_(alpha[..., None]).add_(_bmm(p, v, min_rows))
         else:
             l = l * alpha + p.sum(-1)  # noqa: E741
-            acc = acc * alpha[..., None] + _bmm(p, v)
+            acc = acc * alpha[..., None] + _bmm(p, v, min_rows)
         m = m_new
     out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
     return out.view(B, H, T_pad, d)[:, :, :T].to(q.dtype)
@@ -154,15 +209,17 @@ def workspace_bytes(
     num_heads: int, kv_heads: int, head_dim: int, query_tokens: int, itemsize: int, cpu: bool
 ) -> int:
     """Upper bound of the transient bytes `blocked_attention` (no grad) holds per row for one layer: the query
-    copies, the gathered K/V block (and fp32 copies), one block's scores and its product with the values, the fp32
-    running state, the output copies, and on CPU the extra output `_bmm` makes when a batch holds a single matrix.
-    Admission reserves it per row (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
-    H, G, T, d, P = num_heads, kv_heads, query_tokens, head_dim, BLOCK_TOKENS
+    copies, the gathered K/V of the largest key group (the gather and its head-major copy, and fp32 copies), that
+    group's scores, masks and positions, its product with the values, the fp32 running state, the output copies,
+    and on CPU the extra output `_bmm` makes when a batch holds a single matrix. Admission reserves it per row
+    (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
+    H, G, T, d, K = num_heads, kv_heads, query_tokens, head_dim, GROUP_BLOCKS * BLOCK_TOKENS
     f32 = 0 if itemsize == 4 else 4  # .float() copies only when the model dtype is not fp32
     query = H * T * d * (itemsize + f32)  # the reshaped query and its fp32 copy
-    gathered = 2 * G * P * d * (itemsize + f32)
-    scores = H * T * P * 4 + 2 * T * P  # scores (updated in place); the mask and its negation
-    state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the block product; m, l, their updates and alpha
+    # K and V: each gathered page-major, then copied head-major (both alive at once), then the fp32 copies
+    gathered = 2 * G * K * d * (2 * itemsize + f32)
+    scores = H * T * K * 4 + 4 * T * K + 2 * K * 9  # scores (in place); masks; key positions and validity
+    state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the group product; m, l, their updates and alpha
     output = H * T * d * (4 + 2 * itemsize)  # acc / l, then in the model dtype, transposed for o_proj
-    single = H * T * (P + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix
+    single = H * T * (K + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix (odd rows)
     return query + gathered + scores + state + output + single

@@ -15,7 +15,8 @@ so the decoder (which reads the cache with no mask) sees the same keys as the re
 sequence's capacity is impossible: writing past it raises `KVCapacityError` before anything is computed.
 
 `PrefixBatch` is the batch's view: page tables and per-slot positions and validity (small int tensors, built once
-per batch composition); the attention gathers one page per row at a time (model/attention.py).
+per batch composition), padded to whole key groups; the attention gathers the pages of one key group of every
+row with one index op (model/attention.py).
 
 The pool itself grows (doubling) only when a cache asks for pages it lacks; a server sizes it once with
 `KVPool.reserve` so serving never reallocates it.
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.attention import BLOCK_TOKENS, DenseKeys, PagedKeys, workspace_bytes
+from model.attention import BLOCK_TOKENS, DenseKeys, PagedKeys, padded_blocks, workspace_bytes
 from model.config import ModelConfig
 
 FULL, RING = "full", "ring"
@@ -262,14 +263,14 @@ class PrefixBatch:
         return torch.tensor([r + [0] * (nb - len(r)) for r in rows], dtype=torch.long).view(len(rows), nb)
 
     def _full_view(self, lens: list[int]):
-        nb = max(pages_for(n) for n in lens)
+        nb = padded_blocks(max(pages_for(n) for n in lens))  # whole key groups (model/attention.py)
         pos = torch.arange(nb * BLOCK_TOKENS).view(1, nb, BLOCK_TOKENS).expand(len(lens), nb, BLOCK_TOKENS)
         valid = pos < torch.tensor(lens)[:, None, None]
         return self._upload(self._table(FULL, nb), pos, valid)
 
     def _ring_view(self, lens: list[int]):
         R = ring_tokens(self.caches[0].config)
-        nb = max(pages_for(min(n, R)) for n in lens)
+        nb = padded_blocks(max(pages_for(min(n, R)) for n in lens))
         slot = torch.arange(nb * BLOCK_TOKENS).view(1, nb, BLOCK_TOKENS)
         n = torch.tensor(lens)[:, None, None]
         valid = slot < torch.clamp(n, max=R)

@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.attention import DenseKeys, _bmm, blocked_attention
+from model.attention import (
+    BLOCK_TOKENS,
+    GROUP_BLOCKS,
+    DenseKeys,
+    PagedKeys,
+    _bmm,
+    blocked_attention,
+    key_groups,
+    workspace_bytes,
+)
 
 
 def _reference(q, k, v, mask):
@@ -66,7 +75,8 @@ def test_cpu_batched_gemm_rows_do_not_depend_on_their_batch():
     """The platform fact the blocked attention relies on (model/attention.py): with >= 2 matrices and >= 8 rows,
     one matrix's product has the same bits whatever the batch count and row count around it."""
     g = torch.Generator().manual_seed(0)
-    for d, P, M in ((16, 64, 8), (32, 64, 17), (256, 64, 100)):
+    # (inner size, outer size, rows): q·k reduces over d; probabilities x values over a key group's K keys
+    for d, P, M in ((16, 64, 8), (32, 64, 17), (256, 64, 100), (1024, 32, 8), (2048, 64, 17), (2048, 64, 128)):
         a, b = torch.randn(M, d, generator=g), torch.randn(d, P, generator=g)
         ref = None
         for rows, count in ((M, 2), (M + 5, 3), (300, 33)):
@@ -75,7 +85,9 @@ def test_cpu_batched_gemm_rows_do_not_depend_on_their_batch():
             out = torch.bmm(A, B)[1, :M]
             ref = out if ref is None else ref
             assert torch.equal(out, ref)
-        assert torch.equal(_bmm(a[None], b[None])[0], ref)  # one matrix: padded to a batch of two (no copy)
+        # one matrix: its rows cut in two halves of >= 8 rows (M = 100, 128), else a stride-0 second copy
+        assert torch.equal(_bmm(a[None], b[None], min_rows=8)[0], ref)
+        assert torch.equal(_bmm(a[None], b[None])[0], ref)
 
 
 def test_sdpa_is_not_used_because_padding_changes_its_rounding():
@@ -115,3 +127,112 @@ def test_cutting_queries_into_chunks_changes_no_bit():
         whole = attn.attend(q, sources, pos, valid, causal=True, window=None)
     assert attn.query_chunk > config.canvas_length
     assert torch.equal(chunked, whole)
+
+
+def test_key_groups_depend_only_on_their_index():
+    """The partition of a source's blocks into key groups: 1, 1, 2, 4, ... then GROUP_BLOCKS-wide groups; a
+    longer source only adds groups after a shorter one's (so a row's groups never depend on its batch-mates),
+    every block is covered once, and the padding stays below the row's own length plus a group."""
+    whole = key_groups(40 * GROUP_BLOCKS)
+    assert whole[:3] == [(0, 1), (1, 2), (2, 4)]
+    assert all(b - a <= GROUP_BLOCKS for a, b in whole)
+    assert all(a == prev_b for (a, _), (_, prev_b) in zip(whole[1:], whole, strict=False))
+    for n in range(1, 3 * GROUP_BLOCKS + 2):
+        groups = key_groups(n)
+        assert groups == whole[: len(groups)]
+        assert groups[-1][0] < n <= groups[-1][1] <= max(2 * n, n + GROUP_BLOCKS)
+    assert len(key_groups(1563)) < 60  # a 100k-token prefix: ~55 iterations per layer, not 1563
+
+
+def _paged_case(lengths: list[int], T: int, G: int, d: int, seed: int):
+    """A pool holding rows with `lengths` cached keys on scattered pages, their dense equivalents, and T new
+    tokens per row. Returns (pool keys, pool values, table, positions, valid, dense k, v, positions, valid)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // BLOCK_TOKENS) for n in lengths]
+    pages = sum(need) + 3
+    pk = torch.randn(pages, G, BLOCK_TOKENS, d, generator=g)
+    pv = torch.randn(pages, G, BLOCK_TOKENS, d, generator=g)
+    order = torch.randperm(pages, generator=g).tolist()  # pages out of order, as a pool hands them out
+    nb, B = max(need), len(lengths)
+    table = torch.zeros(B, nb, dtype=torch.long)
+    for r, n in enumerate(need):
+        table[r, :n] = torch.tensor(order[sum(need[:r]) : sum(need[:r]) + n])
+    pos = torch.arange(nb * BLOCK_TOKENS).view(1, nb, BLOCK_TOKENS).expand(B, nb, BLOCK_TOKENS)
+    valid = pos < torch.tensor(lengths)[:, None, None]
+    return pk, pv, table, pos, valid
+
+
+def _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, causal, window):
+    sources = [PagedKeys(pk, pv, table, pos, valid), DenseKeys(nk, nv, q_pos, q_valid)]
+    with torch.no_grad():
+        return blocked_attention(q, sources, q_pos, q_valid, causal=causal, window=window, min_rows=8)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 100)])
+def test_long_paged_contexts_alone_equal_batched_and_match_softmax(causal, window):
+    """Rows with 1 key to more than one largest key group (1 page ... 70 pages) on scattered pool pages, plus new
+    tokens: each row alone gives exactly its batched numbers (decoder, causal encoder, sliding window), and all
+    match plain softmax attention over the row's keys."""
+    lengths, news = [1, 64, 65, 700, GROUP_BLOCKS * BLOCK_TOKENS + 1, 4470], [3, 20, 1, 20, 7, 20]
+    B, H, G, T, d = len(lengths), 4, 2, 20, 16
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=4)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, H, T, d, generator=g)
+    nk, nv = torch.randn(B, G, T, d, generator=g), torch.randn(B, G, T, d, generator=g)
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.arange(T) < torch.tensor(news)[:, None]
+    together = _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, causal, window)
+    for r, n in enumerate(lengths):
+        nb = -(-n // BLOCK_TOKENS)
+        one = slice(r, r + 1)
+        alone = _attend_paged(
+            q[one], pk, pv, table[one, :nb], pos[one, :nb], valid[one, :nb], nk[one], nv[one], q_pos[one],
+            q_valid[one], causal, window,
+        )  # fmt: skip
+        assert torch.equal(alone, together[one])
+        # the reference: this row's keys in position order, dense
+        rows = table[r, :nb]
+        k = torch.cat([pk[rows].transpose(0, 1).reshape(G, -1, d)[:, :n], nk[r]], 1)[None]
+        v = torch.cat([pv[rows].transpose(0, 1).reshape(G, -1, d)[:, :n], nv[r]], 1)[None]
+        k_pos = torch.cat([torch.arange(n), q_pos[r]])
+        k_valid = torch.cat([torch.ones(n, dtype=torch.bool), q_valid[r]])
+        mask = k_valid[None, :] & q_valid[r][:, None]
+        if causal:
+            mask &= k_pos[None, :] <= q_pos[r][:, None]
+            if window is not None:
+                mask &= k_pos[None, :] > q_pos[r][:, None] - window
+        want = _reference(q[one], k, v, mask[None])
+        torch.testing.assert_close(together[one], want, atol=2e-5, rtol=1e-4)
+
+
+def _transient_peak(fn) -> int:
+    """Largest sum of live bytes allocated inside `fn` (CPU allocator events under the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_workspace_bound_covers_long_contexts(rows):
+    """What admission reserves per row for one layer's attention (`workspace_bytes`) covers the transient bytes a
+    canvas-sized query chunk really allocates over a context longer than the largest key group."""
+    H, G, T, d = 4, 2, 32, 32
+    lengths = [GROUP_BLOCKS * BLOCK_TOKENS * 2 + 5] * rows
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=6)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(rows, H, T, d, generator=g)
+    nk, nv = torch.randn(rows, G, T, d, generator=g), torch.randn(rows, G, T, d, generator=g)
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(rows, T, dtype=torch.bool)
+    peak = _transient_peak(
+        lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
+    )
+    bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)
+    assert H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows < peak <= bound  # the largest group's scores are in it
