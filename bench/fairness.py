@@ -12,7 +12,8 @@ rest of it prefills. Settings are every pair of `--chunks` (`prefill_chunk`: pro
 the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `--budgets` (`token_budget`:
 tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed) and
 `--time-shares` (`prefill_time_share`: the share of the engine's time prompt prefill may take while streams
-denoise; 1 = no limit, the scheduler before that rule landed). Prints mean
+denoise; 1 = no limit, the scheduler before that rule landed); `--setup-chunk` sets the pieces of the
+unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 100k prompt). Prints mean
 latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
 
 With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,13 +46,20 @@ NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 
 def run(
-    model, chunk: int, budget: int, share: float, prompt_tokens: int, normals: int, at: float
+    model,
+    chunk: int,
+    budget: int,
+    share: float,
+    prompt_tokens: int,
+    normals: int,
+    at: float,
+    setup_chunk: int = 0,
 ) -> list[float]:
     limits = SchedulerLimits(
         max_rows=8,
         max_queue=64,
         kv_cache_bytes=8 << 30,
-        prefill_chunk=chunk or 1 << 30,
+        prefill_chunk=setup_chunk or chunk or 1 << 30,
         token_budget=budget,
         prefill_time_share=share,
     )
@@ -68,6 +77,9 @@ def run(
         sched.iterate()  # the long prompt is admitted and its prefill has begun
         while len(sched.active["long"].pending_encode or ()) > prompt_tokens * (1 - at):
             sched.iterate()  # prefill up to `at`: the normal requests meet a long context
+        limits.prefill_chunk = (
+            chunk or 1 << 30
+        )  # the measured pieces (the scheduler reads it every iteration)
     out = []
     for i in range(normals):
         rid = f"n{i}"
@@ -114,16 +126,19 @@ def piece_costs(model, contexts: list[int], pieces: list[int], repeats: int) -> 
     for ctx in contexts:
         cache = _filled_cache(model, ctx, max(pieces))
         for n in pieces:
-            batch = TokenBatch.from_lists([[5 + i % 200 for i in range(n)]], [ctx], 0)
-
-            def once():
-                with torch.no_grad():
-                    model.encode(batch, [cache])
-                cache.length = ctx  # the next repeat writes the same slots again
-
-            cost = _best_of(repeats, once)
+            cost = _best_of(repeats, partial(_encode_piece, model, cache, ctx, n))
             print(f"{ctx:>13} {n:>12} {cost:9.3f} {cost / step:14.1f}", flush=True)
         cache.release()
+
+
+def _encode_piece(model, cache, ctx: int, n: int) -> None:
+    """One prompt piece of n tokens after ctx cached ones; the cache is rewound so the next call repeats it."""
+    from model.transformer import TokenBatch
+
+    batch = TokenBatch.from_lists([[5 + i % 200 for i in range(n)]], [ctx], 0)
+    with torch.no_grad():
+        model.encode(batch, [cache])
+    cache.length = ctx
 
 
 def main() -> None:
@@ -153,8 +168,17 @@ def main() -> None:
         help="prefill_time_share values; 1 = no limit on prefill's share of the time while streams denoise",
     )
     p.add_argument("--normal", type=int, default=3)
+    p.add_argument(
+        "--setup-chunk",
+        type=int,
+        default=0,
+        help="prefill_chunk for the unmeasured prefill up to --at (0 = each setting's own); a large one saves "
+        "setup time when measuring small pieces on a long prompt (only the context they meet matters)",
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
-    p.add_argument("--piece-costs", action="store_true", help="time single prefill pieces instead (see above)")
+    p.add_argument(
+        "--piece-costs", action="store_true", help="time single prefill pieces instead (see above)"
+    )
     p.add_argument("--contexts", default="30000,100000", help="--piece-costs: cached tokens")
     p.add_argument("--pieces", default="8,64,512", help="--piece-costs: piece sizes in tokens")
     p.add_argument("--repeats", type=int, default=3, help="--piece-costs: best of this many calls")
@@ -163,7 +187,9 @@ def main() -> None:
     model = load_model(args.model)
     if args.piece_costs:
         ints = [[int(x) for x in a.split(",")] for a in (args.contexts, args.pieces)]
-        print(f"model {args.model}; one model.encode per piece on one sequence, best of {args.repeats}, 1 thread")
+        print(
+            f"model {args.model}; one model.encode per piece on one sequence, best of {args.repeats}, 1 thread"
+        )
         piece_costs(model, *ints, args.repeats)
         return
     print(
@@ -176,7 +202,9 @@ def main() -> None:
     for chunk in (int(c) for c in args.chunks.split(",")):
         for budget in (int(b) for b in args.budgets.split(",")):
             for share in (float(x) for x in args.time_shares.split(",")):
-                lat = run(model, chunk, budget, share, args.prompt_tokens, args.normal, args.at)
+                lat = run(
+                    model, chunk, budget, share, args.prompt_tokens, args.normal, args.at, args.setup_chunk
+                )
                 mean = sum(lat) / len(lat)
                 name = (
                     f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}, "

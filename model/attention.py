@@ -121,16 +121,19 @@ class PagedKeys:
         self.positions, self.valid = positions, valid
 
     def blocks(self) -> Iterator[KeyBlock]:
-        B, G, P, d = self.table.shape[0], *self.keys.shape[1:]
+        B = self.table.shape[0]
         for a, b in key_groups(self.table.shape[1]):
             pages = self.table[:, a:b]  # [B, n]
-            n = b - a
+            K = (b - a) * BLOCK_TOKENS
+            pos, ok = self.positions[:, a:b].reshape(B, K), self.valid[:, a:b].reshape(B, K)
+            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok)
 
-            def gather(store: torch.Tensor) -> torch.Tensor:  # [B, n, G, P, d] -> [B, G, n * P, d]
-                return store[pages].transpose(1, 2).reshape(B, G, n * P, d)
 
-            pos = self.positions[:, a:b].reshape(B, n * P)
-            yield KeyBlock(gather(self.keys), gather(self.values), pos, self.valid[:, a:b].reshape(B, n * P))
+def _gather(store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """Pool [pages, G, P, d] at page ids [B, n] -> [B, G, n * P, d] (one index op, one head-major copy)."""
+    B, n = pages.shape
+    _, G, P, d = store.shape
+    return store[pages].transpose(1, 2).reshape(B, G, n * P, d)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:

@@ -76,7 +76,14 @@ def test_cpu_batched_gemm_rows_do_not_depend_on_their_batch():
     one matrix's product has the same bits whatever the batch count and row count around it."""
     g = torch.Generator().manual_seed(0)
     # (inner size, outer size, rows): q·k reduces over d; probabilities x values over a key group's K keys
-    for d, P, M in ((16, 64, 8), (32, 64, 17), (256, 64, 100), (1024, 32, 8), (2048, 64, 17), (2048, 64, 128)):
+    for d, P, M in (
+        (16, 64, 8),
+        (32, 64, 17),
+        (256, 64, 100),
+        (1024, 32, 8),
+        (2048, 64, 17),
+        (2048, 64, 128),
+    ):
         a, b = torch.randn(M, d, generator=g), torch.randn(d, P, generator=g)
         ref = None
         for rows, count in ((M, 2), (M + 5, 3), (300, 33)):
@@ -211,7 +218,9 @@ def _transient_peak(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, n in events:
         live += n
@@ -235,4 +244,6 @@ def test_workspace_bound_covers_long_contexts(rows):
         lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
     )
     bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)
-    assert H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows < peak <= bound  # the largest group's scores are in it
+    assert (
+        H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows < peak <= bound
+    )  # the largest group's scores are in it
