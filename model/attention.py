@@ -54,6 +54,9 @@ class KeyBlock:
     values: torch.Tensor  # [B, G, K, d]
     positions: torch.Tensor  # [B, K] absolute positions
     valid: torch.Tensor  # [B, K] bool
+    # every key is valid in every row and precedes every query (a cached prefix): outside a sliding window the
+    # mask would change nothing, so it is skipped (masked_fill over [B, H, T, K] is a large share of the cost)
+    unmasked: bool = False
 
 
 def key_groups(blocks: int) -> list[tuple[int, int]]:
@@ -111,7 +114,9 @@ class PagedKeys:
         table: torch.Tensor,  # [B, nb] page ids (masked entries point at any page)
         positions: torch.Tensor,  # [B, nb, P]
         valid: torch.Tensor,  # [B, nb, P] bool
+        full_blocks: int = 0,  # leading blocks valid in every row, known on the host (PrefixBatch)
     ):
+        self.full_blocks = full_blocks
         pad = padded_blocks(table.shape[1]) - table.shape[1]
         if pad:  # PrefixBatch pads its tables already; masked entries read page 0
             table = F.pad(table, (0, pad))
@@ -126,7 +131,8 @@ class PagedKeys:
             pages = self.table[:, a:b]  # [B, n]
             K = (b - a) * BLOCK_TOKENS
             pos, ok = self.positions[:, a:b].reshape(B, K), self.valid[:, a:b].reshape(B, K)
-            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok)
+            full = b <= self.full_blocks
+            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok, full)
 
 
 def _gather(store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
@@ -181,17 +187,19 @@ def blocked_attention(
     inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
     for blk in (blk for src in sources for blk in src.blocks()):
         K = blk.keys.shape[2]
-        mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
-        if causal:
-            kp = blk.positions[:, None, :]
-            mask = mask & (kp <= qp)
-            if window is not None:
-                mask = mask & (kp > qp - window)
         k = blk.keys.reshape(B * G, K, d).float()
         v = blk.values.reshape(B * G, K, d).float()
         s = _bmm(qg, k.transpose(1, 2), min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
-        hide = ~mask[:, None, None]
-        s = (s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)).view(B * G, M, K)
+        if not blk.unmasked or window is not None:
+            mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
+            if causal:
+                kp = blk.positions[:, None, :]
+                mask = mask & (kp <= qp)
+                if window is not None:
+                    mask = mask & (kp > qp - window)
+            hide = ~mask[:, None, None]
+            s = s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)
+        s = s.view(B * G, M, K)
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
         # masked keys: exp(-inf) = 0 exactly
@@ -205,6 +213,8 @@ def blocked_attention(
             acc = acc * alpha[..., None] + _bmm(p, v, min_rows)
         m = m_new
     out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
+    # padding queries get zeros (an unmasked group gave them scores; valid queries are untouched)
+    out = out.view(B, G, Q, T_pad, d).masked_fill(~q_valid[:, None, None, :, None], 0.0)
     return out.view(B, H, T_pad, d)[:, :, :T].to(q.dtype)
 
 

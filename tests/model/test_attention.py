@@ -50,6 +50,7 @@ def test_blocked_attention_equals_softmax_attention(causal, window):
     want = _reference(q, torch.cat([pk, nk], 2), torch.cat([pv, nv], 2), mask)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     assert torch.equal(got[:, :, T - 1][~q_valid[:, -1]], torch.zeros_like(got[:, :, T - 1][~q_valid[:, -1]]))
+    assert (got[:, :, T - 1][q_valid[:, -1]] != 0).any()
 
 
 def test_blocked_attention_is_differentiable():
@@ -170,17 +171,24 @@ def _paged_case(lengths: list[int], T: int, G: int, d: int, seed: int):
 
 
 def _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, causal, window):
-    sources = [PagedKeys(pk, pv, table, pos, valid), DenseKeys(nk, nv, q_pos, q_valid)]
+    """Paged prefix then new tokens; the prefix's leading blocks valid in every row skip their mask."""
+    full = int(valid.all(2).all(0).long().cumprod(0).sum())
+    sources = [PagedKeys(pk, pv, table, pos, valid, full), DenseKeys(nk, nv, q_pos, q_valid)]
     with torch.no_grad():
         return blocked_attention(q, sources, q_pos, q_valid, causal=causal, window=window, min_rows=8)
 
 
+MIXED = ([1, 64, 65, 700, GROUP_BLOCKS * BLOCK_TOKENS + 1, 4470], [3, 20, 1, 20, 7, 20])
+LONG = ([GROUP_BLOCKS * BLOCK_TOKENS + 1, 4470, 700], [20, 5, 1])  # 10 leading pages valid in every row
+
+
 @pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 100)])
-def test_long_paged_contexts_alone_equal_batched_and_match_softmax(causal, window):
+@pytest.mark.parametrize("lengths,news", [MIXED, LONG])
+def test_long_paged_contexts_alone_equal_batched_and_match_softmax(causal, window, lengths, news):
     """Rows with 1 key to more than one largest key group (1 page ... 70 pages) on scattered pool pages, plus new
     tokens: each row alone gives exactly its batched numbers (decoder, causal encoder, sliding window), and all
-    match plain softmax attention over the row's keys."""
-    lengths, news = [1, 64, 65, 700, GROUP_BLOCKS * BLOCK_TOKENS + 1, 4470], [3, 20, 1, 20, 7, 20]
+    match plain softmax attention over the row's keys. Alone, a row's whole prefix skips the mask; batched, only
+    the groups valid in every row do."""
     B, H, G, T, d = len(lengths), 4, 2, 20, 16
     pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=4)
     g = torch.Generator().manual_seed(5)
@@ -189,6 +197,8 @@ def test_long_paged_contexts_alone_equal_batched_and_match_softmax(causal, windo
     q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
     q_valid = torch.arange(T) < torch.tensor(news)[:, None]
     together = _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, causal, window)
+    padding = together.transpose(1, 2)[~q_valid]  # queries that are padding get zeros, masked or not
+    assert torch.equal(padding, torch.zeros_like(padding))
     for r, n in enumerate(lengths):
         nb = -(-n // BLOCK_TOKENS)
         one = slice(r, r + 1)
