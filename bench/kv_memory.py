@@ -4,9 +4,10 @@ Command (from the repo root; about a minute on a busy 2-core machine):
 
     .venv/bin/python bench/kv_memory.py                 # rows 1,16,64
     .venv/bin/python bench/kv_memory.py --rows 4 --threads 2
+    .venv/bin/python bench/kv_memory.py --rows 1,4 --prompt-tokens 48,3000   # long rows: the largest key groups
 
 Same checkpoint shape and load as bench/engine_step.py (vocab 4096, hidden 128, 3 sliding + 1 full layers,
-window 128, canvas 64; prompt 48 tokens, 2 canvases, 16 denoising steps, random weights). For each row count, one
+window 128, canvas 64; prompt 48 tokens (`--prompt-tokens`), 2 canvases, 16 denoising steps, random weights). For each row count, one
 EngineCore runs that many requests to the end under `torch.profiler` with memory profiling, and the bench prints:
 
 - reserved: the most admission had reserved at once (`Scheduler.reserved`: pool pages + per-row attention
@@ -117,10 +118,11 @@ def transient_peaks(prof) -> tuple[int, int]:
     return attention, step
 
 
-def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompt: list[int]) -> dict:
+def run(model: DiffusionGemma, rows: int, params: SamplingParams, prompts: list[list[int]]) -> dict:
+    """Row i gets prompts[i % len(prompts)]."""
     sched = EngineCore(model, SchedulerLimits(max_rows=rows, kv_cache_bytes=1 << 34))
     for i in range(rows):
-        sched.submit(EngineRequest(f"r{i}", prompt, params, seed=i), lambda e: None)
+        sched.submit(EngineRequest(f"r{i}", prompts[i % len(prompts)], params, seed=i), lambda e: None)
     reserved = pages = attention = step = 0
     watch = True  # profile the iterations whose shapes are new: the first, and each after a canvas finished
     with attention_ranges():
@@ -188,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,16,64")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument(
+        "--prompt-tokens",
+        default="48",
+        help="prompt lengths, given to the rows in turn; e.g. 48,3000: long contexts read the largest key groups",
+    )
     ap.add_argument("--baseline", help="another checkout (e.g. of main): compare decoder forward time only")
     ap.add_argument("--steps", type=int, default=5, help="timed forwards per row count with --baseline")
     args = ap.parse_args(argv)
@@ -195,17 +202,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         compare_step_time(args.baseline, [int(r) for r in args.rows.split(",")], args.steps, args.threads)
         return
-    prompt = torch.randint(3, 4096, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = [int(n) for n in args.prompt_tokens.split(",")]
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 4096, (n,), generator=gen).tolist() for n in lengths]
     params = SamplingParams(max_new_tokens=128, max_denoising_steps=16)
     print(
-        f"random checkpoint: vocab 4096, hidden 128, 3 sliding + 1 full layers, canvas 64; prompt 48; {params}"
+        f"random checkpoint: vocab 4096, hidden 128, 3 sliding + 1 full layers, canvas 64; prompts {lengths} "
+        f"(round-robin over rows); {params}"
     )
     mib = 2**20
     print(
         f"{'rows':>5} {'reserved':>10} {'pages':>9} {'attention':>10} {'KV peak':>9} {'peak/res':>9} {'step':>9}"
     )
     for rows in (int(r) for r in args.rows.split(",")):
-        r = run(bench_model(), rows, params, prompt)
+        r = run(bench_model(), rows, params, prompts)
         peak = r["pages"] + r["attention"]
         print(
             f"{rows:>5} {r['reserved'] / mib:>8.2f}Mi {r['pages'] / mib:>7.2f}Mi {r['attention'] / mib:>8.2f}Mi "
