@@ -57,6 +57,9 @@ class KeyBlock:
     # every key is valid in every row and precedes every query (a cached prefix): outside a sliding window the
     # mask would change nothing, so it is skipped (masked_fill over [B, H, T, K] is a large share of the cost)
     unmasked: bool = False
+    # the batch rows these tensors hold (ids into the batch, on the device), when only some rows have keys in the
+    # group; None: all B rows
+    rows: torch.Tensor | None = None
 
 
 def key_groups(blocks: int) -> list[tuple[int, int]]:
@@ -103,9 +106,30 @@ class DenseKeys:
             yield KeyBlock(k, v, pos, ok)
 
 
+@dataclass
+class GroupRows:
+    """Which rows of a paged batch have keys in one key group, and whether the group needs a mask."""
+
+    rows: torch.Tensor | None  # ids of the rows with keys in the group (on the device); None: every row
+    unmasked: bool  # every key of the group is valid in every one of those rows
+
+
+def group_rows(lengths: list[int], device: torch.device | str) -> list[GroupRows]:
+    """Per key group of a paged prefix whose rows hold `lengths` keys each (host ints, the cache lengths): the
+    rows that have keys in it and whether it needs a mask. Built once per batch composition (PrefixBatch)."""
+    pages = [-(-n // BLOCK_TOKENS) for n in lengths]
+    out = []
+    for a, b in key_groups(max(pages, default=0)):
+        ids = [i for i, n in enumerate(pages) if n > a]
+        unmasked = all(lengths[i] >= b * BLOCK_TOKENS for i in ids)
+        rows = None if len(ids) == len(lengths) else torch.tensor(ids, dtype=torch.long, device=device)
+        out.append(GroupRows(rows, unmasked))
+    return out
+
+
 class PagedKeys:
     """Keys of B rows in pages of a KV pool: block j of row b is page `table[b, j]`; the pages of one key group
-    are gathered with one index op per group (K and V)."""
+    are gathered with one index op per group (K and V), for the rows that have keys in it."""
 
     def __init__(
         self,
@@ -114,9 +138,8 @@ class PagedKeys:
         table: torch.Tensor,  # [B, nb] page ids (masked entries point at any page)
         positions: torch.Tensor,  # [B, nb, P]
         valid: torch.Tensor,  # [B, nb, P] bool
-        full_blocks: int = 0,  # leading blocks valid in every row, known on the host (PrefixBatch)
+        groups: list[GroupRows] | None = None,  # `group_rows` of the rows' lengths; None: all rows, masked
     ):
-        self.full_blocks = full_blocks
         pad = padded_blocks(table.shape[1]) - table.shape[1]
         if pad:  # PrefixBatch pads its tables already; masked entries read page 0
             table = F.pad(table, (0, pad))
@@ -124,15 +147,21 @@ class PagedKeys:
             valid = F.pad(valid, (0, 0, 0, pad), value=False)
         self.keys, self.values, self.table = keys, values, table
         self.positions, self.valid = positions, valid
+        self.groups = groups
 
     def blocks(self) -> Iterator[KeyBlock]:
-        B = self.table.shape[0]
-        for a, b in key_groups(self.table.shape[1]):
-            pages = self.table[:, a:b]  # [B, n]
+        for i, (a, b) in enumerate(key_groups(self.table.shape[1])):
+            which = self.groups[i] if self.groups is not None else GroupRows(None, False)
+            r = which.rows
+            table, positions, valid = (
+                (self.table, self.positions, self.valid)
+                if r is None
+                else (self.table[r], self.positions[r], self.valid[r])
+            )
+            pages = table[:, a:b]  # [B', n]
             K = (b - a) * BLOCK_TOKENS
-            pos, ok = self.positions[:, a:b].reshape(B, K), self.valid[:, a:b].reshape(B, K)
-            full = b <= self.full_blocks
-            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok, full)
+            pos, ok = positions[:, a:b].reshape(-1, K), valid[:, a:b].reshape(-1, K)
+            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok, which.unmasked, r)
 
 
 def _gather(store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
@@ -185,18 +214,42 @@ def blocked_attention(
     acc = q.new_zeros(B * G, M, d, dtype=torch.float)  # running numerator @ values
     qp = q_pos[:, :, None]  # [B, T, 1]
     inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
+    step = _GroupStep(G, Q, T_pad, d, causal, window, min_rows, inplace)
     for blk in (blk for src in sources for blk in src.blocks()):
-        K = blk.keys.shape[2]
+        if blk.rows is None:
+            m, l, acc = step(blk, qg, q_valid, qp, m, l, acc)  # noqa: E741
+            continue
+        # only the rows with keys in this group (for any other row it would be an exact no-op)
+        r = blk.rows
+        got = step(blk, _rows(qg, r, B), q_valid[r], qp[r], _rows(m, r, B), _rows(l, r, B), _rows(acc, r, B))
+        m, l, acc = (_put(full, r, part, B, inplace) for full, part in zip((m, l, acc), got, strict=True))  # noqa: E741
+    out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
+    # padding queries get zeros (an unmasked group gave them scores; valid queries are untouched)
+    out = out.view(B, G, Q, T_pad, d).masked_fill(~q_valid[:, None, None, :, None], 0.0)
+    return out.view(B, H, T_pad, d)[:, :, :T].to(q.dtype)
+
+
+class _GroupStep:
+    """One key group's update of the online softmax for the rows in the group (see `blocked_attention`)."""
+
+    def __init__(self, G, Q, T_pad, d, causal, window, min_rows, inplace):
+        self.G, self.Q, self.T, self.d = G, Q, T_pad, d
+        self.causal, self.window, self.min_rows, self.inplace = causal, window, min_rows, inplace
+
+    def __call__(self, blk, qg, q_valid, qp, m, l, acc):  # noqa: E741
+        G, Q, T_pad, d, inplace = self.G, self.Q, self.T, self.d, self.inplace
+        B, K = blk.keys.shape[0], blk.keys.shape[2]
+        M = Q * T_pad
         k = blk.keys.reshape(B * G, K, d).float()
         v = blk.values.reshape(B * G, K, d).float()
-        s = _bmm(qg, k.transpose(1, 2), min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
-        if not blk.unmasked or window is not None:
+        s = _bmm(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
+        if not blk.unmasked or self.window is not None:
             mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
-            if causal:
+            if self.causal:
                 kp = blk.positions[:, None, :]
                 mask = mask & (kp <= qp)
-                if window is not None:
-                    mask = mask & (kp > qp - window)
+                if self.window is not None:
+                    mask = mask & (kp > qp - self.window)
             hide = ~mask[:, None, None]
             s = s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)
         s = s.view(B * G, M, K)
@@ -207,15 +260,25 @@ def blocked_attention(
         alpha = torch.exp(m - m_safe)  # 1 exactly when the group changed nothing, 0 before the first key
         if inplace:  # the same arithmetic, without a second copy of the running state
             l.mul_(alpha).add_(p.sum(-1))
-            acc.mul_(alpha[..., None]).add_(_bmm(p, v, min_rows))
+            acc.mul_(alpha[..., None]).add_(_bmm(p, v, self.min_rows))
         else:
             l = l * alpha + p.sum(-1)  # noqa: E741
-            acc = acc * alpha[..., None] + _bmm(p, v, min_rows)
-        m = m_new
-    out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
-    # padding queries get zeros (an unmasked group gave them scores; valid queries are untouched)
-    out = out.view(B, G, Q, T_pad, d).masked_fill(~q_valid[:, None, None, :, None], 0.0)
-    return out.view(B, H, T_pad, d)[:, :, :T].to(q.dtype)
+            acc = acc * alpha[..., None] + _bmm(p, v, self.min_rows)
+        return m_new, l, acc
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """The given rows of a [B * G, ...] tensor -> [len(rows) * G, ...] (a copy)."""
+    return t.view(B, -1, *t.shape[1:])[rows].flatten(0, 1)
+
+
+def _put(full: torch.Tensor, rows: torch.Tensor, part: torch.Tensor, B: int, inplace: bool) -> torch.Tensor:
+    """`full` [B * G, ...] with the given rows replaced by `part` [len(rows) * G, ...]."""
+    part = part.view(len(rows), -1, *part.shape[1:])
+    if inplace:
+        full.view(B, -1, *full.shape[1:]).index_copy_(0, rows, part)
+        return full
+    return full.view(B, -1, *full.shape[1:]).index_copy(0, rows, part).flatten(0, 1)
 
 
 def workspace_bytes(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.attention import BLOCK_TOKENS, DenseKeys, PagedKeys, padded_blocks, workspace_bytes
+from model.attention import BLOCK_TOKENS, DenseKeys, PagedKeys, group_rows, padded_blocks, workspace_bytes
 from model.config import ModelConfig
 
 FULL, RING = "full", "ring"
@@ -266,7 +266,7 @@ class PrefixBatch:
         nb = padded_blocks(max(pages_for(n) for n in lens))  # whole key groups (model/attention.py)
         pos = torch.arange(nb * BLOCK_TOKENS).view(1, nb, BLOCK_TOKENS).expand(len(lens), nb, BLOCK_TOKENS)
         valid = pos < torch.tensor(lens)[:, None, None]
-        return (*self._upload(self._table(FULL, nb), pos, valid), min(lens) // BLOCK_TOKENS)
+        return (*self._upload(self._table(FULL, nb), pos, valid), group_rows(lens, self.pool.device))
 
     def _ring_view(self, lens: list[int]):
         R = ring_tokens(self.caches[0].config)
@@ -277,17 +277,15 @@ class PrefixBatch:
         pos = slot + R * torch.div(
             n - 1 - slot, R, rounding_mode="floor"
         )  # the latest position p < n in slot
-        full = (
-            min(min(n, R) for n in lens) // BLOCK_TOKENS
-        )  # ring pages whose every slot is filled in every row
-        return (*self._upload(self._table(RING, nb), torch.where(valid, pos, -1), valid), full)
+        groups = group_rows([min(n, R) for n in lens], self.pool.device)  # a ring holds its last R tokens
+        return (*self._upload(self._table(RING, nb), torch.where(valid, pos, -1), valid), groups)
 
     def _upload(self, *tensors: torch.Tensor):
         return tuple(t.to(self.pool.device) for t in tensors)
 
     def layer_keys(self, layer: int) -> PagedKeys:
-        table, pos, valid, full = self.views[self.pool.group[layer]]
-        return PagedKeys(self.pool.keys[layer], self.pool.values[layer], table, pos, valid, full)
+        table, pos, valid, groups = self.views[self.pool.group[layer]]
+        return PagedKeys(self.pool.keys[layer], self.pool.values[layer], table, pos, valid, groups)
 
     def kv_bytes(self) -> int:
         """K/V bytes one forward over this prefix reads (whole pages up to each row's length)."""

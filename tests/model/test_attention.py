@@ -13,6 +13,7 @@ from model.attention import (
     PagedKeys,
     _bmm,
     blocked_attention,
+    group_rows,
     key_groups,
     workspace_bytes,
 )
@@ -171,9 +172,10 @@ def _paged_case(lengths: list[int], T: int, G: int, d: int, seed: int):
 
 
 def _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, causal, window):
-    """Paged prefix then new tokens; the prefix's leading blocks valid in every row skip their mask."""
-    full = int(valid.all(2).all(0).long().cumprod(0).sum())
-    sources = [PagedKeys(pk, pv, table, pos, valid, full), DenseKeys(nk, nv, q_pos, q_valid)]
+    """Paged prefix then new tokens, as PrefixBatch reads it: each key group only for the rows with keys in it,
+    without a mask where all its keys are valid in those rows."""
+    groups = group_rows(valid.flatten(1).sum(1).tolist(), "cpu")
+    sources = [PagedKeys(pk, pv, table, pos, valid, groups), DenseKeys(nk, nv, q_pos, q_valid)]
     with torch.no_grad():
         return blocked_attention(q, sources, q_pos, q_valid, causal=causal, window=window, min_rows=8)
 
@@ -187,8 +189,8 @@ LONG = ([GROUP_BLOCKS * BLOCK_TOKENS + 1, 4470, 700], [20, 5, 1])  # 10 leading 
 def test_long_paged_contexts_alone_equal_batched_and_match_softmax(causal, window, lengths, news):
     """Rows with 1 key to more than one largest key group (1 page ... 70 pages) on scattered pool pages, plus new
     tokens: each row alone gives exactly its batched numbers (decoder, causal encoder, sliding window), and all
-    match plain softmax attention over the row's keys. Alone, a row's whole prefix skips the mask; batched, only
-    the groups valid in every row do."""
+    match plain softmax attention over the row's keys. Batched, a group is computed only for the rows with keys
+    in it, and without a mask when all its keys are valid in those rows."""
     B, H, G, T, d = len(lengths), 4, 2, 20, 16
     pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=4)
     g = torch.Generator().manual_seed(5)
