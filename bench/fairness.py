@@ -13,8 +13,10 @@ the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `-
 tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed) and
 `--time-shares` (`prefill_time_share`: the share of the engine's time prompt prefill may take while streams
 denoise; 1 = no limit, the scheduler before that rule landed); `--setup-chunk` sets the pieces of the
-unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 100k prompt). Prints mean
-latency of the normal requests per setting and the ratio to idle (the goal: within 2x of idle).
+unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 100k prompt), and
+`--reuse-setup` measures every setting on one prefilled prompt. Prints mean latency of the normal requests per
+setting and the ratio to idle (the goal: within 2x of idle), and idle again at the end (a shared machine's load
+drifts during a long run).
 
 With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
 of `--pieces` tokens on one sequence holding `--contexts` cached tokens (the cache's pages are filled with
@@ -26,6 +28,7 @@ denoising step of a normal request (16-token prompt); best of `--repeats`, 1 thr
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from functools import partial
@@ -45,52 +48,49 @@ from model.weights import load_model  # noqa: E402
 NORMAL = SamplingParams(max_new_tokens=32, max_denoising_steps=8)
 
 
-def run(
-    model,
-    chunk: int,
-    budget: int,
-    share: float,
-    prompt_tokens: int,
-    normals: int,
-    at: float,
-    setup_chunk: int = 0,
-) -> list[float]:
+def engine(model, setup_chunk: int, prompt_tokens: int, at: float):
+    """An EngineCore and its finish times; with `prompt_tokens`, a long prompt prefilled up to `at` in pieces of
+    `setup_chunk` tokens (the normal requests then meet a long context: the worst case)."""
     limits = SchedulerLimits(
-        max_rows=8,
-        max_queue=64,
-        kv_cache_bytes=8 << 30,
-        prefill_chunk=setup_chunk or chunk or 1 << 30,
-        token_budget=budget,
-        prefill_time_share=share,
+        max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=setup_chunk or 1 << 30
     )
     sched = EngineCore(model, limits)
     done: dict[str, float] = {}
-
-    def sink_for(rid):
-        return lambda ev: done.__setitem__(rid, time.perf_counter()) if isinstance(ev, FinalEvent) else None
-
     if prompt_tokens:
         long = EngineRequest(
             "long", [5 + i % 200 for i in range(prompt_tokens)], SamplingParams(max_new_tokens=1), 0
         )
-        sched.submit(long, sink_for("long"))
+        sched.submit(long, _sink(done, "long"))
         sched.iterate()  # the long prompt is admitted and its prefill has begun
         while len(sched.active["long"].pending_encode or ()) > prompt_tokens * (1 - at):
-            sched.iterate()  # prefill up to `at`: the normal requests meet a long context
-        limits.prefill_chunk = (
-            chunk or 1 << 30
-        )  # the measured pieces (the scheduler reads it every iteration)
+            sched.iterate()
+    return sched, limits, done
+
+
+def _sink(done: dict, rid: str):
+    return lambda ev: done.__setitem__(rid, time.perf_counter()) if isinstance(ev, FinalEvent) else None
+
+
+def measure(sched, limits, done, chunk: int, budget: int, share: float, normals: int) -> list[float]:
+    """Latency of `normals` normal requests, one after another, under these settings (the scheduler reads its
+    limits every iteration)."""
+    limits.prefill_chunk, limits.token_budget, limits.prefill_time_share = chunk or 1 << 30, budget, share
     out = []
     for i in range(normals):
-        rid = f"n{i}"
+        rid = f"n{len(done)}"
         t0 = time.perf_counter()
-        sched.submit(EngineRequest(rid, list(range(5, 21)), NORMAL, seed=i), sink_for(rid))
+        sched.submit(EngineRequest(rid, list(range(5, 21)), NORMAL, seed=i), _sink(done, rid))
         while rid not in done:
             sched.iterate()
         out.append(done[rid] - t0)
-        if prompt_tokens and "long" in done:
+        if "long" in done:
             print(f"  (the long prompt finished before normal request {i + 1}: lower --at)", flush=True)
     return out
+
+
+def prefilled_fraction(sched, prompt_tokens: int) -> float:
+    seq = sched.active.get("long")
+    return 1.0 if seq is None else 1 - len(seq.pending_encode or ()) / prompt_tokens
 
 
 def _filled_cache(model, tokens: int, room: int):
@@ -175,6 +175,12 @@ def main() -> None:
         help="prefill_chunk for the unmeasured prefill up to --at (0 = each setting's own); a large one saves "
         "setup time when measuring small pieces on a long prompt (only the context they meet matters)",
     )
+    p.add_argument(
+        "--reuse-setup",
+        action="store_true",
+        help="prefill the long prompt once and measure every setting on it in turn (each setting's pieces move "
+        "it on a little; the fraction reached is printed): saves the setup per setting on a 100k prompt",
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL_PATH))
     p.add_argument(
         "--piece-costs", action="store_true", help="time single prefill pieces instead (see above)"
@@ -196,21 +202,25 @@ def main() -> None:
         f"model {args.model}; long prompt {args.prompt_tokens} tokens, measured from {args.at:.0%} prefilled; "
         f"{args.normal} normal requests each"
     )
-    idle = sum(run(model, 512, SchedulerLimits.token_budget, 1.0, 0, args.normal, 0.0)) / args.normal
+    idle_engine = engine(model, 0, 0, 0.0)
+    measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, 1)  # warm-up
+    idle = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
     print(f"{'setting':<64} {'mean latency s':>14} {'x idle':>7}")
     print(f"{'idle engine':<64} {idle:14.2f} {1.0:7.2f}", flush=True)
+    shared = engine(model, args.setup_chunk, args.prompt_tokens, args.at) if args.reuse_setup else None
     for chunk in (int(c) for c in args.chunks.split(",")):
         for budget in (int(b) for b in args.budgets.split(",")):
             for share in (float(x) for x in args.time_shares.split(",")):
-                lat = run(
-                    model, chunk, budget, share, args.prompt_tokens, args.normal, args.at, args.setup_chunk
-                )
-                mean = sum(lat) / len(lat)
+                busy = shared or engine(model, args.setup_chunk or chunk, args.prompt_tokens, args.at)
+                at = prefilled_fraction(busy[0], args.prompt_tokens)
+                mean = statistics.mean(measure(*busy, chunk, budget, share, args.normal))
                 name = (
                     f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}, "
-                    f"time_share {share:g}"
+                    f"time_share {share:g} (from {at:.1%})"
                 )
                 print(f"{name:<64} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+    again = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
+    print(f"{'idle engine again (the machine load may have changed)':<64} {again:14.2f} {again / idle:7.2f}")
 
 
 if __name__ == "__main__":
