@@ -1,7 +1,8 @@
 """Fairness: latency of a normal request while a long prompt prefills, without and with the token budget.
 
     .venv/bin/python bench/fairness.py [--prompt-tokens 16384] [--at 0.9] [--chunks 512]
-        [--budgets 1073741824,8192] [--time-shares 1,0.5] [--normal 3] [--model PATH]
+        [--budgets 1073741824,8192] [--time-shares 1,0.5] [--piece-works 0,2097152] [--normal 3]
+        [--setup-chunk N] [--reuse-setup] [--model PATH]
     .venv/bin/python bench/fairness.py --piece-costs [--contexts 30000,100000] [--pieces 8,64,512]
 
 In-process `deployments.engine_core.EngineCore` (no Ray, no gRPC) on the default model: first `--normal` normal
@@ -12,7 +13,9 @@ rest of it prefills. Settings are every pair of `--chunks` (`prefill_chunk`: pro
 the whole prompt in one iteration, a [T, T] mask: only for short prompts) and `--budgets` (`token_budget`:
 tokens one iteration may process; 2**30 = no budget, the scheduler before the budget landed) and
 `--time-shares` (`prefill_time_share`: the share of the engine's time prompt prefill may take while streams
-denoise; 1 = no limit, the scheduler before that rule landed); `--setup-chunk` sets the pieces of the
+denoise; 1 = no limit, the scheduler before that rule landed) and `--piece-works` (`prefill_piece_work`:
+query-key pairs one prompt piece may read, so pieces shrink deep into a long prompt; 0 = off, the scheduler
+before that rule landed); `--setup-chunk` sets the pieces of the
 unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 100k prompt), and
 `--reuse-setup` measures every setting on one prefilled prompt. Prints mean latency of the normal requests per
 setting and the ratio to idle (the goal: within 2x of idle), and idle again at the end (a shared machine's load
@@ -52,7 +55,11 @@ def engine(model, setup_chunk: int, prompt_tokens: int, at: float):
     """An EngineCore and its finish times; with `prompt_tokens`, a long prompt prefilled up to `at` in pieces of
     `setup_chunk` tokens (the normal requests then meet a long context: the worst case)."""
     limits = SchedulerLimits(
-        max_rows=8, max_queue=64, kv_cache_bytes=8 << 30, prefill_chunk=setup_chunk or 1 << 30
+        max_rows=8,
+        max_queue=64,
+        kv_cache_bytes=8 << 30,
+        prefill_chunk=setup_chunk or 1 << 30,
+        prefill_piece_work=0,  # the setup's pieces: as given
     )
     sched = EngineCore(model, limits)
     done: dict[str, float] = {}
@@ -71,10 +78,13 @@ def _sink(done: dict, rid: str):
     return lambda ev: done.__setitem__(rid, time.perf_counter()) if isinstance(ev, FinalEvent) else None
 
 
-def measure(sched, limits, done, chunk: int, budget: int, share: float, normals: int) -> list[float]:
+def measure(
+    sched, limits, done, chunk: int, budget: int, share: float, normals: int, work: int = 0
+) -> list[float]:
     """Latency of `normals` normal requests, one after another, under these settings (the scheduler reads its
     limits every iteration)."""
     limits.prefill_chunk, limits.token_budget, limits.prefill_time_share = chunk or 1 << 30, budget, share
+    limits.prefill_piece_work = work
     out = []
     for i in range(normals):
         rid = f"n{len(done)}"
@@ -167,6 +177,11 @@ def main() -> None:
         default=f"1,{SchedulerLimits.prefill_time_share}",
         help="prefill_time_share values; 1 = no limit on prefill's share of the time while streams denoise",
     )
+    p.add_argument(
+        "--piece-works",
+        default=f"0,{SchedulerLimits.prefill_piece_work}",
+        help="prefill_piece_work values (query-key pairs a prompt piece may read); 0 = off (fixed pieces)",
+    )
     p.add_argument("--normal", type=int, default=3)
     p.add_argument(
         "--setup-chunk",
@@ -205,22 +220,27 @@ def main() -> None:
     idle_engine = engine(model, 0, 0, 0.0)
     measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, 1)  # warm-up
     idle = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
-    print(f"{'setting':<64} {'mean latency s':>14} {'x idle':>7}")
-    print(f"{'idle engine':<64} {idle:14.2f} {1.0:7.2f}", flush=True)
+    print(f"{'setting':<72} {'mean latency s':>14} {'x idle':>7}")
+    print(f"{'idle engine':<72} {idle:14.2f} {1.0:7.2f}", flush=True)
     shared = engine(model, args.setup_chunk, args.prompt_tokens, args.at) if args.reuse_setup else None
-    for chunk in (int(c) for c in args.chunks.split(",")):
-        for budget in (int(b) for b in args.budgets.split(",")):
-            for share in (float(x) for x in args.time_shares.split(",")):
-                busy = shared or engine(model, args.setup_chunk or chunk, args.prompt_tokens, args.at)
-                at = prefilled_fraction(busy[0], args.prompt_tokens)
-                mean = statistics.mean(measure(*busy, chunk, budget, share, args.normal))
-                name = (
-                    f"prefill_chunk {chunk or 'whole'}, token_budget {budget if budget < 1 << 30 else 'none'}, "
-                    f"time_share {share:g} (from {at:.1%})"
-                )
-                print(f"{name:<64} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+    settings = [
+        (int(c), int(b), float(x), int(w))
+        for c in args.chunks.split(",")
+        for b in args.budgets.split(",")
+        for x in args.time_shares.split(",")
+        for w in args.piece_works.split(",")
+    ]
+    for chunk, budget, share, work in settings:
+        busy = shared or engine(model, args.setup_chunk or chunk, args.prompt_tokens, args.at)
+        at = prefilled_fraction(busy[0], args.prompt_tokens)
+        mean = statistics.mean(measure(*busy, chunk, budget, share, args.normal, work))
+        name = (
+            f"chunk {chunk or 'whole'}, budget {budget if budget < 1 << 30 else 'none'}, share {share:g}, "
+            f"piece work {work or 'off'} (from {at:.1%})"
+        )
+        print(f"{name:<72} {mean:14.2f} {mean / idle:7.2f}", flush=True)
     again = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
-    print(f"{'idle engine again (the machine load may have changed)':<64} {again:14.2f} {again / idle:7.2f}")
+    print(f"{'idle engine again (the machine load may have changed)':<72} {again:14.2f} {again / idle:7.2f}")
 
 
 if __name__ == "__main__":

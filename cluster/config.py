@@ -183,6 +183,13 @@ class EngineSection(_Strict):
         description="Most of the engine's time prompt prefill may take while streams are denoising (a long "
         "prompt cannot stall running streams); 1 = no limit",
     )
+    prefill_piece_work: int = Field(
+        _SCHEDULER.prefill_piece_work,
+        ge=0,
+        description="Query-key pairs one prompt piece may attend to: after c cached prompt tokens a piece gets at "
+        "most n tokens with n * (c + n) <= this (at least 16), so pieces shrink deep into a long prompt and "
+        "none stalls running streams for long; 0 = always prefill_chunk",
+    )
     torch_threads: int = Field(
         1,
         ge=0,
@@ -565,6 +572,7 @@ class ClusterConfig(_Strict):
                 kv_cache_bytes=int(e.kv_cache_gib * 2**30),
                 prefill_chunk=e.prefill_chunk,
                 prefill_time_share=e.prefill_time_share,
+                prefill_piece_work=e.prefill_piece_work,
                 token_budget=e.token_budget,
             ),
             torch_threads=e.torch_threads,

@@ -182,6 +182,12 @@ class SchedulerLimits:
     # Pieces keep their size (a prompt's chunking, and so its cache, does not depend on its batch-mates);
     # 1.0 turns the rule off.
     prefill_time_share: float = 0.5
+    # A prompt piece after c of its tokens are cached gets at most n tokens with n * (c + n) <= this many
+    # query-key pairs (`prompt_piece`; never below MIN_PROMPT_PIECE): a piece's attention cost grows with the
+    # context it reads, so a long prompt's pieces shrink as its prefill goes deeper and each costs about what a
+    # full `prefill_chunk` piece costs early on. It depends only on the prompt's own progress, so its chunking
+    # still does not depend on load or batch-mates. 0 turns it off.
+    prefill_piece_work: int = 512 * 4096
 
 
 @dataclass
@@ -193,14 +199,31 @@ class IterationStats:
     seconds: float
 
 
-def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk: int) -> list[int]:
+# The smallest prompt piece `prompt_piece` cuts: below it an iteration's fixed costs dominate the piece's.
+MIN_PROMPT_PIECE = 16
+
+
+def prompt_piece(cached: int, chunk: int, work: int) -> int:
+    """Tokens of a prompt's next piece when `cached` of its tokens are in the cache: the largest n <= chunk with
+    n * (cached + n) <= work (`SchedulerLimits.prefill_piece_work`; 0: always `chunk`), at least
+    MIN_PROMPT_PIECE."""
+    if not work or chunk * (cached + chunk) <= work:
+        return chunk
+    n = int((math.sqrt(cached * cached + 4 * work) - cached) / 2)  # the root of n^2 + cached * n = work
+    return max(min(n, chunk), min(MIN_PROMPT_PIECE, chunk))
+
+
+def share_encoder_tokens(
+    needs: list[int], whole: list[bool], budget: int, chunk: int | list[int]
+) -> list[int]:
     """Encoder tokens granted this iteration to each pending piece of work (0: wait for a later iteration).
 
     `needs[i]` tokens are pending; `whole[i]` marks a commit (a finished canvas: never split, and granted before
-    any prefill because the stream behind it is running); a prompt gets at most `chunk` tokens. Prompts share
+    any prefill because the stream behind it is running); a prompt gets at most `chunk` tokens (or `chunk[i]`). Prompts share
     what commits leave by water-filling: equal shares, a prompt that needs less than its share returns the rest
     to the others, so a long prompt cannot take the budget from short ones. At least one piece always runs,
     so nothing waits forever however small the budget."""
+    caps = chunk if isinstance(chunk, list) else [chunk] * len(needs)
     grant = [0] * len(needs)
     left = budget
     for i, n in enumerate(needs):
@@ -210,13 +233,13 @@ def share_encoder_tokens(needs: list[int], whole: list[bool], budget: int, chunk
     while left > 0 and open_:
         share = max(1, left // len(open_))
         for i in list(open_):
-            g = min(min(needs[i], chunk) - grant[i], share, left)
+            g = min(min(needs[i], caps[i]) - grant[i], share, left)
             grant[i] += g
             left -= g
-            if grant[i] == min(needs[i], chunk):
+            if grant[i] == min(needs[i], caps[i]):
                 open_.remove(i)
     if needs and not any(grant):
-        grant[0] = needs[0] if whole[0] else min(needs[0], chunk)
+        grant[0] = needs[0] if whole[0] else min(needs[0], caps[0])
     return grant
 
 
@@ -346,11 +369,17 @@ class Scheduler:
         self._encode_turn += 1
         L = self.config.canvas_length
         budget = max(self.limits.token_budget - denoising * L, self.limits.token_budget // 2)
+        chunk, work = self.limits.prefill_chunk, self.limits.prefill_piece_work
         grant = share_encoder_tokens(
             [len(s.pending_encode) for s in todo],
             [s.canvas_index > 0 for s in todo],  # after the prompt, pending tokens are a committed canvas
             budget,
-            self.limits.prefill_chunk,
+            [
+                prompt_piece(len(s.request.prompt_ids) - len(s.pending_encode), chunk, work)
+                if s.canvas_index == 0
+                else chunk
+                for s in todo
+            ],
         )
         for s, g in zip(todo, grant, strict=True):
             if g:

@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.scheduler import share_encoder_tokens
+from deployments.scheduler import (
+    MIN_PROMPT_PIECE,
+    EngineRequest,
+    Scheduler,
+    SchedulerLimits,
+    prompt_piece,
+    share_encoder_tokens,
+)
+from model.config import from_name
+from model.sampling.params import SamplingParams
 
 
 def test_commits_come_first_and_are_never_split():
@@ -46,3 +55,43 @@ def test_grants_respect_needs_caps_and_budget(work, budget, chunk):
     for i in prompts:
         if grant[i] < min(needs[i], chunk) and sum(grant) <= budget:
             assert all(grant[j] <= grant[i] + 1 for j in prompts)
+
+
+def test_prompt_pieces_shrink_with_the_context_they_read():
+    """A piece of n tokens after c cached ones reads ~n * (c + n) query-key pairs: pieces keep that within the
+    work limit, full-size early in a prompt, shrinking deep into a long one, never below the minimum."""
+    work = 512 * 4096
+    assert prompt_piece(0, 512, work) == prompt_piece(3000, 512, work) == 512
+    sizes = [prompt_piece(c, 512, work) for c in range(0, 300_000, 997)]
+    assert sizes == sorted(sizes, reverse=True)
+    for c, n in zip(range(0, 300_000, 997), sizes, strict=True):
+        assert n * (c + n) <= work and (n + 1) * (c + n + 1) > work or n in (512, MIN_PROMPT_PIECE)
+    assert prompt_piece(30_000, 512, work) == 69 and prompt_piece(100_000, 512, work) == 20
+    assert prompt_piece(10**7, 512, work) == MIN_PROMPT_PIECE and prompt_piece(10**7, 8, work) == 8
+    assert prompt_piece(10**7, 512, 0) == 512  # the rule off
+
+
+def _long_prompt_pieces(others: bool) -> list[int]:
+    sched = Scheduler(
+        from_name("tiny-test"),
+        SchedulerLimits(prefill_chunk=64, prefill_piece_work=64 * 256, prefill_time_share=1.0),
+    )
+    if others:  # a running stream and another prompt beside the long one
+        sched.submit(EngineRequest("a", [3] * 5, SamplingParams(max_new_tokens=1000), 1), lambda e: None)
+        sched.schedule()
+    sched.submit(EngineRequest("long", [3] * 1000, SamplingParams(max_new_tokens=1), 1), lambda e: None)
+    if others:
+        sched.submit(EngineRequest("b", [4] * 300, SamplingParams(max_new_tokens=1), 1), lambda e: None)
+    pieces = []
+    while sched.active.get("long") is None or sched.active["long"].pending_encode:
+        plan = sched.schedule()
+        slot = sched.active["long"].slot
+        pieces += [len(e.tokens) for e in plan.encode if e.slot == slot]
+    return pieces
+
+
+def test_a_long_prompts_pieces_depend_only_on_its_own_progress():
+    alone = _long_prompt_pieces(others=False)
+    assert sum(alone) == 1000 and alone[:4] == [64] * 4 and alone[4] == 53  # 64 * (256 + 64) > 64 * 256
+    assert alone == sorted(alone, reverse=True) and alone[-2] < 64
+    assert _long_prompt_pieces(others=True) == alone
