@@ -170,3 +170,34 @@ def test_a_pool_reserved_for_the_budget_never_grows():
     caches = [model.new_cache(capacity_tokens=100) for _ in range(4)]
     assert [t.data_ptr() for t in pool.keys + pool.values] == ptrs
     assert sum(c.nbytes() for c in caches) <= pool.nbytes()
+
+
+def test_rows_longer_than_a_key_group_are_bit_identical_alone_and_batched(model):
+    """Cached contexts of 5, 130 and 2200 tokens (the last past the largest 2048-key group; caches filled with
+    random K/V, which the attention does not mind): the decoder's output and a commit's encoder output of each
+    row batched with the others are exactly its numbers alone (each alone call from the same cache contents)."""
+    L = model.config.canvas_length
+    lengths = [5, 130, 2200]
+    caches = [model.new_cache(capacity_tokens=n + L) for n in lengths]
+    g = torch.Generator().manual_seed(11)
+    for store in (*model.kv_pool.keys, *model.kv_pool.values):
+        store.copy_(torch.randn(store.shape, generator=g))
+    for c, n in zip(caches, lengths, strict=True):
+        c.advance(n)
+    canvas = torch.randint(0, 512, (3, L), generator=g)
+    with torch.no_grad():
+        together = model.denoise(canvas, PrefixBatch(caches))
+        for i, c in enumerate(caches):
+            assert torch.equal(together[i : i + 1], model.denoise(canvas[i : i + 1], PrefixBatch([c])))
+        rows = [canvas[i, : 4 + 5 * i].tolist() for i in range(3)]  # commits of different lengths
+        stores = (*model.kv_pool.keys, *model.kv_pool.values)
+        before = [t.clone() for t in stores]
+        batched = model.encode(TokenBatch.from_lists(rows, lengths, 0), caches)
+        for i, c in enumerate(caches):
+            for t, b in zip(stores, before, strict=True):  # the sliding ring was overwritten: restore it
+                t.copy_(b)
+            c.length = lengths[i]
+            one = model.encode(TokenBatch.from_lists([rows[i]], [lengths[i]], 0), [c])
+            assert torch.equal(batched[i : i + 1, : len(rows[i])], one)
+    for c in caches:
+        c.release()
