@@ -21,7 +21,8 @@ unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 10
 setting and the ratio to idle (the goal: within 2x of idle), and idle again at the end (a shared machine's load
 drifts during a long run).
 
-With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
+With `--prefill-alone` it instead times the long prompt's whole prefill on an idle engine per `--piece-works`
+value (what shrinking pieces costs the long prompt itself). With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
 of `--pieces` tokens on one sequence holding `--contexts` cached tokens (the cache's pages are filled with
 random K/V and its length set directly: the cost depends on how many keys the piece attends to, not on their
 values, and filling 100k tokens through the encoder would take longer than the measurement), against one
@@ -101,6 +102,22 @@ def measure(
 def prefilled_fraction(sched, prompt_tokens: int) -> float:
     seq = sched.active.get("long")
     return 1.0 if seq is None else 1 - len(seq.pending_encode or ()) / prompt_tokens
+
+
+def prefill_alone(model, prompt_tokens: int, chunk: int, works: list[int]) -> None:
+    """Seconds and iterations to prefill the long prompt alone on an idle engine, per prefill_piece_work: what
+    smaller pieces deep into the prompt cost the prompt itself."""
+    print(f"{'piece work':>12} {'iterations':>10} {'prefill s':>10}")
+    for work in works:
+        sched, limits, _ = engine(model, chunk, 0, 0.0)
+        limits.prefill_piece_work = work
+        prompt = [5 + i % 200 for i in range(prompt_tokens)]
+        sched.submit(EngineRequest("long", prompt, SamplingParams(max_new_tokens=1), 0), lambda ev: None)
+        t0, n = time.perf_counter(), 0
+        while sched.active.get("long") is None or sched.active["long"].pending_encode:
+            sched.iterate()
+            n += 1
+        print(f"{work or 'off':>12} {n:>10} {time.perf_counter() - t0:10.1f}", flush=True)
 
 
 def _filled_cache(model, tokens: int, room: int):
@@ -200,12 +217,25 @@ def main() -> None:
     p.add_argument(
         "--piece-costs", action="store_true", help="time single prefill pieces instead (see above)"
     )
+    p.add_argument(
+        "--prefill-alone",
+        action="store_true",
+        help="time the long prompt's whole prefill alone per --piece-works (one --chunks value) instead",
+    )
     p.add_argument("--contexts", default="30000,100000", help="--piece-costs: cached tokens")
     p.add_argument("--pieces", default="8,64,512", help="--piece-costs: piece sizes in tokens")
     p.add_argument("--repeats", type=int, default=3, help="--piece-costs: best of this many calls")
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_model(args.model)
+    if args.prefill_alone:
+        print(
+            f"model {args.model}; a {args.prompt_tokens}-token prompt prefilled alone, prefill_chunk {args.chunks}"
+        )
+        prefill_alone(
+            model, args.prompt_tokens, int(args.chunks), [int(w) for w in args.piece_works.split(",")]
+        )
+        return
     if args.piece_costs:
         ints = [[int(x) for x in a.split(",")] for a in (args.contexts, args.pieces)]
         print(
