@@ -263,12 +263,14 @@ def main() -> None:
     for chunk, budget, share, work in settings:
         busy = shared or engine(model, args.setup_chunk or chunk, args.prompt_tokens, args.at)
         at = prefilled_fraction(busy[0], args.prompt_tokens)
-        mean = statistics.mean(measure(*busy, chunk, budget, share, args.normal, work))
+        lat = measure(*busy, chunk, budget, share, args.normal, work)
+        mean = statistics.mean(lat)
         name = (
             f"chunk {chunk or 'whole'}, budget {budget if budget < 1 << 30 else 'none'}, share {share:g}, "
             f"piece work {work or 'off'} (from {at:.1%})"
         )
-        print(f"{name:<72} {mean:14.2f} {mean / idle:7.2f}", flush=True)
+        each = " ".join(f"{x:.2f}" for x in lat)
+        print(f"{name:<72} {mean:14.2f} {mean / idle:7.2f}  [{each}]", flush=True)
     again = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
     print(f"{'idle engine again (the machine load may have changed)':<72} {again:14.2f} {again / idle:7.2f}")
 
