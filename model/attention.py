@@ -286,8 +286,9 @@ def workspace_bytes(
 ) -> int:
     """Upper bound of the transient bytes `blocked_attention` (no grad) holds per row for one layer: the query
     copies, the gathered K/V of the largest key group (the gather and its head-major copy, and fp32 copies), that
-    group's scores, masks and positions, its product with the values, the fp32 running state, the output copies,
-    and on CPU the extra output `_bmm` makes when a batch holds a single matrix. Admission reserves it per row
+    group's scores, masks and positions, its product with the values, the fp32 running state (and its copy for a
+    group of some rows), the output copies, and on CPU the extra output `_bmm` makes when a batch holds a single
+    matrix. Admission reserves it per row
     (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
     H, G, T, d, K = num_heads, kv_heads, query_tokens, head_dim, GROUP_BLOCKS * BLOCK_TOKENS
     f32 = 0 if itemsize == 4 else 4  # .float() copies only when the model dtype is not fp32
@@ -298,4 +299,5 @@ def workspace_bytes(
     state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the group product; m, l, their updates and alpha
     output = H * T * d * (4 + 2 * itemsize)  # acc / l, then in the model dtype, transposed for o_proj
     single = H * T * (K + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix (odd rows)
-    return query + gathered + scores + state + output + single
+    selected = 2 * H * T * d * 4 + 2 * H * T * 4  # a group of some rows: copies of their query and state
+    return query + gathered + scores + state + output + single + selected

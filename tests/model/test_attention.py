@@ -240,12 +240,13 @@ def _transient_peak(fn) -> int:
     return peak
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 4])
 def test_workspace_bound_covers_long_contexts(rows):
     """What admission reserves per row for one layer's attention (`workspace_bytes`) covers the transient bytes a
-    canvas-sized query chunk really allocates over a context longer than the largest key group."""
+    canvas-sized query chunk really allocates over a context longer than the largest key group (4 rows: one
+    short, so the long groups run for some rows only)."""
     H, G, T, d = 4, 2, 32, 32
-    lengths = [GROUP_BLOCKS * BLOCK_TOKENS * 2 + 5] * rows
+    lengths = [GROUP_BLOCKS * BLOCK_TOKENS * 2 + 5] * min(rows, 3) + [100] * (rows - 3)
     pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=6)
     g = torch.Generator().manual_seed(7)
     q = torch.randn(rows, H, T, d, generator=g)
