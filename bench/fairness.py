@@ -18,8 +18,9 @@ query-key pairs one prompt piece may read, so pieces shrink deep into a long pro
 before that rule landed); `--setup-chunk` sets the pieces of the
 unmeasured prefill up to `--at` (e.g. 512 when measuring 32-token pieces on a 100k prompt), and
 `--reuse-setup` measures every setting on one prefilled prompt. Prints mean latency of the normal requests per
-setting and the ratio to idle (the goal: within 2x of idle), and idle again at the end (a shared machine's load
-drifts during a long run).
+setting and the ratio to idle (the goal: within 2x of idle); each busy request is followed by one on the idle
+engine, and the ratio to those interleaved idle requests is printed too (a shared machine's load drifts during a
+long run; the interleaved ratio cancels most of it), then idle again at the end.
 
 With `--prefill-alone` it instead times the long prompt's whole prefill on an idle engine per `--piece-works`
 value (what shrinking pieces costs the long prompt itself). With `--piece-costs` it instead times what one prefill piece costs deep into a long prompt: one `model.encode`
@@ -263,7 +264,12 @@ def main() -> None:
     for chunk, budget, share, work in settings:
         busy = shared or engine(model, args.setup_chunk or chunk, args.prompt_tokens, args.at)
         at = prefilled_fraction(busy[0], args.prompt_tokens)
-        lat = measure(*busy, chunk, budget, share, args.normal, work)
+        lat, paired = [], []
+        for _ in range(
+            args.normal
+        ):  # each busy request followed by one on the idle engine: load drift cancels
+            lat += measure(*busy, chunk, budget, share, 1, work)
+            paired += measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, 1)
         mean = statistics.mean(lat)
         name = (
             f"chunk {chunk or 'whole'}, budget {budget if budget < 1 << 30 else 'none'}, share {share:g}, "
@@ -271,6 +277,12 @@ def main() -> None:
         )
         each = " ".join(f"{x:.2f}" for x in lat)
         print(f"{name:<72} {mean:14.2f} {mean / idle:7.2f}  [{each}]", flush=True)
+        interleaved = statistics.mean(paired)
+        print(
+            f"{'  x the idle requests interleaved with these (' + f'{interleaved:.2f} s)':<72} {'':14} "
+            f"{mean / interleaved:7.2f}",
+            flush=True,
+        )
     again = statistics.mean(measure(*idle_engine, 512, SchedulerLimits.token_budget, 1.0, args.normal))
     print(f"{'idle engine again (the machine load may have changed)':<72} {again:14.2f} {again / idle:7.2f}")
 
