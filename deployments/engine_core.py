@@ -7,6 +7,7 @@ and tests drive in-process (no Ray, no gRPC, no threads).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -20,9 +21,9 @@ class EngineCore:
     def __init__(self, model: DiffusionGemma, limits: SchedulerLimits):
         itemsize = torch.empty((), dtype=model.dtype).element_size()
         # admission reserves what the KV path really allocates per sequence: pool pages + attention workspace
-        self.scheduler = Scheduler(
-            model.config, limits, kv_itemsize=itemsize, kv_reservation=model.kv_reservation_bytes
-        )
+        # (a row's attention workspace grows with the key groups it reads: its own context and its prompt pieces)
+        reservation = functools.partial(model.kv_reservation_bytes, new_tokens=limits.prefill_chunk)
+        self.scheduler = Scheduler(model.config, limits, kv_itemsize=itemsize, kv_reservation=reservation)
         if model.device.type == "cuda":
             # size the pool once for the whole budget, so it never reallocates (and never doubles) under load;
             # on CPU it grows on demand instead, so a small demo does not hold the whole budget

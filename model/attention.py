@@ -78,6 +78,12 @@ def key_groups(blocks: int) -> list[tuple[int, int]]:
     return out
 
 
+def largest_group_keys(tokens: int) -> int:
+    """Keys of the largest key group a source of `tokens` keys is read in (at least one block): what one row of
+    that many keys can make a single attention step hold at once."""
+    return BLOCK_TOKENS * max((b - a for a, b in key_groups(-(-tokens // BLOCK_TOKENS))), default=1)
+
+
 def padded_blocks(blocks: int) -> int:
     """Blocks covered by `key_groups(blocks)` (a source is padded to this many)."""
     groups = key_groups(blocks)
@@ -282,15 +288,22 @@ def _put(full: torch.Tensor, rows: torch.Tensor, part: torch.Tensor, B: int, inp
 
 
 def workspace_bytes(
-    num_heads: int, kv_heads: int, head_dim: int, query_tokens: int, itemsize: int, cpu: bool
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    query_tokens: int,
+    itemsize: int,
+    cpu: bool,
+    group_keys: int = GROUP_BLOCKS * BLOCK_TOKENS,
 ) -> int:
     """Upper bound of the transient bytes `blocked_attention` (no grad) holds per row for one layer: the query
     copies, the gathered K/V of the largest key group (the gather and its head-major copy, and fp32 copies), that
     group's scores, masks and positions, its product with the values, the fp32 running state (and its copy for a
     group of some rows), the output copies, and on CPU the extra output `_bmm` makes when a batch holds a single
-    matrix. Admission reserves it per row
+    matrix. `group_keys`: the largest key group the row takes part in (default: the largest there is); a row joins
+    only the groups of its own keys (`group_rows`) and of the batch's new tokens. Admission reserves it per row
     (model/kv_cache.py); bench/kv_memory.py measures the real peak against it."""
-    H, G, T, d, K = num_heads, kv_heads, query_tokens, head_dim, GROUP_BLOCKS * BLOCK_TOKENS
+    H, G, T, d, K = num_heads, kv_heads, query_tokens, head_dim, group_keys
     f32 = 0 if itemsize == 4 else 4  # .float() copies only when the model dtype is not fp32
     query = H * T * d * (itemsize + f32)  # the reshaped query and its fp32 copy
     # K and V: each gathered page-major, then copied head-major (both alive at once), then the fp32 copies

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from model.attention import BLOCK_TOKENS, DenseKeys, PagedKeys, group_rows, padded_blocks, workspace_bytes
+from model.attention import (
+    BLOCK_TOKENS,
+    GROUP_BLOCKS,
+    DenseKeys,
+    PagedKeys,
+    group_rows,
+    largest_group_keys,
+    padded_blocks,
+    workspace_bytes,
+)
 from model.config import ModelConfig
 
 FULL, RING = "full", "ring"
@@ -231,13 +240,24 @@ def cache_bytes(config: ModelConfig, capacity_tokens: int, itemsize: int) -> int
     return pages_for(capacity_tokens) * page[FULL] + pages_for(ring_tokens(config)) * page[RING]
 
 
-def reservation_bytes(config: ModelConfig, capacity_tokens: int, itemsize: int, cpu: bool = True) -> int:
+def reservation_bytes(
+    config: ModelConfig, capacity_tokens: int, itemsize: int, cpu: bool = True, new_tokens: int | None = None
+) -> int:
     """What admission reserves for one sequence: its pages plus its row's attention workspace (the largest
     layer's; layers run one after another; longer encoder calls are cut into canvas-sized query chunks, see
-    `Attention.attend`). Every byte the KV path allocates is in here."""
+    `Attention.attend`). Every byte the KV path allocates is in here.
+
+    The workspace grows with the largest key group the row reads: the groups of its own cached keys (at most
+    `capacity_tokens`) and those of the new tokens of any call it is in (at most `new_tokens` per row: the
+    engine's largest prompt piece or a canvas). Without `new_tokens`, the largest group there is."""
     T = config.canvas_length
+    if new_tokens is None:
+        group = GROUP_BLOCKS * BLOCK_TOKENS
+    else:
+        group = max(largest_group_keys(capacity_tokens), largest_group_keys(max(new_tokens, T)))
     work = max(
-        workspace_bytes(config.num_heads, s.num_kv_heads, s.head_dim, T, itemsize, cpu) for s in config.layers
+        workspace_bytes(config.num_heads, s.num_kv_heads, s.head_dim, T, itemsize, cpu, group)
+        for s in config.layers
     )
     return cache_bytes(config, capacity_tokens, itemsize) + work
 

@@ -172,11 +172,13 @@ class DiffusionGemma(nn.Module):
         them back."""
         return SequenceCache(self.kv_pool, capacity_tokens)
 
-    def kv_reservation_bytes(self, capacity_tokens: int) -> int:
+    def kv_reservation_bytes(self, capacity_tokens: int, new_tokens: int | None = None) -> int:
         """Bytes admission reserves for a sequence of `capacity_tokens`: its pool pages and its row's attention
-        workspace (model/kv_cache.py)."""
+        workspace (model/kv_cache.py). `new_tokens`: the most new tokens one encode call gives a row (the engine's
+        prompt piece; a canvas at least); None reserves for the largest key group."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return reservation_bytes(self.config, capacity_tokens, itemsize, cpu=self.device.type == "cpu")
+        cpu = self.device.type == "cpu"
+        return reservation_bytes(self.config, capacity_tokens, itemsize, cpu=cpu, new_tokens=new_tokens)
 
     def prefix(self, caches: list[SequenceCache]) -> PrefixBatch:
         return PrefixBatch(caches)

@@ -15,6 +15,7 @@ from model.attention import (
     blocked_attention,
     group_rows,
     key_groups,
+    largest_group_keys,
     workspace_bytes,
 )
 
@@ -260,3 +261,24 @@ def test_workspace_bound_covers_long_contexts(rows):
     assert (
         H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows < peak <= bound
     )  # the largest group's scores are in it
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_a_short_rows_workspace_bound_is_its_own_largest_group(rows):
+    """Rows that never read a long key group reserve only for the largest group of their own keys and new
+    tokens (`group_keys`), and the transient bytes they really allocate stay within that smaller bound."""
+    H, G, T, d = 4, 2, 32, 32
+    lengths = [100] * rows
+    group = max(largest_group_keys(100 + T), largest_group_keys(T))
+    assert group < GROUP_BLOCKS * BLOCK_TOKENS
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=8)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(rows, H, T, d, generator=g)
+    nk, nv = torch.randn(rows, G, T, d, generator=g), torch.randn(rows, G, T, d, generator=g)
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(rows, T, dtype=torch.bool)
+    peak = _transient_peak(
+        lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
+    )
+    bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True, group_keys=group)
+    assert peak <= bound < rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)

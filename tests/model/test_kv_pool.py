@@ -201,3 +201,15 @@ def test_rows_longer_than_a_key_group_are_bit_identical_alone_and_batched(model)
             assert torch.equal(batched[i : i + 1, : len(rows[i])], one)
     for c in caches:
         c.release()
+
+
+def test_a_short_sequence_reserves_less_workspace_than_a_long_one():
+    """The attention workspace admission reserves grows with the key groups a row can read: a short sequence
+    (given the engine's largest prompt piece) reserves less than the largest-group bound, a long one as much."""
+    model = DiffusionGemma(from_name("tiny-test")).eval()
+    short = model.kv_reservation_bytes(100, new_tokens=64)
+    assert short < model.kv_reservation_bytes(100)
+    long = 40 * 2048
+    assert model.kv_reservation_bytes(long, new_tokens=64) == model.kv_reservation_bytes(long)
+    # a larger prompt piece can only raise it
+    assert model.kv_reservation_bytes(100, new_tokens=512) >= short
