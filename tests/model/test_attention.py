@@ -241,6 +241,20 @@ def _transient_peak(fn) -> int:
     return peak
 
 
+def _decoder_chunk_peak(lengths: list[int], H: int, G: int, T: int, d: int, seed: int) -> int:
+    """Transient bytes one canvas-sized query chunk of rows with cached `lengths` allocates in `blocked_attention`."""
+    rows = len(lengths)
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(rows, H, T, d, generator=g)
+    nk, nv = torch.randn(rows, G, T, d, generator=g), torch.randn(rows, G, T, d, generator=g)
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(rows, T, dtype=torch.bool)
+    return _transient_peak(
+        lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
+    )
+
+
 @pytest.mark.parametrize("rows", [1, 3, 4])
 def test_workspace_bound_covers_long_contexts(rows):
     """What admission reserves per row for one layer's attention (`workspace_bytes`) covers the transient bytes a
@@ -248,15 +262,7 @@ def test_workspace_bound_covers_long_contexts(rows):
     short, so the long groups run for some rows only)."""
     H, G, T, d = 4, 2, 32, 32
     lengths = [GROUP_BLOCKS * BLOCK_TOKENS * 2 + 5] * min(rows, 3) + [100] * (rows - 3)
-    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=6)
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(rows, H, T, d, generator=g)
-    nk, nv = torch.randn(rows, G, T, d, generator=g), torch.randn(rows, G, T, d, generator=g)
-    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
-    q_valid = torch.ones(rows, T, dtype=torch.bool)
-    peak = _transient_peak(
-        lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
-    )
+    peak = _decoder_chunk_peak(lengths, H, G, T, d, seed=6)
     bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)
     assert (
         H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows < peak <= bound
@@ -268,17 +274,8 @@ def test_a_short_rows_workspace_bound_is_its_own_largest_group(rows):
     """Rows that never read a long key group reserve only for the largest group of their own keys and new
     tokens (`group_keys`), and the transient bytes they really allocate stay within that smaller bound."""
     H, G, T, d = 4, 2, 32, 32
-    lengths = [100] * rows
     group = max(largest_group_keys(100 + T), largest_group_keys(T))
     assert group < GROUP_BLOCKS * BLOCK_TOKENS
-    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=8)
-    g = torch.Generator().manual_seed(9)
-    q = torch.randn(rows, H, T, d, generator=g)
-    nk, nv = torch.randn(rows, G, T, d, generator=g), torch.randn(rows, G, T, d, generator=g)
-    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
-    q_valid = torch.ones(rows, T, dtype=torch.bool)
-    peak = _transient_peak(
-        lambda: _attend_paged(q, pk, pv, table, pos, valid, nk, nv, q_pos, q_valid, True, None)
-    )
+    peak = _decoder_chunk_peak([100] * rows, H, G, T, d, seed=8)
     bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True, group_keys=group)
     assert peak <= bound < rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)
