@@ -212,6 +212,12 @@ class ConstraintTables:
         pinned = self.pins >= 0
         return torch.where(pinned[..., None], vocab == self.pins[..., None], allowed)
 
+    def allowed_tokens(self, r: int, pos: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[P, K] bool: whether row r's positions `pos` [P] may take token ids `tokens` [K]."""
+        pins = self.pins[r, pos, None]  # [P, 1]
+        allowed = self.table[:, tokens][self.classes[r, pos]]  # [P, K]
+        return torch.where(pins >= 0, tokens[None, :] == pins, allowed)
+
 
 def _row_tensor(rows: list[RowState], value, dtype, device) -> torch.Tensor:
     return torch.tensor([value(r) for r in rows], dtype=dtype, device=device)
@@ -424,13 +430,10 @@ def _draw_group(
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
     if joint is not None:
 
-        def logits_of(r: int, pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:  # [P, hi - lo] as above
-            out = _scaled_logits(hidden[r, pos], weight[lo:hi], cap, inv_t[r])
+        def logits_of(r: int, pos: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:  # [P, K] as above
+            out = _scaled_logits(hidden[r, pos], weight[tokens], cap, inv_t[r])
             if tables is not None:
-                sub = ConstraintTables(
-                    tables.pins[r : r + 1, pos], tables.classes[r : r + 1, pos], tables.table
-                )
-                out.masked_fill_(~sub.allowed(lo, hi)[0], float("-inf"))
+                out.masked_fill_(~tables.allowed_tokens(r, pos, tokens), float("-inf"))
             return out
 
         best_idx, draw_idx = joint.finish(best_idx, draw_idx, logits_of)

@@ -63,6 +63,19 @@ class RegularRun:
     num_canvases: int
     canvas_length: int
     end_states: list[int] = field(default_factory=list)  # state after each committed canvas (latest draft)
+    _tables: dict = field(default_factory=dict, repr=False)  # (block size, device) -> `token_tables`
+
+    def token_tables(self, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([V] atom of each token, A where it has none; [V] its row block * (A + 1) + atom in the statistics),
+        on `device`: built once per request (block size and device), not at every step."""
+        key = (B, str(device))
+        if key not in self._tables:
+            A = self.automaton.num_atoms
+            atom_of = torch.from_numpy(self.automaton.atom_of)
+            atom_of = torch.where(atom_of < 0, A, atom_of)
+            index = torch.arange(len(atom_of)) // B * (A + 1) + atom_of
+            self._tables[key] = (atom_of.to(device), index.to(device))
+        return self._tables[key]
 
     def start_state(self, index: int) -> int:
         return 0 if index == 0 else self.end_states[index - 1]
@@ -116,10 +129,7 @@ class _RowAccumulator:
         self.kept = torch.empty(L, self.V, device=device) if L * self.V <= KEPT_ELEMENTS else None
         self.B = C if self.kept is not None else _block_size(self.V, A1, L, C)
         self.N = -(-self.V // self.B)
-        atom_of = torch.from_numpy(self.canvas.run.automaton.atom_of)
-        atom_of = torch.where(atom_of < 0, self.A, atom_of)
-        self.atom_of = atom_of.to(device)
-        self.index = (torch.arange(self.V) // self.B * A1 + atom_of).to(device)
+        self.atom_of, self.index = self.canvas.run.token_tables(self.B, device)
         self.best = torch.full((self.N * A1, L), float("-inf"), device=device)
         self.mass = torch.zeros(self.N * A1, L, device=device)
         self.ref = torch.zeros(self.N, L, device=device)  # [N, L] reference r of each block's masses
@@ -178,12 +188,10 @@ class _RowAccumulator:
         self, argmax: torch.Tensor, sampled: torch.Tensor, logits_of
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The constrained argmax canvas and a constrained draw ([L] token ids each). argmax / sampled [L]:
-        the sampler's unconstrained argmax and draw at this step. `logits_of(positions, start, stop)`: this
-        row's masked, temperature-scaled logits [P, stop - start] at `positions`."""
+        the sampler's unconstrained argmax and draw at this step. `logits_of(positions, tokens)`: this
+        row's masked, temperature-scaled logits [P, K] of token ids `tokens` [K] at `positions` [P]."""
         run, index = self.canvas.run, self.canvas.index
         ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
-        if self.kept is not None:
-            logits_of = lambda pos, lo, hi: self.kept[pos, lo:hi]  # noqa: E731
         best, block, log_mass = self._statistics()
         path = best_atoms(ta, best.T.double().cpu().numpy(), start_state, goal)
         gumbel = noise.gumbel(noise.combine(self.keys, _ATOM)[None], 0, self.A)[0]  # [L, A]
@@ -200,7 +208,7 @@ class _RowAccumulator:
         # X in the atom), and the recomputed draw elsewhere uses independent noise, so the mixture is exact.
         top_atoms, draw_atoms = torch.from_numpy(path[0]).to(dev), torch.from_numpy(drawn[0]).to(dev)
         picked = torch.zeros_like(draw_atoms)
-        if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
+        if self.N > 1 and self.kept is None:  # the block of each drawn token, by the blocks' masses of its atom
             masses = self._block_log_mass(draw_atoms)  # [L, N]
             u = noise.uniform(noise.mix(noise.combine(self.keys, _BLOCK)))  # [L]
             picked = _inverse_cdf(masses, u)
@@ -213,29 +221,37 @@ class _RowAccumulator:
 
     def _tokens(self, *picks, logits_of) -> tuple[torch.Tensor, ...]:
         """Per pick (atoms, blocks, free, u), [L] one token of atom atoms[p] at each position p: free[p] where
-        it lies in that atom, else one inside vocabulary block blocks[p]: the first best (u None) or drawn
-        from the softmax restricted to the atom with uniforms u [L]. One recomputation per block serves all
-        picks (at most N blocks; the positions that need one block share its matmul)."""
+        it lies in that atom, else one of the atom's tokens inside vocabulary block blocks[p]: the first best
+        (u None) or drawn from the softmax restricted to the atom with uniforms u [L]. `logits_of(positions,
+        tokens)`: logits [P, K] of token ids `tokens` [K] (ascending) at `positions` [P]."""
         todo = [self.atom_of[free] != atoms for atoms, _, free, _ in picks]
         outs = [free.clone() for _, _, free, _ in picks]
-        needed = torch.cat([blocks[t] for (_, blocks, _, _), t in zip(picks, todo, strict=True)])
-        for b in torch.unique(needed).tolist():
+        if self.kept is not None:  # every logit at hand: all positions of a pick at once
+            for (atoms, _, _, u), out, mine in zip(picks, outs, todo, strict=True):
+                p = torch.nonzero(mine)[:, 0]
+                if len(p):
+                    scores = self.kept[p].masked_fill(self.atom_of[None, :] != atoms[p, None], float("-inf"))
+                    out[p] = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
+            return tuple(outs)
+        # Recomputed: only the chosen atom's tokens of the chosen block, one call per (block, atom) pair that
+        # some position needs (positions of all picks that need a pair share its matmul). Where the free token
+        # is outside the chosen atom, that atom is mostly a small structural one, so K is small.
+        A1 = self.A + 1
+        keys = [blocks * A1 + atoms for atoms, blocks, _, _ in picks]
+        needed = torch.cat([k[t] for k, t in zip(keys, todo, strict=True)])
+        for key in torch.unique(needed).tolist():
+            b, a = divmod(key, A1)
             lo, hi = b * self.B, min(self.V, (b + 1) * self.B)
-            here = [t & (blocks == b) for (_, blocks, _, _), t in zip(picks, todo, strict=True)]
+            tokens = torch.nonzero(self.atom_of[lo:hi] == a)[:, 0] + lo  # ascending: first best kept
+            here = [t & (k == key) for k, t in zip(keys, todo, strict=True)]
             where = torch.nonzero(torch.stack(here).any(0))[:, 0]
-            logits = logits_of(where, lo, hi)  # [P, hi - lo]
-            for (atoms, _, _, u), out, mine in zip(picks, outs, here, strict=True):
+            logits = logits_of(where, tokens)  # [P, K]
+            for (_, _, _, u), out, mine in zip(picks, outs, here, strict=True):
                 rows = torch.nonzero(mine[where])[:, 0]
                 if len(rows) == 0:
                     continue
-                p = where[rows]
-                # only the block's tokens of the atoms wanted here (structural atoms are small)
-                block_atoms = self.atom_of[lo:hi]
-                cols = torch.nonzero(torch.isin(block_atoms, atoms[p]))[:, 0]  # ascending: first best kept
-                scores = logits[rows[:, None], cols]
-                scores = torch.where(block_atoms[cols] == atoms[p, None], scores, float("-inf"))
-                pick = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
-                out[p] = cols[pick] + lo
+                scores, p = logits[rows], where[rows]
+                out[p] = tokens[scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])]
         return tuple(outs)
 
 
@@ -387,12 +403,12 @@ class JointStep:
         self, argmax: torch.Tensor, sampled: torch.Tensor, logits_of
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace constrained rows' argmax / sampled canvases [R, L] by constrained ones. `logits_of(row,
-        positions, start, stop)`: the logits `chunk` saw, recomputed for a few positions of one row."""
+        positions, tokens)`: the logits `chunk` saw, recomputed for a few positions and tokens of one row."""
         argmax, sampled = argmax.clone(), sampled.clone()
         for r, acc in self.rows.items():
             if isinstance(acc, _RowAccumulator):
                 top, draw = acc.solve(
-                    argmax[r], sampled[r], lambda pos, lo, hi, r=r: logits_of(r, pos, lo, hi)
+                    argmax[r], sampled[r], lambda pos, tokens, r=r: logits_of(r, pos, tokens)
                 )
                 argmax[r], sampled[r] = top.to(argmax.device), draw.to(sampled.device)
             else:

@@ -425,7 +425,7 @@ def _joint_draws(ta, logits: torch.Tensor, seeds: range, chunk: int, sampled: to
     if sampled is None:
         gen = torch.Generator().manual_seed(seeds.start)
         sampled = torch.multinomial(torch.softmax(logits, -1).repeat(R, 1), 1, generator=gen).view(R, L)
-    return step.finish(argmax, sampled, lambda r, pos, lo, hi: logits[pos, lo:hi])
+    return step.finish(argmax, sampled, lambda r, pos, tokens: logits[pos][:, tokens])
 
 
 @settings(max_examples=60, deadline=None)
