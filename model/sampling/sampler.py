@@ -206,16 +206,30 @@ class ConstraintTables:
         return ConstraintTables(self.pins[lo:hi], self.classes[lo:hi], self.table)
 
     def allowed(self, start: int, stop: int) -> torch.Tensor:
-        """[R, L, C] bool: tokens of vocab slice [start, stop) each position may take."""
+        """[R, L, C] bool (or [R, 1, C], broadcast, where no row pins a position and each row has one class):
+        tokens of vocab slice [start, stop) each position may take."""
+        if self._uniform() is not None:
+            return self.table[self._uniform(), start:stop][
+                :, None, :
+            ]  # a third of the [R, L, C] gather's time
         vocab = torch.arange(start, stop, device=self.pins.device)
         allowed = self.table[:, start:stop][self.classes]  # [R, L, C]
         pinned = self.pins >= 0
         return torch.where(pinned[..., None], vocab == self.pins[..., None], allowed)
 
+    def _uniform(self) -> torch.Tensor | None:
+        """[R] the one class of each row when no row pins a position, else None; checked once per step, on CPU
+        only (elsewhere the check would wait for the device)."""
+        if not hasattr(self, "_one_class"):
+            one = self.pins.device.type == "cpu" and bool((self.pins < 0).all())
+            one = one and bool((self.classes == self.classes[:, :1]).all())
+            self._one_class = self.classes[:, 0] if one else None
+        return self._one_class
+
     def allowed_tokens(self, r: int, pos: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """[P, K] bool: whether row r's positions `pos` [P] may take token ids `tokens` [K]."""
         pins = self.pins[r, pos, None]  # [P, 1]
-        allowed = self.table[:, tokens][self.classes[r, pos]]  # [P, K]
+        allowed = self.table[self.classes[r, pos, None], tokens[None, :]]  # [P, K]
         return torch.where(pins >= 0, tokens[None, :] == pins, allowed)
 
 

@@ -43,11 +43,11 @@ from model.structured.regex import DEAD
 # index_reduce_ (used for per-atom maxima) is stable in behaviour since torch 1.13 but still labelled beta
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
-# Few blocks keep the recomputation to few calls (its cost is mostly per call on CPU), many keep each small.
-MIN_BLOCK = 256
-STATISTICS_ELEMENTS = 1 << 22  # bound on a regular row's per-(block, atom, position) statistics (x2, fp32)
 # a regular row with at most this many [L, V] logits keeps them instead of recomputing blocks
 KEPT_ELEMENTS = 1 << 20
+RECOMPUTE_TOKENS = (
+    1 << 14
+)  # bound on the (position, token) logits recomputed at once (each gathers a vocab row)
 EXP_FLOOR = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal (~1.2e-38)
 # Sub-streams of a row's keyed noise for joint constraints: tags combined into the sampler's position keys
 # (model/sampling/noise.py), so these numbers never coincide with the sampler's own.
@@ -110,9 +110,10 @@ class _RowAccumulator:
 
     `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample),
     then one token per position is found or drawn inside the chosen atom by recomputing the logits of the
-    one block that holds it (`logits_of`). Blocks are small enough that this recomputation is a small
-    share of the step, and few enough that the statistics stay bounded (`_block_size`). A small row
-    (L * V up to `KEPT_ELEMENTS`) keeps its logits instead, and nothing is recomputed."""
+    one block that holds it (`logits_of`), only that block's tokens of the atoms wanted there. A block is one
+    sampler chunk: on CPU a recomputation costs mostly per call, so fewer, larger blocks are cheaper, and the
+    statistics are then smallest ([V / C * (A + 1), L]). A small row (L * V up to `KEPT_ELEMENTS`) keeps its
+    logits instead, and nothing is recomputed."""
 
     def __init__(self, canvas: RegularCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
@@ -125,9 +126,9 @@ class _RowAccumulator:
 
     def _start(self, C: int, device: torch.device) -> None:
         A1, L = self.A + 1, self.L
-        # a small row keeps its logits (no recomputation at all): one block per chunk
+        # a small row keeps its logits (no recomputation at all)
         self.kept = torch.empty(L, self.V, device=device) if L * self.V <= KEPT_ELEMENTS else None
-        self.B = C if self.kept is not None else _block_size(self.V, A1, L, C)
+        self.B = C  # one block per chunk: few recomputation calls (their cost is mostly per call on CPU)
         self.N = -(-self.V // self.B)
         self.atom_of, self.index = self.canvas.run.token_tables(self.B, device)
         self.best = torch.full((self.N * A1, L), float("-inf"), device=device)
@@ -189,7 +190,7 @@ class _RowAccumulator:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The constrained argmax canvas and a constrained draw ([L] token ids each). argmax / sampled [L]:
         the sampler's unconstrained argmax and draw at this step. `logits_of(positions, tokens)`: this
-        row's masked, temperature-scaled logits [P, K] of token ids `tokens` [K] at `positions` [P]."""
+        row's masked, temperature-scaled logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
         run, index = self.canvas.run, self.canvas.index
         ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
         best, block, log_mass = self._statistics()
@@ -208,7 +209,9 @@ class _RowAccumulator:
         # X in the atom), and the recomputed draw elsewhere uses independent noise, so the mixture is exact.
         top_atoms, draw_atoms = torch.from_numpy(path[0]).to(dev), torch.from_numpy(drawn[0]).to(dev)
         picked = torch.zeros_like(draw_atoms)
-        if self.N > 1 and self.kept is None:  # the block of each drawn token, by the blocks' masses of its atom
+        if (
+            self.N > 1 and self.kept is None
+        ):  # the block of each drawn token, by the blocks' masses of its atom
             masses = self._block_log_mass(draw_atoms)  # [L, N]
             u = noise.uniform(noise.mix(noise.combine(self.keys, _BLOCK)))  # [L]
             picked = _inverse_cdf(masses, u)
@@ -223,7 +226,7 @@ class _RowAccumulator:
         """Per pick (atoms, blocks, free, u), [L] one token of atom atoms[p] at each position p: free[p] where
         it lies in that atom, else one of the atom's tokens inside vocabulary block blocks[p]: the first best
         (u None) or drawn from the softmax restricted to the atom with uniforms u [L]. `logits_of(positions,
-        tokens)`: logits [P, K] of token ids `tokens` [K] (ascending) at `positions` [P]."""
+        tokens)`: logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
         todo = [self.atom_of[free] != atoms for atoms, _, free, _ in picks]
         outs = [free.clone() for _, _, free, _ in picks]
         if self.kept is not None:  # every logit at hand: all positions of a pick at once
@@ -233,35 +236,28 @@ class _RowAccumulator:
                     scores = self.kept[p].masked_fill(self.atom_of[None, :] != atoms[p, None], float("-inf"))
                     out[p] = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
             return tuple(outs)
-        # Recomputed: only the chosen atom's tokens of the chosen block, one call per (block, atom) pair that
-        # some position needs (positions of all picks that need a pair share its matmul). Where the free token
-        # is outside the chosen atom, that atom is mostly a small structural one, so K is small.
-        A1 = self.A + 1
-        keys = [blocks * A1 + atoms for atoms, blocks, _, _ in picks]
-        needed = torch.cat([k[t] for k, t in zip(keys, todo, strict=True)])
-        for key in torch.unique(needed).tolist():
-            b, a = divmod(key, A1)
+        # Recomputed: one call per vocabulary block that some position needs (at most N; the positions of all
+        # picks that need a block share it), over only that block's tokens of the atoms wanted there.
+        needed = torch.cat([blocks[t] for (_, blocks, _, _), t in zip(picks, todo, strict=True)])
+        for b in torch.unique(needed).tolist():
             lo, hi = b * self.B, min(self.V, (b + 1) * self.B)
-            tokens = torch.nonzero(self.atom_of[lo:hi] == a)[:, 0] + lo  # ascending: first best kept
-            here = [t & (k == key) for k, t in zip(keys, todo, strict=True)]
+            here = [t & (blocks == b) for (_, blocks, _, _), t in zip(picks, todo, strict=True)]
             where = torch.nonzero(torch.stack(here).any(0))[:, 0]
+            wanted = torch.cat([atoms[mine] for (atoms, _, _, _), mine in zip(picks, here, strict=True)])
+            tokens = torch.nonzero(torch.isin(self.atom_of[lo:hi], wanted))[:, 0] + lo  # ascending
             logits = logits_of(where, tokens)  # [P, K]
-            for (_, _, _, u), out, mine in zip(picks, outs, here, strict=True):
+            for (atoms, _, _, u), out, mine in zip(picks, outs, here, strict=True):
                 rows = torch.nonzero(mine[where])[:, 0]
                 if len(rows) == 0:
                     continue
-                scores, p = logits[rows], where[rows]
-                out[p] = tokens[scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])]
+                p = where[rows]
+                scores = logits[rows].masked_fill_(
+                    self.atom_of[tokens][None, :] != atoms[p, None], float("-inf")
+                )
+                out[p] = tokens[
+                    scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
+                ]  # first best kept
         return tuple(outs)
-
-
-def _block_size(V: int, rows: int, L: int, chunk: int) -> int:
-    """Tokens per vocabulary block: the smallest power of two from `MIN_BLOCK` whose statistics ([V / B * rows, L])
-    stay within `STATISTICS_ELEMENTS`, at most the sampler's chunk (a block never straddles two chunks)."""
-    B = MIN_BLOCK
-    while B < chunk and -(-V // B) * rows * L > STATISTICS_ELEMENTS:
-        B *= 2
-    return min(B, chunk)
 
 
 def _inverse_cdf(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
