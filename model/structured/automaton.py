@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,11 @@ class TokenAutomaton:
             if state == DEAD:
                 return DEAD
         return state
+
+    @cached_property
+    def src_bounds(self) -> list[int]:
+        """[S + 1] offsets: the edges of state s are [src_bounds[s], src_bounds[s + 1])."""
+        return np.searchsorted(self.edge_src, np.arange(self.num_states + 1)).tolist()
 
     @property
     def nbytes(self) -> int:

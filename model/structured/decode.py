@@ -193,6 +193,8 @@ class _RowAccumulator:
         row's masked, temperature-scaled logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
         run, index = self.canvas.run, self.canvas.index
         ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
+        if self.kept is not None:
+            logits_of = lambda pos, tokens: self.kept[pos][:, tokens]  # noqa: E731
         best, block, log_mass = self._statistics()
         path = best_atoms(ta, best.T.double().cpu().numpy(), start_state, goal)
         gumbel = noise.gumbel(noise.combine(self.keys, _ATOM)[None], 0, self.A)[0]  # [L, A]
@@ -229,14 +231,7 @@ class _RowAccumulator:
         tokens)`: logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
         todo = [self.atom_of[free] != atoms for atoms, _, free, _ in picks]
         outs = [free.clone() for _, _, free, _ in picks]
-        if self.kept is not None:  # every logit at hand: all positions of a pick at once
-            for (atoms, _, _, u), out, mine in zip(picks, outs, todo, strict=True):
-                p = torch.nonzero(mine)[:, 0]
-                if len(p):
-                    scores = self.kept[p].masked_fill(self.atom_of[None, :] != atoms[p, None], float("-inf"))
-                    out[p] = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
-            return tuple(outs)
-        # Recomputed: one call per vocabulary block that some position needs (at most N; the positions of all
+        # One call per vocabulary block that some position needs (at most N; the positions of all
         # picks that need a block share it), over only that block's tokens of the atoms wanted there.
         needed = torch.cat([blocks[t] for (_, blocks, _, _), t in zip(picks, todo, strict=True)])
         for b in torch.unique(needed).tolist():

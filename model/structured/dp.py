@@ -46,11 +46,13 @@ def best_atoms(
     dst, src_starts, src_ids = automaton.edge_dst, automaton.src_starts, automaton.src_ids
     values = np.full((L + 1, S), -np.inf, dtype=np.float64)
     values[L] = np.where(goal, 0.0, -np.inf)
+    through = np.empty((L, len(dst)))  # [L, E] best score of a path through each edge: what the walk needs
     for p in range(L - 1, -1, -1):
-        values[p, src_ids] = np.maximum.reduceat(edge_scores[p] + values[p + 1, dst], src_starts)
+        np.add(edge_scores[p], values[p + 1, dst], out=through[p])
+        values[p, src_ids] = np.maximum.reduceat(through[p], src_starts)
     if not np.isfinite(values[0, start]):
         return None
-    return _walk(automaton, scores, values, start)
+    return _walk(automaton, through, start)
 
 
 def sample_atoms(
@@ -64,7 +66,7 @@ def sample_atoms(
     noisy = log_mass + gumbel  # [L, A]
     values = _sum_values_scaled(automaton, edge_mass, goal)
     if np.isfinite(values[0, start]):
-        drawn = _walk(automaton, noisy, values, start)
+        drawn = _walk(automaton, _through(automaton, noisy, values), start)
         # rescaled sums lose states below ~1e-308 of their position's best; a walk that passed within
         # ~1e-278 of that (one of its edges may have been lost) is redone in log space
         if (values[np.arange(len(values)), drawn[1]] - values.max(1) > _SCALED_FLOOR).all():
@@ -72,7 +74,7 @@ def sample_atoms(
     values = _sum_values_log(automaton, edge_mass, goal)
     if not np.isfinite(values[0, start]):
         return None
-    return _walk(automaton, noisy, values, start)
+    return _walk(automaton, _through(automaton, noisy, values), start)
 
 
 _SCALED_FLOOR = -640.0  # log(1e-278)
@@ -115,21 +117,25 @@ def _sum_values_log(automaton: TokenAutomaton, edge_mass: np.ndarray, goal: np.n
     return values
 
 
-def _walk(
-    automaton: TokenAutomaton, scores: np.ndarray, values: np.ndarray, start: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(atoms [L], states [L + 1]): from `start`, at each position the edge with the highest score of its
-    atom (scores [L, A]) + value of its destination (values [L + 1, S])."""
-    L = scores.shape[0]
+def _through(automaton: TokenAutomaton, scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[L, E] score of each edge's atom at each position (scores [L, A]) + the value of its destination one
+    position later (values [L + 1, S]): all positions at once, so the walk only compares."""
+    return scores[:, automaton.edge_atom] + values[1:, automaton.edge_dst]
+
+
+def _walk(automaton: TokenAutomaton, through: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(atoms [L], states [L + 1]): from `start`, at each position the edge of the current state with the
+    highest `through` [L, E] (the first on ties, in edge order)."""
+    L = through.shape[0]
     atom, dst = automaton.edge_atom, automaton.edge_dst
-    bounds = np.searchsorted(automaton.edge_src, np.arange(automaton.num_states + 1)).tolist()
+    bounds = automaton.src_bounds
     atoms = np.empty(L, dtype=np.int64)
     states = np.empty(L + 1, dtype=np.int64)
     state = start
     for p in range(L):
         states[p] = state
         lo, hi = bounds[state], bounds[state + 1]
-        k = lo + int(np.argmax(scores[p, atom[lo:hi]] + values[p + 1, dst[lo:hi]]))
+        k = lo + int(through[p, lo:hi].argmax())
         atoms[p], state = atom[k], int(dst[k])
     states[L] = state
     return atoms, states
