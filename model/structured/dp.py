@@ -47,8 +47,8 @@ def best_atoms(
     values = np.full((L + 1, S), -np.inf, dtype=np.float64)
     values[L] = np.where(goal, 0.0, -np.inf)
     through = np.empty((L, len(dst)))  # [L, E] best score of a path through each edge: what the walk needs
-    for p in range(L - 1, -1, -1):
-        np.add(edge_scores[p], values[p + 1, dst], out=through[p])
+    for p in range(L - 1, -1, -1):  # np.take / out=: the same numbers with less per-call overhead
+        np.add(edge_scores[p], np.take(values[p + 1], dst), out=through[p])
         values[p, src_ids] = np.maximum.reduceat(through[p], src_starts)
     if not np.isfinite(values[0, start]):
         return None
@@ -93,12 +93,15 @@ def _sum_values_scaled(automaton: TokenAutomaton, edge_mass: np.ndarray, goal: n
     scaled = np.zeros((L + 1, S), dtype=np.float64)  # values[p] = log(scaled[p]) + scale[p]
     scaled[L] = goal
     scale = np.zeros(L + 1)
+    product = np.empty(len(dst))
     for p in range(L - 1, -1, -1):
-        scaled[p, src_ids] = np.add.reduceat(weights[p] * scaled[p + 1, dst], src_starts)
-        top = scaled[p].max()
+        np.multiply(weights[p], np.take(scaled[p + 1], dst), out=product)
+        row = scaled[p]
+        row[src_ids] = np.add.reduceat(product, src_starts)
+        top = float(row.max())
         if top == 0:  # nothing left in range: the caller redoes it in log space
             return values
-        scaled[p] /= top
+        row /= top
         scale[p] = scale[p + 1] + shift[p] + np.log(top)
     with np.errstate(divide="ignore"):
         return np.log(scaled) + scale[:, None]
