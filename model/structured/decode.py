@@ -211,9 +211,7 @@ class _RowAccumulator:
         # X in the atom), and the recomputed draw elsewhere uses independent noise, so the mixture is exact.
         top_atoms, draw_atoms = torch.from_numpy(path[0]).to(dev), torch.from_numpy(drawn[0]).to(dev)
         picked = torch.zeros_like(draw_atoms)
-        if (
-            self.N > 1 and self.kept is None
-        ):  # the block of each drawn token, by the blocks' masses of its atom
+        if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
             masses = self._block_log_mass(draw_atoms)  # [L, N]
             u = noise.uniform(noise.mix(noise.combine(self.keys, _BLOCK)))  # [L]
             picked = _inverse_cdf(masses, u)
@@ -249,9 +247,8 @@ class _RowAccumulator:
                 scores = logits[rows].masked_fill_(
                     self.atom_of[tokens][None, :] != atoms[p, None], float("-inf")
                 )
-                out[p] = tokens[
-                    scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])
-                ]  # first best kept
+                at = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])  # argmax: the first best
+                out[p] = tokens[at]
         return tuple(outs)
 
 
