@@ -545,3 +545,23 @@ def test_fast_sampler_statistics_match_the_reference_sampler(model):
     a, b = cells(fast).double(), cells(ref).double()
     two_sample = float(((a - b) ** 2 / (a + b).clamp_min(1)).sum())
     assert two_sample < crit, (two_sample, crit)
+
+
+def test_constraint_tables_broadcast_mask_equals_the_full_mask():
+    """Rows that pin nothing and have one class each get a [R, 1, C] mask: the same tokens as the [R, L, C]
+    gather; one pinned position anywhere in the group falls back to the full mask."""
+    from model.sampling.sampler import ConstraintTables
+
+    table = torch.rand(4, 50) < 0.5
+    table[0] = True
+    classes = torch.tensor([[2] * 6, [3] * 6, [0] * 6])
+    pins = torch.full((3, 6), -1)
+    full = table[:, 10:30][classes]  # [R, L, C]
+    tables = ConstraintTables(pins, classes, table)
+    mask = tables.allowed(10, 30)
+    assert mask.shape == (3, 1, 20)
+    assert torch.equal(mask.expand(3, 6, 20), full)
+    pins[1, 4] = 17
+    pinned = ConstraintTables(pins, classes, table).allowed(10, 30)
+    assert pinned.shape == (3, 6, 20)
+    assert pinned[1, 4].nonzero()[:, 0].tolist() == [7] and torch.equal(pinned[0], full[0])
