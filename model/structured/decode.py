@@ -134,10 +134,6 @@ class _RowAccumulator:
         self.best = torch.full((self.N * A1, L), float("-inf"), device=device)
         self.mass = torch.zeros(self.N * A1, L, device=device)
         self.ref = torch.zeros(self.N, L, device=device)  # [N, L] reference r of each block's masses
-        self.total = torch.zeros(
-            A1, L, device=device
-        )  # [A + 1, L] each atom's mass so far, relative to `top`
-        self.top = torch.full((L,), float("-inf"), device=device)  # [L] the best logit so far
         self.buffer = torch.empty(C, L, device=device)
 
     def chunk(self, scores: torch.Tensor, start: int) -> None:
@@ -161,17 +157,19 @@ class _RowAccumulator:
         # distribution is there: clamped, such a token adds e^-87 of its chunk's best token to its atom
         # (at most V * e^-87 ~ 4e-33 in all), where the exact sum would add less
         self.mass.index_add_(0, index, by_token.sub_(r).clamp_(min=EXP_FLOOR).exp_())
-        top = torch.maximum(self.top, best)  # -inf until a position has an allowed token
-        safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        chunk_total = self.mass[rows].view(hi - lo, self.A + 1, L).sum(0)  # [A + 1, L] relative to r
-        self.total = self.total * torch.exp(self.top - safe) + chunk_total * torch.exp(r - safe)
-        self.top = top
 
     def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(best [A, L], its first block [A, L], log-mass [A, L])."""
         shape = (self.N, self.A + 1, self.L)
-        best, block = self.best.view(shape)[:, : self.A].max(0)  # the first block on ties
-        log_mass = self.total[: self.A].log() + torch.where(torch.isinf(self.top), 0.0, self.top)
+        stats = self.best.view(shape)
+        best, block = stats[:, : self.A].max(0)  # the first block on ties
+        # each atom's mass over all blocks, relative to the position's best logit (once here, not per chunk)
+        block_best = stats.amax(1)  # [N, L] -inf: a block without an allowed token (and without mass)
+        top = block_best.amax(0)  # [L]
+        safe = torch.where(torch.isinf(top), 0.0, top)
+        scale = torch.where(torch.isinf(block_best), 0.0, torch.exp(self.ref - safe))  # [N, L]
+        total = (self.mass.view(shape)[:, : self.A] * scale[:, None, :]).sum(0)  # [A, L]
+        log_mass = total.log() + safe
         # an atom with no allowed token has no mass; one far below its chunks' best tokens may underflow to
         # zero mass: its best token's logit is then its log-mass (short by at most log(atom size)), so the
         # DP still sees the path
