@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from model.sampling import noise
+from model.sampling.categorical import EXP_FLOOR, pick_from_cdf
 from model.sampling.params import SamplingParams
 from model.structured.decode import JointStep, RegularCanvas, SlotCanvas
 
@@ -208,10 +209,9 @@ class ConstraintTables:
     def allowed(self, start: int, stop: int) -> torch.Tensor:
         """[R, L, C] bool (or [R, 1, C], broadcast, where no row pins a position and each row has one class):
         tokens of vocab slice [start, stop) each position may take."""
-        if self._uniform() is not None:
-            return self.table[self._uniform(), start:stop][
-                :, None, :
-            ]  # a third of the [R, L, C] gather's time
+        one = self._uniform()
+        if one is not None:  # a third of the [R, L, C] gather's time
+            return self.table[one, start:stop][:, None, :]
         vocab = torch.arange(start, stop, device=self.pins.device)
         allowed = self.table[:, start:stop][self.classes]  # [R, L, C]
         pinned = self.pins >= 0
@@ -267,13 +267,11 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
 
 @dataclass
 class KeyedDraws:
-    """The keyed noise of one step of R rows (model/sampling/noise.py): per (position, vocabulary block) for
-    the hierarchical sample, and the position keys joint constraints derive their noise from (slot minimums:
-    per-token Gumbel noise; regular languages: per-atom numbers, model/structured/decode.py)."""
+    """The keyed noise of one step of R rows (model/sampling/noise.py) per (position, vocabulary block), for the
+    hierarchical sample."""
 
     block_gumbel: torch.Tensor  # [R, L, N] float64: Gumbel noise choosing among the N blocks
     block_uniform: torch.Tensor  # [R, L, N] float64: the inverse-CDF uniform inside each block
-    token_keys: torch.Tensor  # [R, L] long: STREAM_GUMBEL position keys, for joint constraints
 
     @classmethod
     def make(cls, seeds, canvas_index, steps, L: int, blocks: int) -> KeyedDraws:
@@ -283,11 +281,10 @@ class KeyedDraws:
         return cls(
             noise.gumbel64(noise.words(stream(noise.STREAM_BLOCK), 0, blocks)),
             noise.uniform64(noise.words(stream(noise.STREAM_INVCDF), 0, blocks)),
-            stream(noise.STREAM_GUMBEL),
         )
 
     def rows(self, lo: int, hi: int) -> KeyedDraws:
-        return KeyedDraws(self.block_gumbel[lo:hi], self.block_uniform[lo:hi], self.token_keys[lo:hi])
+        return KeyedDraws(self.block_gumbel[lo:hi], self.block_uniform[lo:hi])
 
 
 def draw_keyed(
@@ -307,6 +304,13 @@ def draw_keyed(
     V = model.embed_tokens.weight.shape[0]
     chunk = VOCAB_CHUNK  # read once per step: every block of this step has the same size
     keyed = KeyedDraws.make(seeds, canvas_index, steps, L, -(-V // chunk))
+    # the position keys joint constraints derive their noise from (slot minimums: per-token Gumbel noise;
+    # regular languages: per-atom numbers, model/structured/decode.py); only made when some row may need them
+    joint_keys = (
+        noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_GUMBEL), L)
+        if constrained is not None
+        else None
+    )
     # A fixed chunk size, whatever the batch: online-softmax rounding then depends on the row alone.
     group = max(1, element_budget(hidden.device) // (L * chunk))
     parts = [
@@ -316,7 +320,7 @@ def draw_keyed(
             inv_t[i : i + group, None, None],
             keyed.rows(i, i + group),
             tables.rows(i, i + group) if tables is not None else None,
-            JointStep.begin(constrained[i : i + group], L, keyed.token_keys[i : i + group])
+            JointStep.begin(constrained[i : i + group], L, joint_keys[i : i + group])
             if constrained is not None
             else None,
             chunk,
@@ -351,16 +355,9 @@ def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     empty interval, so it is never picked; a target rounded up to the mass itself is clamped to the last token
     with mass (the first index where the sum reaches it)."""
     cdf = torch.cumsum(e, -1)  # [R, L, C]
-    mass = cdf[..., -1:].contiguous()  # [R, L, 1]
+    mass = cdf[..., -1:].contiguous()  # [R, L, 1] (a copy: a view would keep the [R, L, C] sums alive)
     target = (u[..., None] * mass.double()).float()
-    pick = torch.searchsorted(cdf, target, right=True)  # first index whose cumulative sum exceeds the target
-    last = torch.searchsorted(cdf, mass, right=False)  # the last token with mass
-    return torch.minimum(pick, last)[..., 0], mass[..., 0]
-
-
-# float32 exp(x) of x below ~-87.3 (a subnormal or zero result) leaves the vectorised CPU kernel: measured
-# 20-50x slower per element, and a peaked distribution puts most of the vocabulary there.
-EXP_FLOOR = -87.0  # e^-87 ~ 1.6e-38, the smallest normal float32 is ~1.2e-38
+    return pick_from_cdf(cdf, target)[..., 0], mass[..., 0]
 
 
 def _exp_below_max(d: torch.Tensor) -> torch.Tensor:

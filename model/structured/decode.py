@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from model.sampling import noise
+from model.sampling.categorical import EXP_FLOOR, pick_from_cdf
 from model.structured.automaton import TokenAutomaton
 from model.structured.dp import best_atoms, goal_states, sample_atoms
 from model.structured.regex import DEAD
@@ -45,10 +46,6 @@ warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 # a regular row with at most this many [L, V] logits keeps them instead of recomputing blocks
 KEPT_ELEMENTS = 1 << 20
-RECOMPUTE_TOKENS = (
-    1 << 14
-)  # bound on the (position, token) logits recomputed at once (each gathers a vocab row)
-EXP_FLOOR = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal (~1.2e-38)
 # Sub-streams of a row's keyed noise for joint constraints: tags combined into the sampler's position keys
 # (model/sampling/noise.py), so these numbers never coincide with the sampler's own.
 _JOINT = 0x4A01
@@ -256,12 +253,7 @@ def _inverse_cdf(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cumulative sum in the weights' dtype (float32: ~1e-7 of the row's mass, as fine as 24-bit uniforms)."""
     top = log_weights.amax(-1, keepdim=True)
     cum = torch.cumsum(torch.exp(log_weights - top), -1)  # exp(-inf) = 0: an excluded entry owns no interval
-    total = cum[:, -1:].contiguous()  # [P, 1]
-    # the first index whose cumulative sum exceeds the target; a target rounded up to the total gets the
-    # last index with weight
-    idx = torch.searchsorted(cum, u.to(cum.dtype)[:, None] * total, right=True)
-    last = torch.searchsorted(cum, total, right=False)
-    return torch.minimum(idx, last)[:, 0]
+    return pick_from_cdf(cum, u.to(cum.dtype)[:, None] * cum[:, -1:])[:, 0]
 
 
 @dataclass(eq=False)
