@@ -159,14 +159,12 @@ class PagedKeys:
         for i, (a, b) in enumerate(key_groups(self.table.shape[1])):
             which = self.groups[i] if self.groups is not None else GroupRows(None, False)
             r = which.rows
-            table, positions, valid = (
-                (self.table, self.positions, self.valid)
-                if r is None
-                else (self.table[r], self.positions[r], self.valid[r])
-            )
-            pages = table[:, a:b]  # [B', n]
+            # this group's slice first, then its rows: only the group's entries are copied
+            pages, positions, valid = self.table[:, a:b], self.positions[:, a:b], self.valid[:, a:b]
+            if r is not None:
+                pages, positions, valid = pages[r], positions[r], valid[r]  # [B', n], [B', n, P]
             K = (b - a) * BLOCK_TOKENS
-            pos, ok = positions[:, a:b].reshape(-1, K), valid[:, a:b].reshape(-1, K)
+            pos, ok = positions.reshape(-1, K), valid.reshape(-1, K)
             yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok, which.unmasked, r)
 
 
