@@ -5,10 +5,12 @@ serve` and KubeRay deploy it, so the application-level policy runs: it scales th
 disaggregated mode with the Engines. Load-adaptive sampling is on, and a client reproduces an adapted reply.
 (The deployment-level `EnginePolicy` that `serve.run` uses is the same rule: ApplicationPolicy calls it.)
 
-The SLO (200 tokens/s per stream) is out of reach for the tiny model on a CPU, so any sustained load is demand
-above one replica's capacity: the test is about the live path (Engine readings -> Serve's metrics push -> the
-policy in the controller -> replicas started and stopped), while the policy's arithmetic is unit-tested on
-fabricated contexts (tests/cluster/test_autoscaling_policy.py)."""
+The SLO (20,000 tokens/s per stream: 0.8 ms per denoising step of a 16-step canvas) is out of reach for any
+CPU, however fast, so a replica's measured capacity is its one-row floor and any sustained load of several
+streams is demand well above it: both the policy (scale up past 90% of capacity) and load-adaptive sampling
+(pressure past 100%) are engaged whatever the machine's speed. The test is about the live path (Engine
+readings -> Serve's metrics push -> the policy in the controller -> replicas started and stopped), while the
+policy's arithmetic is unit-tested on fabricated contexts (tests/cluster/test_autoscaling_policy.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from tests.integration.conftest import wait_for
 pytestmark = pytest.mark.slow
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 3.0}
-SLO = {"tokens_per_second": 200.0, "time_to_first_canvas_s": 30.0}
+SLO = {"tokens_per_second": 20000.0, "time_to_first_canvas_s": 30.0}
 CLIENTS = 4
 MAX_REQUESTS = 400  # the generator's bound, whatever happens
 
@@ -73,6 +75,10 @@ class LoadGenerator:
                 with self.lock:
                     self.failures.append(f"{e.code().name}: {e.details()}")
 
+    def adapted(self) -> int:
+        with self.lock:
+            return sum(r.stats.HasField("load_adaptation") for r in self.completed)
+
     def __enter__(self):
         for t in self.threads:
             t.start()
@@ -113,6 +119,7 @@ def test_application_policy_from_the_document_scales_engines_and_shards_together
                 timeout=90,
                 what="a second Engine and a second ExpertShard0",
             )
+            wait_for(lambda: load.adapted(), timeout=60, what="a reply adapted under load")
             scaled_out_s = time.monotonic() - t0
             status = collect()["applications"][APP_NAME]
         assert not load.failures, load.failures[:3]
