@@ -9,9 +9,20 @@ import socket
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from cluster.env import apply_loopback_env, ray_init_kwargs
 from cluster.telemetry import tracing_env
+
+# Property tests draw the same examples on every machine and every run: Hypothesis loads its own "ci" profile
+# (derandomized, no deadline) when CI is set, so without this a developer's runs drew random examples that CI
+# never tried, and CI's fixed ones were never tried before a submission. No deadline and no too_slow health
+# check: a test's speed is a benchmark's business, and a loaded 2-core machine must not fail a correct test.
+# `pytest --hypothesis-profile=explore` draws fresh random examples (a failure prints its reproduction blob).
+_PROPERTY_TESTS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("blockserve", derandomize=True, database=None, **_PROPERTY_TESTS)
+settings.register_profile("explore", **_PROPERTY_TESTS)
+settings.load_profile("blockserve")
 
 
 def _reserve_port() -> tuple[socket.socket, int]:

@@ -16,11 +16,20 @@ from cluster.env import DEFAULT_MODEL_PATH
 from protos.blockserve.v1 import blockserve_pb2_grpc
 from tests.tiny import served_checkpoint
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing is bound to now, and never one this session handed out before: the socket that
+    found it is closed at once, so two calls in a row could otherwise return the same port (a config whose
+    gRPC and HTTP ports collide)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(condition, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):

@@ -14,6 +14,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tests.conftest import TRACE_RECEIVER_PORT
+from tests.integration.conftest import wait_for
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -53,6 +54,26 @@ def traceparent() -> tuple[bytes, bytes, str]:
     trace_id, span_id = secrets.token_bytes(16), secrets.token_bytes(8)
     SENT.add(trace_id)
     return trace_id, span_id, f"00-{trace_id.hex()}-{span_id.hex()}-01"
+
+
+def whole_trace(
+    received: Receiver, trace_id: bytes, client_span: bytes, expected, timeout: float = 30.0
+) -> list:
+    """The trace's spans once `expected(names)` holds and every span hangs under another one or under the
+    client's span. Each process (proxy, Router, Engine, shards) exports its spans in its own batches, in no fixed
+    order, so spans taken as soon as some names have come can still lack a parent on its way. Past `timeout`,
+    whatever has come: the test's own assertions then say what is missing."""
+
+    def complete():
+        spans = received.trace(trace_id)
+        ids = {s.span_id for s in spans} | {client_span}
+        whole = all(s.parent_span_id in ids for s in spans)
+        return spans if whole and expected([s.name for s in spans]) else None
+
+    try:
+        return wait_for(complete, timeout=timeout, what="the whole trace at the receiver")
+    except TimeoutError:
+        return received.trace(trace_id)
 
 
 def attrs(span) -> dict:

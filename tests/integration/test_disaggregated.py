@@ -69,7 +69,10 @@ def check_traced_shard_calls(app, receiver, experts: set[str]) -> None:
         spans = receiver.trace(trace_id)
         names = [s.name for s in spans]
         canvases = names.count("engine.canvas") == final.stats.canvases
-        return spans if canvases and names.count("expert_shard") >= len(experts) else None
+        # the Engine ends `engine.generate` after its canvas and shard spans, and exports its spans in order:
+        # once it has come, so has every `expert_shard` span (they can straddle two export batches)
+        done = canvases and "engine.generate" in names
+        return spans if done and names.count("expert_shard") >= len(experts) else None
 
     spans = wait_for(complete, timeout=30, what="the request's expert_shard spans")
     canvases = {s.span_id: s for s in spans if s.name == "engine.canvas"}
@@ -126,17 +129,30 @@ def test_two_even_shards_match_fused_and_survive_a_killed_replica(app):
         check_matches_fused(app, requests, fused)
         wait_for(lambda: len(_replicas("ExpertShard0")) == 2, what="two replicas of shard 0")
         results: list = [None] * len(long)
+        streaming = [threading.Event() for _ in long]
 
         def run(i):
+            # Streamed with drafts: the first event says the request is running, whatever this machine's speed
+            # (a poll of the Engine's active rows can miss requests that come and go between two polls).
+            request = pb.GenerateRequest()
+            request.CopyFrom(long[i])
+            request.stream_drafts = True
+            tokens = []
             try:
-                results[i] = list(app.stub.Generate(long[i], timeout=300).token_ids)
+                for event in app.stub.GenerateStream(request, timeout=300):
+                    streaming[i].set()
+                    if event.HasField("canvas"):
+                        tokens.extend(event.canvas.token_ids)
+                results[i] = tokens
             except grpc.RpcError as e:
                 results[i] = e.code()
+            finally:
+                streaming[i].set()
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(long))]
         for t in threads:
             t.start()
-        wait_for(lambda: app.engine_stats()["active_rows"] >= len(long), what="requests in flight")
+        wait_for(lambda: all(e.is_set() for e in streaming), what="every request streaming")
         victim = _replicas("ExpertShard0")[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         for t in threads:

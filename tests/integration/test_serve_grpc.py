@@ -92,22 +92,39 @@ def test_server_matches_in_process_generate_for_the_same_seed(app):
 
 def test_concurrent_clients_are_batched_and_unaffected_by_batch_mates(app):
     alone = {s: list(app.stub.Generate(request(max_new=40, seed=s), timeout=120).token_ids) for s in (1, 2)}
-    before = app.engine_stats()
-    prompts = ["def f(x):", "class A:", "import sys", "x = [", "for i in", "# note", "return", "while True:"]
-    with ThreadPoolExecutor(8) as pool:
-        futures = [
-            pool.submit(
-                app.stub.Generate,
-                request(prompt="def add(a, b):" if i < 2 else p, max_new=40, seed=i + 1),
-                timeout=300,
-            )
-            for i, p in enumerate(prompts)
+    # A stream that cannot end early holds a row while the clients run, so each of their forwards is shared
+    # with it however fast this machine is (eight short requests alone may each finish before the next lands).
+    holder = app.stub.GenerateStream(long_request(drafts=False), timeout=300)
+    try:
+        next(holder)  # its first canvas: the row is running
+        before = app.engine_stats()
+        prompts = [
+            "def f(x):",
+            "class A:",
+            "import sys",
+            "x = [",
+            "for i in",
+            "# note",
+            "return",
+            "while True:",
         ]
-        replies = [f.result() for f in futures]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(
+                    app.stub.Generate,
+                    request(prompt="def add(a, b):" if i < 2 else p, max_new=40, seed=i + 1),
+                    timeout=300,
+                )
+                for i, p in enumerate(prompts)
+            ]
+            replies = [f.result() for f in futures]
+        after = app.engine_stats()
+    finally:
+        holder.cancel()
+    wait_for(lambda: app.engine_stats()["active_rows"] == 0, timeout=60, what="the holding row to be freed")
     assert all(len(r.token_ids) == 40 or r.finish_reason == pb.FINISH_REASON_EOS for r in replies)
     assert list(replies[0].token_ids) == alone[1]
     assert list(replies[1].token_ids) == alone[2]
-    after = app.engine_stats()
     assert after["max_rows_per_forward"] > 1
     batched_rows = (
         after["rows_per_forward"] * after["forwards"] - before["rows_per_forward"] * before["forwards"]
@@ -158,7 +175,10 @@ def test_invalid_fields_are_rejected_and_the_server_keeps_serving(app, name):
 
 
 def test_invalid_request_does_not_disturb_a_stream_in_flight(app):
-    stream = app.stub.GenerateStream(request(max_new=60, drafts=True), timeout=300)
+    # every canvas runs all 48 steps: still in flight when the invalid request is refused, on any machine
+    stream = app.stub.GenerateStream(
+        request(max_new=60, drafts=True, max_denoising_steps=48, confidence_threshold=1e-9), timeout=300
+    )
     first = next(stream)
     with pytest.raises(grpc.RpcError):
         app.stub.Generate(INVALID["zero steps"], timeout=60)

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deployments import observability as obs
 from protos.blockserve.v1 import blockserve_pb2 as pb
 from tests.integration.conftest import wait_for
-from tests.integration.otlp import SENT, attrs, serve_receiver, traceparent
+from tests.integration.otlp import SENT, attrs, serve_receiver, traceparent, whole_trace
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +64,11 @@ def test_client_traceparent_continues_through_proxy_router_and_engine(app, recei
     final = events[-1].final
     assert final.stats.canvases == 3
 
-    def complete():
-        spans = receiver.trace(trace_id)
-        names = [s.name for s in spans]
+    def expected(names):
         done = any(n.startswith("proxy_grpc_request") for n in names) and "engine.generate" in names
-        return spans if done and names.count("engine.canvas") == final.stats.canvases else None
+        return done and names.count("engine.canvas") == final.stats.canvases
 
-    spans = wait_for(complete, timeout=30, what="the request's spans at the receiver")
+    spans = whole_trace(receiver, trace_id, client_span, expected)
     by_id = {s.span_id: s for s in spans}
 
     proxy = one(spans, "proxy_grpc_request")
@@ -140,13 +138,11 @@ def test_http_traceparent_continues_through_the_http_proxy_router_and_engine(app
     assert status == 200
     stats = answer["blockserve"]["stats"]
 
-    def complete():
-        spans = receiver.trace(trace_id)
-        names = [s.name for s in spans]
+    def expected(names):
         done = any(n.startswith("proxy_http_request") for n in names) and "engine.generate" in names
-        return spans if done and names.count("engine.canvas") == stats["canvases"] else None
+        return done and names.count("engine.canvas") == stats["canvases"]
 
-    spans = wait_for(complete, timeout=30, what="the HTTP request's spans at the receiver")
+    spans = whole_trace(receiver, trace_id, client_span, expected)
     by_id = {s.span_id: s for s in spans}
     proxy = one(spans, "proxy_http_request")
     tree = [(s.name, s.span_id.hex(), s.parent_span_id.hex()) for s in spans]
