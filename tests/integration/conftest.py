@@ -16,6 +16,11 @@ from cluster.env import DEFAULT_MODEL_PATH
 from protos.blockserve.v1 import blockserve_pb2_grpc
 from tests.tiny import served_checkpoint
 
+# How long a test waits for Serve to start a replica (a replacement, or one more for a scale-out): a Ray worker
+# process, imports and a model load, measured at over 3 minutes on a 2-core machine at load 12. A bound on
+# something no test is about, so generous; a wait ends as soon as the replica serves.
+REPLICA_START_S = 300.0
+
 _HANDED_OUT: set[int] = set()
 
 

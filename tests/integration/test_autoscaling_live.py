@@ -22,7 +22,7 @@ import pytest
 
 from cluster.app import APP_NAME
 from protos.blockserve.v1 import blockserve_pb2 as pb
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import REPLICA_START_S, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_application_policy_from_the_document_scales_engines_and_shards_together
         with LoadGenerator(app.stub, steps=16) as load:
             wait_for(
                 lambda: running("Engine") >= 2 and running("ExpertShard0") >= 2,
-                timeout=90,
+                timeout=REPLICA_START_S,
                 what="a second Engine and a second ExpertShard0",
             )
             wait_for(lambda: load.adapted(), timeout=60, what="a reply adapted under load")

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from protos.blockserve.v1 import blockserve_pb2 as pb
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import REPLICA_START_S, wait_for
 from tests.integration.otlp import attrs, serve_receiver, traceparent
 
 pytestmark = pytest.mark.slow
@@ -161,6 +161,10 @@ def test_two_even_shards_match_fused_and_survive_a_killed_replica(app):
             assert got == want or got == grpc.StatusCode.UNAVAILABLE, got
         assert any(r == w for r, w in zip(results, fused_long, strict=True))  # retries carried one through
         wait_for(lambda: victim not in _replicas("ExpertShard0"), what="the killed replica to be gone")
-        wait_for(lambda: _running_replicas("ExpertShard0") == 2, timeout=120, what="Serve to replace it")
+        wait_for(
+            lambda: _running_replicas("ExpertShard0") == 2,
+            timeout=REPLICA_START_S,
+            what="Serve to replace it",
+        )
         assert generate_all(app, requests[:2]) == fused[:2]  # and serving goes on, with the right tokens
         assert app.serving()

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from protos.blockserve.v1 import blockserve_pb2 as pb
-from tests.integration.conftest import free_port, wait_for
+from tests.integration.conftest import REPLICA_START_S, free_port, wait_for
 from tests.integration.sockets import descendants, is_loopback, listening, non_loopback_address
 
 pytestmark = pytest.mark.slow
@@ -225,7 +225,7 @@ def test_engine_replica_killed_mid_stream_is_unavailable_then_recovers(guarded):
             pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "Traceback" not in err.value.details()
-    wait_for(guarded.serving, timeout=180, what="a new Engine replica")
+    wait_for(guarded.serving, timeout=REPLICA_START_S, what="a new Engine replica")
     wait_for(
         lambda: (
             code_of(lambda: guarded.stub.Generate(small(), timeout=60, metadata=AUTH)) == grpc.StatusCode.OK
@@ -249,4 +249,4 @@ def test_router_replica_killed_its_rows_are_freed_within_the_lease(guarded):
     print(f"rows freed {time.monotonic() - killed:.1f}s after the Router died (lease {LEASE_S}s)")
     for c in calls:
         c.cancel()
-    wait_for(guarded.serving, timeout=180, what="a new Router replica")
+    wait_for(guarded.serving, timeout=REPLICA_START_S, what="a new Router replica")
