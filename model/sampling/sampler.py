@@ -411,8 +411,6 @@ def _draw_group(
         cval, cidx = logits.max(-1)
         better = cval > best_val
         best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
-        if joint is not None:
-            joint.chunk(logits, start)
         # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
         # self-conditioning; s1 is kept centred on the running max so entropy = log s0 - s1/s0 does not cancel
         new_m = torch.maximum(m, cval)
@@ -420,6 +418,8 @@ def _draw_group(
         alpha = torch.exp(m - safe_m)
         d = logits - safe_m[..., None]  # [R, L, C]
         e = _exp_below_max(d)
+        if joint is not None:  # per-atom statistics reuse this chunk's exp values (relative to safe_m)
+            joint.chunk(logits, start, e, safe_m)
         # the sample, block by block: log-mass = log(mass) + safe_m (-inf for a block without mass: it never
         # wins, ties keep the earlier block); a block's mass below float32's range relative to the running max
         # (under e^-87) rounds to 0, as it does in the full softmax

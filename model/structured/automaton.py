@@ -142,9 +142,9 @@ class TokenAutomaton:
         return state
 
     @cached_property
-    def src_bounds(self) -> list[int]:
-        """[S + 1] offsets: the edges of state s are [src_bounds[s], src_bounds[s + 1])."""
-        return np.searchsorted(self.edge_src, np.arange(self.num_states + 1)).tolist()
+    def src_bounds(self) -> np.ndarray:
+        """[S + 1] int64 offsets: the edges of state s are [src_bounds[s], src_bounds[s + 1])."""
+        return np.searchsorted(self.edge_src, np.arange(self.num_states + 1)).astype(np.int64)
 
     @property
     def nbytes(self) -> int:

@@ -29,20 +29,17 @@ Shape legend: R rows, L canvas, C vocabulary chunk, A atoms, V vocabulary, N voc
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from model.sampling import noise
-from model.sampling.categorical import EXP_FLOOR, pick_from_cdf
+from model.sampling.categorical import pick_from_cdf
+from model.structured.atom_stats import AtomOrder, chunk_stats
 from model.structured.automaton import TokenAutomaton
 from model.structured.dp import best_atoms, goal_states, sample_atoms
 from model.structured.regex import DEAD
-
-# index_reduce_ (used for per-atom maxima) is stable in behaviour since torch 1.13 but still labelled beta
-warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 # a regular row with at most this many [L, V] logits keeps them instead of recomputing blocks
 KEPT_ELEMENTS = 1 << 20
@@ -60,19 +57,13 @@ class RegularRun:
     num_canvases: int
     canvas_length: int
     end_states: list[int] = field(default_factory=list)  # state after each committed canvas (latest draft)
-    _tables: dict = field(default_factory=dict, repr=False)  # (block size, device) -> `token_tables`
+    _orders: dict = field(default_factory=dict, repr=False)  # block size -> AtomOrder
 
-    def token_tables(self, B: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """([V] atom of each token, A where it has none; [V] its row block * (A + 1) + atom in the statistics),
-        on `device`: built once per request (block size and device), not at every step."""
-        key = (B, str(device))
-        if key not in self._tables:
-            A = self.automaton.num_atoms
-            atom_of = torch.from_numpy(self.automaton.atom_of)
-            atom_of = torch.where(atom_of < 0, A, atom_of)
-            index = torch.arange(len(atom_of)) // B * (A + 1) + atom_of
-            self._tables[key] = (atom_of.to(device), index.to(device))
-        return self._tables[key]
+    def atom_order(self, B: int) -> AtomOrder:
+        """The allowed tokens sorted by (block of B tokens, atom): built once per request, not every step."""
+        if B not in self._orders:
+            self._orders[B] = AtomOrder.build(self.automaton.atom_of, B, self.automaton.num_atoms)
+        return self._orders[B]
 
     def start_state(self, index: int) -> int:
         return 0 if index == 0 else self.end_states[index - 1]
@@ -95,22 +86,25 @@ class RegularCanvas:
         return _RowAccumulator(self, L, keys)
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A contiguous host view (a copy only when the tensor is elsewhere or strided)."""
+    return t.detach().cpu().contiguous().numpy()
+
+
 class _RowAccumulator:
-    """Per vocabulary block, atom and position: the best logit and the probability mass, chunk by chunk.
+    """Per vocabulary block, position and atom: the best logit, its first token and the probability mass.
 
-    Kept block-and-atom-major ([N * (A + 1), L], N vocabulary blocks of B tokens; row a of a block: its
-    tokens of atom a, row A: tokens outside every atom) on the scores' device. A chunk is transposed once
-    to [C, L], so both statistics are one `index_reduce_` (maximum) and one `index_add_` (mass) over
-    contiguous rows of L (a scatter along the vocabulary axis of [L, C] is several times slower on CPU).
-    Masses are exp(logit - r) with r the chunk's per-position maximum, kept per block, so a mass never
-    overflows; an atom more than ~87 nats below its chunk's best token underflows to zero (see `solve`).
+    Kept host-side as [N, L, A] (N vocabulary blocks of B tokens, one block per sampler chunk), filled by the
+    compiled `chunk_stats` from each chunk's logits and the sampler's exp values e = exp(logit - r), r the
+    sampler's running maximum at that chunk (kept per block in `ref`): nothing is transposed, scattered or
+    exponentiated again. The sampler zeroes e more than ~87 nats under r, so such an atom may have zero mass
+    in every block; `_statistics` then stands its best logit in for its log-mass (see there).
 
-    `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample),
-    then one token per position is found or drawn inside the chosen atom by recomputing the logits of the
-    one block that holds it (`logits_of`), only that block's tokens of the atoms wanted there. A block is one
-    sampler chunk: on CPU a recomputation costs mostly per call, so fewer, larger blocks are cheaper, and the
-    statistics are then smallest ([V / C * (A + 1), L]). A small row (L * V up to `KEPT_ELEMENTS`) keeps its
-    logits instead, and nothing is recomputed."""
+    `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample).
+    The argmax canvas's tokens are the kept first-best tokens. A sampled position whose unconstrained draw
+    lies outside its chosen atom draws a block by the atom's per-block masses, then a token of the atom in
+    that block from logits recomputed for it (`logits_of`), one call per block that some position needs. A
+    small row (L * V up to `KEPT_ELEMENTS`) keeps its logits instead, and nothing is recomputed."""
 
     def __init__(self, canvas: RegularCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
@@ -119,66 +113,53 @@ class _RowAccumulator:
         ta = canvas.run.automaton
         self.A = ta.num_atoms
         self.V = len(ta.atom_of)
-        self.index: torch.Tensor | None = None  # [V] block * (A + 1) + atom, on the scores' device
+        self.order: AtomOrder | None = None
 
-    def _start(self, C: int, device: torch.device) -> None:
-        A1, L = self.A + 1, self.L
-        # a small row keeps its logits (no recomputation at all)
-        self.kept = torch.empty(L, self.V, device=device) if L * self.V <= KEPT_ELEMENTS else None
+    def _start(self, C: int) -> None:
+        A, L = self.A, self.L
+        self.kept = np.empty((L, self.V), np.float32) if L * self.V <= KEPT_ELEMENTS else None
         self.B = C  # one block per chunk: few recomputation calls (their cost is mostly per call on CPU)
         self.N = -(-self.V // self.B)
-        self.atom_of, self.index = self.canvas.run.token_tables(self.B, device)
-        self.best = torch.full((self.N * A1, L), float("-inf"), device=device)
-        self.mass = torch.zeros(self.N * A1, L, device=device)
-        self.ref = torch.zeros(self.N, L, device=device)  # [N, L] reference r of each block's masses
-        self.buffer = torch.empty(C, L, device=device)
+        self.order = self.canvas.run.atom_order(self.B)
+        self.best = np.empty((self.N, L, A), np.float32)
+        self.arg = np.empty((self.N, L, A), np.int64)
+        self.mass = np.empty((self.N, L, A), np.float32)  # sums of e, at most C each
+        self.ref = np.zeros((self.N, L))
 
-    def chunk(self, scores: torch.Tensor, start: int) -> None:
-        """scores [L, C]: temperature-scaled, masked logits of vocabulary slice [start, start + C)."""
+    def chunk(self, scores: torch.Tensor, start: int, e: torch.Tensor, ref: torch.Tensor) -> None:
+        """scores [L, C]: temperature-scaled, masked logits of vocabulary slice [start, start + C); e [L, C]:
+        exp(scores - ref) (0 where masked or far below), ref [L] finite (the sampler's running maximum)."""
         L, C = scores.shape
-        if self.index is None:
-            self._start(C, scores.device)
+        if self.order is None:
+            self._start(C)
         if start % self.B:
             raise ValueError(f"vocabulary chunks must start on a multiple of {self.B}")
+        x = _host(scores)
         if self.kept is not None:
-            self.kept[:, start : start + C] = scores
-        by_token = self.buffer[:C].copy_(scores.T)  # [C, L]
-        index = self.index[start : start + C]
-        self.best.index_reduce_(0, index, by_token, "amax")  # earlier maxima were -inf: a plain maximum
-        lo, hi = start // self.B, -(-(start + C) // self.B)
-        rows = slice(lo * (self.A + 1), hi * (self.A + 1))
-        best = self.best[rows].view(hi - lo, self.A + 1, L).amax((0, 1))  # [L] the chunk's best logit
-        r = torch.where(torch.isinf(best), torch.zeros_like(best), best)  # 0: no allowed token here
-        self.ref[lo:hi] = r
-        # exp of x below ~-87 leaves the vectorised CPU kernel (20-50x slower per element) and most of a peaked
-        # distribution is there: clamped, such a token adds e^-87 of its chunk's best token to its atom
-        # (at most V * e^-87 ~ 4e-33 in all), where the exact sum would add less
-        self.mass.index_add_(0, index, by_token.sub_(r).clamp_(min=EXP_FLOOR).exp_())
+            self.kept[:, start : start + C] = x
+        b = start // self.B
+        o = self.order
+        chunk_stats(x, _host(e), o.tokens, o.bounds, b, start, self.best[b], self.arg[b], self.mass[b])
+        self.ref[b] = _host(ref)
 
-    def _statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(best [A, L], its first block [A, L], log-mass [A, L])."""
-        shape = (self.N, self.A + 1, self.L)
-        stats = self.best.view(shape)
-        best, block = stats[:, : self.A].max(0)  # the first block on ties
-        # each atom's mass over all blocks, relative to the position's best logit (once here, not per chunk)
-        block_best = stats.amax(1)  # [N, L] -inf: a block without an allowed token (and without mass)
-        top = block_best.amax(0)  # [L]
-        safe = torch.where(torch.isinf(top), 0.0, top)
-        scale = torch.where(torch.isinf(block_best), 0.0, torch.exp(self.ref - safe))  # [N, L]
-        total = (self.mass.view(shape)[:, : self.A] * scale[:, None, :]).sum(0)  # [A, L]
-        log_mass = total.log() + safe
-        # an atom with no allowed token has no mass; one far below its chunks' best tokens may underflow to
-        # zero mass: its best token's logit is then its log-mass (short by at most log(atom size)), so the
-        # DP still sees the path
-        log_mass = torch.where(torch.isfinite(best), log_mass, float("-inf"))
-        under = torch.isinf(log_mass) & torch.isfinite(best)
-        return best, block, torch.where(under, best, log_mass)
-
-    def _block_log_mass(self, atoms: torch.Tensor) -> torch.Tensor:
-        """[L, N] log-mass of atom atoms[p] in each vocabulary block at each position p."""
-        pos = torch.arange(self.L, device=atoms.device)
-        mass = self.mass.view(self.N, self.A + 1, self.L)[:, atoms, pos]  # [N, L]
-        return (mass.log() + self.ref).T
+    def _statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(best [L, A] float64, its first block [L, A], log-mass [L, A], per-block mass scale [N, L])."""
+        block = self.best.argmax(0)  # [L, A] the first block on ties
+        best = np.take_along_axis(self.best, block[None], 0)[0].astype(np.float64)
+        # each atom's mass over all blocks, relative to the position's best logit
+        top = self.best.max((0, 2)).astype(np.float64)  # [L] -inf: no allowed token at all
+        safe = np.where(np.isinf(top), 0.0, top)
+        # a block with mass has a token above ref - 87, so ref - safe < 87 there; the cap keeps the others finite
+        scale = np.exp(np.minimum(self.ref - safe, 700.0))  # [N, L]
+        total = np.einsum("nla,nl->la", self.mass, scale)  # [L, A]
+        with np.errstate(divide="ignore"):
+            log_mass = np.log(total) + safe[:, None]
+        # an atom with no allowed token has no mass; one far below the running maximum may underflow to zero
+        # mass: its best token's logit is then its log-mass (short by at most log(atom size)), so the DP still
+        # sees the path
+        log_mass = np.where(np.isfinite(best), log_mass, -np.inf)
+        under = np.isinf(log_mass) & np.isfinite(best)
+        return best, block, np.where(under, best, log_mass), scale
 
     def solve(
         self, argmax: torch.Tensor, sampled: torch.Tensor, logits_of
@@ -189,62 +170,55 @@ class _RowAccumulator:
         run, index = self.canvas.run, self.canvas.index
         ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
         if self.kept is not None:
-            logits_of = lambda pos, tokens: self.kept[pos][:, tokens]  # noqa: E731
-        best, block, log_mass = self._statistics()
-        path = best_atoms(ta, best.T.double().cpu().numpy(), start_state, goal)
+            kept = self.kept
+            logits_of = lambda pos, tokens: torch.from_numpy(kept[np.ix_(pos.numpy(), tokens.numpy())])  # noqa: E731
+        best, block, log_mass, scale = self._statistics()
+        path = best_atoms(ta, best, start_state, goal)
         gumbel = noise.gumbel(noise.combine(self.keys, _ATOM)[None], 0, self.A)[0]  # [L, A]
-        drawn = sample_atoms(
-            ta, log_mass.T.double().cpu().numpy(), start_state, goal, gumbel.double().cpu().numpy()
-        )
+        drawn = sample_atoms(ta, log_mass, start_state, goal, gumbel.double().numpy())
         if path is None or drawn is None:  # cannot happen when the previous canvas ended in a goal state
             raise RuntimeError("regular constraint: no valid canvas from the carried-over state")
         run.record(index, int(path[1][-1]))  # the argmax canvas is committed: the next canvas starts there
-        dev = self.best.device
-        pos = torch.arange(self.L, device=dev)
-        # Where the unconstrained argmax lies in the chosen atom it is that atom's first best token; where
-        # the unconstrained draw X lies in the chosen atom it is a draw from the atom's softmax (X given
-        # X in the atom), and the recomputed draw elsewhere uses independent noise, so the mixture is exact.
-        top_atoms, draw_atoms = torch.from_numpy(path[0]).to(dev), torch.from_numpy(drawn[0]).to(dev)
-        picked = torch.zeros_like(draw_atoms)
-        if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
-            masses = self._block_log_mass(draw_atoms)  # [L, N]
-            u = noise.uniform(noise.mix(noise.combine(self.keys, _BLOCK)))  # [L]
-            picked = _inverse_cdf(masses, u)
-            picked = torch.where(torch.isfinite(masses).any(1), picked, block[draw_atoms, pos])  # underflowed
-        return self._tokens(
-            (top_atoms, block[top_atoms, pos], argmax.to(dev), None),
-            (draw_atoms, picked, sampled.to(dev), noise.uniform(noise.mix(noise.combine(self.keys, _TOKEN)))),
-            logits_of=logits_of,
-        )
+        pos = np.arange(self.L)
+        top_atoms, draw_atoms = path[0], drawn[0]
+        top = self.arg[block[pos, top_atoms], pos, top_atoms]  # the atom's first best token
+        return torch.from_numpy(top), self._draw(draw_atoms, scale, _host(sampled), logits_of)
 
-    def _tokens(self, *picks, logits_of) -> tuple[torch.Tensor, ...]:
-        """Per pick (atoms, blocks, free, u), [L] one token of atom atoms[p] at each position p: free[p] where
-        it lies in that atom, else one of the atom's tokens inside vocabulary block blocks[p]: the first best
-        (u None) or drawn from the softmax restricted to the atom with uniforms u [L]. `logits_of(positions,
-        tokens)`: logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
-        todo = [self.atom_of[free] != atoms for atoms, _, free, _ in picks]
-        outs = [free.clone() for _, _, free, _ in picks]
-        # One call per vocabulary block that some position needs (at most N; the positions of all
-        # picks that need a block share it), over only that block's tokens of the atoms wanted there.
-        needed = torch.cat([blocks[t] for (_, blocks, _, _), t in zip(picks, todo, strict=True)])
-        for b in torch.unique(needed).tolist():
-            lo, hi = b * self.B, min(self.V, (b + 1) * self.B)
-            here = [t & (blocks == b) for (_, blocks, _, _), t in zip(picks, todo, strict=True)]
-            where = torch.nonzero(torch.stack(here).any(0))[:, 0]
-            wanted = torch.cat([atoms[mine] for (atoms, _, _, _), mine in zip(picks, here, strict=True)])
-            tokens = torch.nonzero(torch.isin(self.atom_of[lo:hi], wanted))[:, 0] + lo  # ascending
-            logits = logits_of(where, tokens)  # [P, K]
-            for (atoms, _, _, u), out, mine in zip(picks, outs, here, strict=True):
-                rows = torch.nonzero(mine[where])[:, 0]
-                if len(rows) == 0:
-                    continue
-                p = where[rows]
-                scores = logits[rows].masked_fill_(
-                    self.atom_of[tokens][None, :] != atoms[p, None], float("-inf")
-                )
-                at = scores.argmax(-1) if u is None else _inverse_cdf(scores, u[p])  # argmax: the first best
-                out[p] = tokens[at]
-        return tuple(outs)
+    def _draw(self, atoms: np.ndarray, scale: np.ndarray, free: np.ndarray, logits_of) -> torch.Tensor:
+        """[L] one token of atom atoms[p] at each position p, drawn from the softmax restricted to it: free[p]
+        (the sampler's unconstrained draw) where it lies in that atom — a draw from the atom's softmax given it
+        landed there — else a block by the atom's per-block masses, then a token of the atom in that block,
+        with independent keyed uniforms, so the mixture is exact."""
+        out = free.astype(np.int64)
+        todo = np.nonzero(self.canvas.run.automaton.atom_of[free] != atoms)[0]
+        if len(todo) == 0:
+            return torch.from_numpy(out)
+        wanted = atoms[todo]
+        blocks = self.best[:, todo, wanted].argmax(0)  # [P] the atom's first best block
+        keys = self.keys[torch.from_numpy(todo)]
+        if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
+            masses = (self.mass[:, todo, wanted] * scale[:, todo]).T  # [P, N]
+            u = noise.uniform(noise.mix(noise.combine(keys, _BLOCK)))  # [P]
+            has = np.nonzero(masses.sum(1) > 0)[0]  # the others underflowed: their best block
+            with np.errstate(divide="ignore"):
+                picked = _inverse_cdf(torch.from_numpy(np.log(masses[has])), u[torch.from_numpy(has)])
+            blocks[has] = picked.numpy()
+        u = noise.uniform(noise.mix(noise.combine(keys, _TOKEN)))  # [P]
+        # one call per vocabulary block that some position needs, over that block's tokens of the atoms
+        # wanted there; each position draws from its own atom's run of them
+        for b in np.unique(blocks).tolist():
+            here = np.nonzero(blocks == b)[0]
+            kinds, which = np.unique(wanted[here], return_inverse=True)
+            runs = [self.order.run(b, int(a)) for a in kinds]
+            ends = np.cumsum([len(r) for r in runs])
+            tokens = np.concatenate(runs)
+            lo, hi = (ends - [len(r) for r in runs])[which], ends[which]
+            scores = logits_of(torch.from_numpy(todo[here]), torch.from_numpy(tokens)).float()  # [P, K]
+            col = torch.arange(len(tokens))[None, :]
+            outside = (col < torch.from_numpy(lo)[:, None]) | (col >= torch.from_numpy(hi)[:, None])
+            at = _inverse_cdf(scores.masked_fill_(outside, float("-inf")), u[torch.from_numpy(here)])
+            out[todo[here]] = tokens[at.numpy()]
+        return torch.from_numpy(out)
 
 
 def _inverse_cdf(log_weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -346,7 +320,7 @@ class JointStep:
     """The joint-constraint part of one sampler step over a group of rows (regular languages, slot minimums).
 
     The sampler calls `begin` with the group's rows and their Gumbel position keys, `chunk` with every
-    vocabulary chunk's masked, temperature-scaled logits, and `finish` with its argmax and sampled canvases
+    vocabulary chunk's masked, temperature-scaled logits and its exp values, and `finish` with its argmax and sampled canvases
     and a way to recompute logits of a few positions over one vocabulary block. Regular rows need no
     per-token noise (see `_RowAccumulator`); slot rows draw theirs here."""
 
@@ -368,12 +342,13 @@ class JointStep:
             return None
         return cls(rows, L, keys)
 
-    def chunk(self, logits: torch.Tensor, start: int) -> None:
-        """logits [R, L, C] of vocabulary slice [start, start + C), temperature-scaled and masked."""
-        # statistics stay on the sampler's device; only [A, L]-sized ones reach the host's DPs
+    def chunk(self, logits: torch.Tensor, start: int, e: torch.Tensor, ref: torch.Tensor) -> None:
+        """logits [R, L, C] of vocabulary slice [start, start + C), temperature-scaled and masked; e [R, L, C]:
+        the sampler's exp(logits - ref) (0 where masked, and on CPU more than ~87 nats under ref), ref [R, L]
+        finite: its running maximum (0 where nothing is allowed yet)."""
         for r, acc in self.rows.items():
             if isinstance(acc, _RowAccumulator):
-                acc.chunk(logits[r], start)
+                acc.chunk(logits[r], start, e[r], ref[r])
             else:
                 acc.observe(logits[r], start)
 

@@ -20,14 +20,22 @@ exact distribution of the per-position product restricted to the language (forwa
 backward sampling). A token inside each chosen atom, drawn from its softmax restricted to the atom,
 completes an exact draw of the canvas.
 
+The recursions run once per canvas and denoising step, O(L x E) each, so they are compiled loops
+(numba): as numpy calls, one per position and operation, they were most of a small model's hook.
+
 Shape legend: L positions, S states, A atoms, E edges, V vocabulary.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from model.structured.automaton import TokenAutomaton
+
+# Rescaled sums lose states below ~1e-308 of their position's best; a sampled walk that passed within
+# ~1e-278 of that (one of its edges may have been lost) is redone in log space.
+_SCALED_FLOOR = 1e-278
 
 
 def goal_states(automaton: TokenAutomaton, remaining: int) -> np.ndarray:
@@ -41,18 +49,10 @@ def best_atoms(
     """(atoms [L], states [L + 1]) of the best path, or None when no path exists. scores [L, A]."""
     if len(automaton.edge_atom) == 0:
         return None
-    edge_scores = scores[:, automaton.edge_atom]  # [L, E]
-    L, S = scores.shape[0], automaton.num_states
-    dst, src_starts, src_ids = automaton.edge_dst, automaton.src_starts, automaton.src_ids
-    values = np.full((L + 1, S), -np.inf, dtype=np.float64)
-    values[L] = np.where(goal, 0.0, -np.inf)
-    through = np.empty((L, len(dst)))  # [L, E] best score of a path through each edge: what the walk needs
-    for p in range(L - 1, -1, -1):  # np.take / out=: the same numbers with less per-call overhead
-        np.add(edge_scores[p], np.take(values[p + 1], dst), out=through[p])
-        values[p, src_ids] = np.maximum.reduceat(through[p], src_starts)
+    values = _max_values(_bounds(automaton), automaton.edge_atom, automaton.edge_dst, _f64(scores), goal)
     if not np.isfinite(values[0, start]):
         return None
-    return _walk(automaton, through, start)
+    return _walk(_bounds(automaton), automaton.edge_atom, automaton.edge_dst, _f64(scores), values, start)
 
 
 def sample_atoms(
@@ -62,84 +62,134 @@ def sample_atoms(
     over valid paths, or None when no path exists. log_mass, gumbel [L, A] (gumbel: standard Gumbel noise)."""
     if len(automaton.edge_atom) == 0:
         return None
-    edge_mass = log_mass[:, automaton.edge_atom]  # [L, E]
+    bounds, atom, dst = _bounds(automaton), automaton.edge_atom, automaton.edge_dst
+    log_mass = _f64(log_mass)
     noisy = log_mass + gumbel  # [L, A]
-    values = _sum_values_scaled(automaton, edge_mass, goal)
-    if np.isfinite(values[0, start]):
-        drawn = _walk(automaton, _through(automaton, noisy, values), start)
-        # rescaled sums lose states below ~1e-308 of their position's best; a walk that passed within
-        # ~1e-278 of that (one of its edges may have been lost) is redone in log space
-        if (values[np.arange(len(values)), drawn[1]] - values.max(1) > _SCALED_FLOOR).all():
+    values, ok = _sum_values_scaled(bounds, atom, dst, log_mass, goal)
+    if ok and np.isfinite(values[0, start]):
+        drawn = _walk(bounds, atom, dst, noisy, values, start)
+        near = values[np.arange(len(values)), drawn[1]] - values.max(1)
+        if (near > np.log(_SCALED_FLOOR)).all():
             return drawn
-    values = _sum_values_log(automaton, edge_mass, goal)
+    values = _sum_values_log(bounds, atom, dst, log_mass, goal)
     if not np.isfinite(values[0, start]):
         return None
-    return _walk(automaton, _through(automaton, noisy, values), start)
+    return _walk(bounds, atom, dst, noisy, values, start)
 
 
-_SCALED_FLOOR = -640.0  # log(1e-278)
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _sum_values_scaled(automaton: TokenAutomaton, edge_mass: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    """values [L + 1, S] as `_sum_values_log`, by sums of probabilities rescaled at every position (several
-    times faster on large automata; a state below ~1e-308 of its position's best state gets -inf)."""
-    L, S = edge_mass.shape[0], automaton.num_states
-    dst, src_starts, src_ids = automaton.edge_dst, automaton.src_starts, automaton.src_ids
-    shift = edge_mass.max(1)  # [L]
-    values = np.full((L + 1, S), -np.inf, dtype=np.float64)
-    if not np.isfinite(shift).all():  # a position where no atom has mass: no path
-        return values
-    weights = np.exp(edge_mass - shift[:, None])  # [L, E], at most 1
-    scaled = np.zeros((L + 1, S), dtype=np.float64)  # values[p] = log(scaled[p]) + scale[p]
-    scaled[L] = goal
-    scale = np.zeros(L + 1)
-    product = np.empty(len(dst))
+def _bounds(automaton: TokenAutomaton) -> np.ndarray:
+    """[S + 1] int64: the edges of state s are [bounds[s], bounds[s + 1]) (edges are sorted by source)."""
+    return automaton.src_bounds
+
+
+@njit(cache=True, nogil=True)
+def _max_values(bounds, atom, dst, scores, goal):  # pragma: no cover - compiled
+    """values [L + 1, S] of the max-sum recursion over scores [L, A]."""
+    L, S = scores.shape[0], len(bounds) - 1
+    values = np.full((L + 1, S), -np.inf)
+    for s in range(S):
+        if goal[s]:
+            values[L, s] = 0.0
     for p in range(L - 1, -1, -1):
-        np.multiply(weights[p], np.take(scaled[p + 1], dst), out=product)
-        row = scaled[p]
-        row[src_ids] = np.add.reduceat(product, src_starts)
-        top = float(row.max())
-        if top == 0:  # nothing left in range: the caller redoes it in log space
-            return values
-        row /= top
-        scale[p] = scale[p + 1] + shift[p] + np.log(top)
-    with np.errstate(divide="ignore"):
-        return np.log(scaled) + scale[:, None]
-
-
-def _sum_values_log(automaton: TokenAutomaton, edge_mass: np.ndarray, goal: np.ndarray) -> np.ndarray:
-    """values [L + 1, S]: the log of the summed mass of all completions from each state (log space: exact
-    at any range of masses)."""
-    L, S = edge_mass.shape[0], automaton.num_states
-    dst, src_starts, src_ids = automaton.edge_dst, automaton.src_starts, automaton.src_ids
-    values = np.full((L + 1, S), -np.inf, dtype=np.float64)
-    values[L] = np.where(goal, 0.0, -np.inf)
-    with np.errstate(invalid="ignore"):  # logaddexp(-inf, -inf) is -inf, with a warning on some builds
-        for p in range(L - 1, -1, -1):
-            values[p, src_ids] = np.logaddexp.reduceat(edge_mass[p] + values[p + 1, dst], src_starts)
+        nxt, row, cur = values[p + 1], scores[p], values[p]
+        for s in range(S):
+            best = -np.inf
+            for k in range(bounds[s], bounds[s + 1]):
+                v = row[atom[k]] + nxt[dst[k]]
+                if v > best:
+                    best = v
+            cur[s] = best
     return values
 
 
-def _through(automaton: TokenAutomaton, scores: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """[L, E] score of each edge's atom at each position (scores [L, A]) + the value of its destination one
-    position later (values [L + 1, S]): all positions at once, so the walk only compares."""
-    return scores[:, automaton.edge_atom] + values[1:, automaton.edge_dst]
+@njit(cache=True, nogil=True)
+def _sum_values_scaled(bounds, atom, dst, log_mass, goal):  # pragma: no cover - compiled
+    """(values [L + 1, S] as `_sum_values_log`, ok): by sums of probabilities rescaled at every position
+    (one exp per position and atom, not per edge); a state below ~1e-308 of its position's best state gets
+    -inf, and ok is False when a whole position fell out of range (the caller then redoes it in log space)."""
+    L, A = log_mass.shape
+    S = len(bounds) - 1
+    values = np.full((L + 1, S), -np.inf)
+    scaled = np.zeros((L + 1, S))
+    for s in range(S):
+        if goal[s]:
+            scaled[L, s] = 1.0
+    scale = np.zeros(L + 1)
+    weights = np.empty(A)
+    for p in range(L - 1, -1, -1):
+        shift = log_mass[p].max()
+        if not np.isfinite(shift):  # a position where no atom has mass: no path
+            return values, True
+        for a in range(A):
+            weights[a] = np.exp(log_mass[p, a] - shift)
+        nxt, cur = scaled[p + 1], scaled[p]
+        top = 0.0
+        for s in range(S):
+            total = 0.0
+            for k in range(bounds[s], bounds[s + 1]):
+                total += weights[atom[k]] * nxt[dst[k]]
+            cur[s] = total
+            if total > top:
+                top = total
+        if top == 0.0:
+            return values, False
+        for s in range(S):
+            cur[s] /= top
+        scale[p] = scale[p + 1] + shift + np.log(top)
+    for p in range(L + 1):
+        for s in range(S):
+            if scaled[p, s] > 0.0:
+                values[p, s] = np.log(scaled[p, s]) + scale[p]
+    return values, True
 
 
-def _walk(automaton: TokenAutomaton, through: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+@njit(cache=True, nogil=True)
+def _sum_values_log(bounds, atom, dst, log_mass, goal):  # pragma: no cover - compiled
+    """values [L + 1, S]: the log of the summed mass of all completions from each state (log space: exact
+    at any range of masses; one exp per edge, so only where the rescaled sums fell out of range)."""
+    L = log_mass.shape[0]
+    S = len(bounds) - 1
+    values = np.full((L + 1, S), -np.inf)
+    for s in range(S):
+        if goal[s]:
+            values[L, s] = 0.0
+    for p in range(L - 1, -1, -1):
+        nxt, row = values[p + 1], log_mass[p]
+        for s in range(S):
+            top = -np.inf
+            for k in range(bounds[s], bounds[s + 1]):
+                v = row[atom[k]] + nxt[dst[k]]
+                if v > top:
+                    top = v
+            if top == -np.inf:
+                continue
+            total = 0.0
+            for k in range(bounds[s], bounds[s + 1]):
+                total += np.exp(row[atom[k]] + nxt[dst[k]] - top)
+            values[p, s] = top + np.log(total)
+    return values
+
+
+@njit(cache=True, nogil=True)
+def _walk(bounds, atom, dst, scores, values, start):  # pragma: no cover - compiled
     """(atoms [L], states [L + 1]): from `start`, at each position the edge of the current state with the
-    highest `through` [L, E] (the first on ties, in edge order)."""
-    L = through.shape[0]
-    atom, dst = automaton.edge_atom, automaton.edge_dst
-    bounds = automaton.src_bounds
+    highest scores[p, atom] + values[p + 1, dst] (the first on ties, in edge order)."""
+    L = scores.shape[0]
     atoms = np.empty(L, dtype=np.int64)
     states = np.empty(L + 1, dtype=np.int64)
     state = start
     for p in range(L):
         states[p] = state
-        lo, hi = bounds[state], bounds[state + 1]
-        k = lo + int(through[p, lo:hi].argmax())
-        atoms[p], state = atom[k], int(dst[k])
+        best, pick = -np.inf, bounds[state]
+        for k in range(bounds[state], bounds[state + 1]):
+            v = scores[p, atom[k]] + values[p + 1, dst[k]]
+            if v > best:
+                best, pick = v, k
+        atoms[p], state = atom[pick], dst[pick]
     states[L] = state
     return atoms, states
 

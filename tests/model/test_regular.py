@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from model.sampling.categorical import EXP_FLOOR
 from model.structured.automaton import lift
 from model.structured.constraint import RegularLayout, compile_json_schema
 from model.structured.dp import best_tokens, goal_states
@@ -418,8 +419,16 @@ def _joint_draws(ta, logits: torch.Tensor, seeds: range, chunk: int, sampled: to
     t = lambda v: torch.full((R,), v, dtype=torch.long)  # noqa: E731
     keys = noise.position_keys(noise.row_keys(torch.tensor(list(seeds)), t(0), t(3), noise.STREAM_GUMBEL), L)
     step = JointStep.begin(rows, L, keys)
+    m = torch.full((L,), float("-inf"))
     for start in range(0, V, chunk):
-        step.chunk(logits[None, :, start : start + chunk].expand(R, -1, -1), start)
+        x = logits[:, start : start + chunk]
+        # the sampler's exp values: relative to its running maximum, zero more than EXP_FLOOR under it
+        m = torch.maximum(m, x.amax(-1))
+        ref = torch.where(torch.isinf(m), 0.0, m)
+        d = x - ref[:, None]
+        e = torch.exp(d.clamp(min=EXP_FLOOR)).masked_fill_(d <= EXP_FLOOR, 0.0)
+        rows_of = lambda t: t[None].expand(R, *t.shape)  # noqa: E731
+        step.chunk(rows_of(x), start, rows_of(e), rows_of(ref))
     # the sampler's unconstrained argmax and draw (here from torch's RNG: independent of the keyed noise)
     argmax = logits.argmax(-1).expand(R, L)
     if sampled is None:
