@@ -52,16 +52,55 @@ def chunk_stats(x, e, tokens, bounds, b, start, best, arg, mass):  # pragma: no 
     [start, start + C): per (position, atom) the best logit (-inf: no token), its first token id (-1: none)
     and the sum of e. tokens / bounds: an `AtomOrder`'s arrays."""
     L = x.shape[0]
+    for p in range(0, L - L % _LANES, _LANES):
+        _four_positions(x, e, tokens, bounds, b, start, best, arg, mass, p)
+    for p in range(L - L % _LANES, L):
+        _one_position(x, e, tokens, bounds, b, start, best, arg, mass, p)
+
+
+_LANES = 4  # positions reduced together: independent chains, and one token-id load serves four of them
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _one_position(x, e, tokens, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
     A = best.shape[1]
-    base = b * A
-    for p in range(L):
-        xr, er = x[p], e[p]
-        for a in range(A):
-            top, at, total = -np.inf, -1, 0.0
-            for k in range(bounds[base + a], bounds[base + a + 1]):
-                t = tokens[k] - start
-                v = xr[t]
-                if v > top:
-                    top, at = v, tokens[k]
-                total += er[t]
-            best[p, a], arg[p, a], mass[p, a] = top, at, total
+    for a in range(A):
+        top, at, total = -np.inf, -1, np.float32(0.0)
+        for k in range(bounds[b * A + a], bounds[b * A + a + 1]):
+            t = tokens[k] - start
+            v = x[p, t]
+            if v > top:  # strictly: the first best token of the run (ascending ids) is kept
+                top, at = v, tokens[k]
+            total += e[p, t]
+        best[p, a], arg[p, a], mass[p, a] = top, at, total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _four_positions(x, e, tokens, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
+    A = best.shape[1]
+    for a in range(A):
+        top0 = top1 = top2 = top3 = -np.inf
+        at0 = at1 = at2 = at3 = -1
+        m0 = m1 = m2 = m3 = np.float32(0.0)  # float32 sums, as the sampler's own
+        for k in range(bounds[b * A + a], bounds[b * A + a + 1]):
+            t = tokens[k] - start
+            v = x[p, t]
+            if v > top0:
+                top0, at0 = v, tokens[k]
+            v = x[p + 1, t]
+            if v > top1:
+                top1, at1 = v, tokens[k]
+            v = x[p + 2, t]
+            if v > top2:
+                top2, at2 = v, tokens[k]
+            v = x[p + 3, t]
+            if v > top3:
+                top3, at3 = v, tokens[k]
+            m0 += e[p, t]
+            m1 += e[p + 1, t]
+            m2 += e[p + 2, t]
+            m3 += e[p + 3, t]
+        best[p, a], arg[p, a], mass[p, a] = top0, at0, m0
+        best[p + 1, a], arg[p + 1, a], mass[p + 1, a] = top1, at1, m1
+        best[p + 2, a], arg[p + 2, a], mass[p + 2, a] = top2, at2, m2
+        best[p + 3, a], arg[p + 3, a], mass[p + 3, a] = top3, at3, m3
