@@ -11,10 +11,13 @@ Shape legend: L positions, C vocabulary chunk (one block), N blocks, A atoms, V 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
+
+_ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # automaton -> {block size: AtomOrder}
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,15 @@ class AtomOrder:
     bounds: np.ndarray  # [N * A + 1] int64
     block: int  # B, tokens per block
     num_atoms: int
+
+    @classmethod
+    def of(cls, automaton, block: int) -> AtomOrder:
+        """The order of a `TokenAutomaton`'s tokens, cached per (automaton, block size): the automaton is
+        cached per (schema, tokenizer), so requests with one schema share it (~30 ms at vocabulary 262,144)."""
+        orders = _ORDERS.setdefault(automaton, {})
+        if block not in orders:
+            orders[block] = cls.build(automaton.atom_of, block, automaton.num_atoms)
+        return orders[block]
 
     @classmethod
     def build(cls, atom_of: np.ndarray, block: int, num_atoms: int) -> AtomOrder:

@@ -9,14 +9,14 @@ Two kinds, each a per-request run shared by its canvases and a per-canvas handle
   non-filler tokens; the filler is a choice weighed against the best content token, not a default.
 
 During one denoising step the sampler walks the vocabulary in chunks; for every regular row
-`JointStep.chunk` keeps, per vocabulary block, atom and position, the best temperature-scaled logit and
-the probability mass (no per-token noise). `JointStep.finish` then runs two DPs (model/structured/dp.py):
+`JointStep.chunk` keeps, per vocabulary block, position and atom, the best temperature-scaled logit, its
+first token and the probability mass (the sampler's exp values; no per-token noise). `JointStep.finish` then runs two DPs (model/structured/dp.py):
 a max-sum DP on the per-atom best logits gives the argmax canvas (the most probable canvas inside the
 language, which is what gets committed); a sum-product DP on the per-atom log-masses draws the sampled
 canvas's atoms from the exact distribution of the step's per-position product restricted to the
-language, and one token per position is then drawn from the softmax restricted to its atom (the
-sampler's own draw where it lies in that atom, else from one vocabulary block of logits, recomputed or
-kept). Both start in the state the previous canvas was committed in and
+language; the argmax canvas's tokens are the kept first-best tokens, and one token per sampled position is
+drawn from the softmax restricted to its atom (the sampler's own draw where it lies in that atom, else
+from one vocabulary block of logits, recomputed or kept). Both start in the state the previous canvas was committed in and
 must end in a state from which the remaining canvases can still complete the document, so the state
 carries across canvas boundaries and the last canvas ends the document (then fillers).
 
@@ -57,13 +57,10 @@ class RegularRun:
     num_canvases: int
     canvas_length: int
     end_states: list[int] = field(default_factory=list)  # state after each committed canvas (latest draft)
-    _orders: dict = field(default_factory=dict, repr=False)  # block size -> AtomOrder
 
     def atom_order(self, B: int) -> AtomOrder:
-        """The allowed tokens sorted by (block of B tokens, atom): built once per request, not every step."""
-        if B not in self._orders:
-            self._orders[B] = AtomOrder.build(self.automaton.atom_of, B, self.automaton.num_atoms)
-        return self._orders[B]
+        """The allowed tokens sorted by (block of B tokens, atom): built once per automaton, not every step."""
+        return AtomOrder.of(self.automaton, B)
 
     def start_state(self, index: int) -> int:
         return 0 if index == 0 else self.end_states[index - 1]
