@@ -28,6 +28,7 @@ class AtomOrder:
     [b * B, (b + 1) * B)); tokens outside every atom are left out (they are never allowed)."""
 
     tokens: np.ndarray  # [K] int64 token ids, K allowed tokens
+    offsets: np.ndarray  # [K] uint32: each token's offset in its block (token - b * B)
     bounds: np.ndarray  # [N * A + 1] int64
     block: int  # B, tokens per block
     num_atoms: int
@@ -50,7 +51,8 @@ class AtomOrder:
         keys = ids // block * num_atoms + atom_of[ids]
         order = np.argsort(keys, kind="stable")
         bounds = np.searchsorted(keys[order], np.arange(N * num_atoms + 1))
-        return cls(ids[order].astype(np.int64), bounds.astype(np.int64), block, num_atoms)
+        tokens = ids[order].astype(np.int64)
+        return cls(tokens, (tokens % block).astype(np.uint32), bounds.astype(np.int64), block, num_atoms)
 
     def run(self, b: int, a: int) -> np.ndarray:
         """Token ids of atom a in block b."""
@@ -59,60 +61,61 @@ class AtomOrder:
 
 
 @njit(cache=True, nogil=True)
-def chunk_stats(x, e, tokens, bounds, b, start, best, arg, mass):  # pragma: no cover - compiled
+def chunk_stats(x, e, offsets, bounds, b, start, best, arg, mass):  # pragma: no cover - compiled
     """Fill best / arg / mass [L, A] for block b from logits x and exp values e [L, C] of tokens
     [start, start + C): per (position, atom) the best logit (-inf: no token), its first token id (-1: none)
-    and the sum of e. tokens / bounds: an `AtomOrder`'s arrays."""
+    and the sum of e. offsets / bounds: an `AtomOrder`'s arrays."""
     L = x.shape[0]
     for p in range(0, L - L % _LANES, _LANES):
-        _four_positions(x, e, tokens, bounds, b, start, best, arg, mass, p)
+        _four_positions(x, e, offsets, bounds, b, start, best, arg, mass, p)
     for p in range(L - L % _LANES, L):
-        _one_position(x, e, tokens, bounds, b, start, best, arg, mass, p)
+        _one_position(x, e, offsets, bounds, b, start, best, arg, mass, p)
 
 
-_LANES = 4  # positions reduced together: independent chains, and one token-id load serves four of them
+_LANES = 4  # positions reduced together: independent chains, and one offset load serves four of them
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _one_position(x, e, tokens, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
+def _one_position(x, e, offsets, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
     A = best.shape[1]
+    xr, er = x[p], e[p]
     for a in range(A):
-        top, at, total = -np.inf, -1, np.float32(0.0)
+        top, at, total = np.float32(-np.inf), -1, np.float32(0.0)
         for k in range(bounds[b * A + a], bounds[b * A + a + 1]):
-            t = tokens[k] - start
-            v = x[p, t]
+            t = offsets[k]  # unsigned: no negative-index wraparound in the loop
+            v = xr[t]
             if v > top:  # strictly: the first best token of the run (ascending ids) is kept
-                top, at = v, tokens[k]
-            total += e[p, t]
-        best[p, a], arg[p, a], mass[p, a] = top, at, total
+                top, at = v, np.int64(t)
+            total += er[t]
+        best[p, a], arg[p, a], mass[p, a] = top, at + start if at >= 0 else -1, total
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _four_positions(x, e, tokens, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
+def _four_positions(x, e, offsets, bounds, b, start, best, arg, mass, p):  # pragma: no cover - compiled
     A = best.shape[1]
+    x0, x1, x2, x3 = x[p], x[p + 1], x[p + 2], x[p + 3]
+    e0, e1, e2, e3 = e[p], e[p + 1], e[p + 2], e[p + 3]
     for a in range(A):
-        top0 = top1 = top2 = top3 = -np.inf
+        top0 = top1 = top2 = top3 = np.float32(-np.inf)
         at0 = at1 = at2 = at3 = -1
         m0 = m1 = m2 = m3 = np.float32(0.0)  # float32 sums, as the sampler's own
         for k in range(bounds[b * A + a], bounds[b * A + a + 1]):
-            t = tokens[k] - start
-            v = x[p, t]
+            t = offsets[k]
+            v = x0[t]
             if v > top0:
-                top0, at0 = v, tokens[k]
-            v = x[p + 1, t]
+                top0, at0 = v, np.int64(t)
+            v = x1[t]
             if v > top1:
-                top1, at1 = v, tokens[k]
-            v = x[p + 2, t]
+                top1, at1 = v, np.int64(t)
+            v = x2[t]
             if v > top2:
-                top2, at2 = v, tokens[k]
-            v = x[p + 3, t]
+                top2, at2 = v, np.int64(t)
+            v = x3[t]
             if v > top3:
-                top3, at3 = v, tokens[k]
-            m0 += e[p, t]
-            m1 += e[p + 1, t]
-            m2 += e[p + 2, t]
-            m3 += e[p + 3, t]
-        best[p, a], arg[p, a], mass[p, a] = top0, at0, m0
-        best[p + 1, a], arg[p + 1, a], mass[p + 1, a] = top1, at1, m1
-        best[p + 2, a], arg[p + 2, a], mass[p + 2, a] = top2, at2, m2
-        best[p + 3, a], arg[p + 3, a], mass[p + 3, a] = top3, at3, m3
+                top3, at3 = v, np.int64(t)
+            m0 += e0[t]
+            m1 += e1[t]
+            m2 += e2[t]
+            m3 += e3[t]
+        for j, top, at, m in ((0, top0, at0, m0), (1, top1, at1, m1), (2, top2, at2, m2), (3, top3, at3, m3)):
+            best[p + j, a], arg[p + j, a], mass[p + j, a] = top, at + start if at >= 0 else -1, m

@@ -136,7 +136,7 @@ class _RowAccumulator:
             self.kept[:, start : start + C] = x
         b = start // self.B
         o = self.order
-        chunk_stats(x, _host(e), o.tokens, o.bounds, b, start, self.best[b], self.arg[b], self.mass[b])
+        chunk_stats(x, _host(e), o.offsets, o.bounds, b, start, self.best[b], self.arg[b], self.mass[b])
         self.ref[b] = _host(ref)
 
     def _statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

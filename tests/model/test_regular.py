@@ -483,7 +483,7 @@ def test_chunk_statistics_match_a_plain_reduction(L, atoms, block, seed):
         best, arg = np.empty((L, atoms), np.float32), np.empty((L, atoms), np.int64)
         mass = np.empty((L, atoms), np.float32)
         xs, es = np.ascontiguousarray(x[:, start:stop]), np.ascontiguousarray(e[:, start:stop])
-        chunk_stats(xs, es, order.tokens, order.bounds, b, start, best, arg, mass)
+        chunk_stats(xs, es, order.offsets, order.bounds, b, start, best, arg, mass)
         for a in range(atoms):
             run = start + np.nonzero(atom_of[start:stop] == a)[0]
             assert order.run(b, a).tolist() == run.tolist()
