@@ -141,14 +141,21 @@ class _RowAccumulator:
 
     def _statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(best [L, A] float64, its first block [L, A], log-mass [L, A], per-block mass scale [N, L])."""
-        block = self.best.argmax(0)  # [L, A] the first block on ties
-        best = np.take_along_axis(self.best, block[None], 0)[0].astype(np.float64)
+        if self.N == 1:  # a small vocabulary: nothing to merge
+            block = np.zeros((self.L, self.A), np.int64)
+            best = self.best[0].astype(np.float64)
+        else:
+            block = self.best.argmax(0)  # [L, A] the first block on ties
+            best = np.take_along_axis(self.best, block[None], 0)[0].astype(np.float64)
         # each atom's mass over all blocks, relative to the position's best logit
-        top = self.best.max((0, 2)).astype(np.float64)  # [L] -inf: no allowed token at all
+        top = best.max(1)  # [L] -inf: no allowed token at all
         safe = np.where(np.isinf(top), 0.0, top)
         # a block with mass has a token above ref - 87, so ref - safe < 87 there; the cap keeps the others finite
         scale = np.exp(np.minimum(self.ref - safe, 700.0))  # [N, L]
-        total = np.einsum("nla,nl->la", self.mass, scale)  # [L, A]
+        if self.N == 1:
+            total = self.mass[0] * scale[0][:, None]  # [L, A]
+        else:
+            total = np.einsum("nla,nl->la", self.mass, scale)
         with np.errstate(divide="ignore"):
             log_mass = np.log(total) + safe[:, None]
         # an atom with no allowed token has no mass; one far below the running maximum may underflow to zero
@@ -191,9 +198,10 @@ class _RowAccumulator:
         if len(todo) == 0:
             return torch.from_numpy(out)
         wanted = atoms[todo]
-        blocks = self.best[:, todo, wanted].argmax(0)  # [P] the atom's first best block
+        blocks = np.zeros(len(todo), np.int64)
         keys = self.keys[torch.from_numpy(todo)]
         if self.N > 1:  # the block of each drawn token, by the blocks' masses of its atom
+            blocks = self.best[:, todo, wanted].argmax(0)  # the atom's first best block (where all underflow)
             masses = (self.mass[:, todo, wanted] * scale[:, todo]).T  # [P, N]
             u = noise.uniform(noise.mix(noise.combine(keys, _BLOCK)))  # [P]
             has = np.nonzero(masses.sum(1) > 0)[0]  # the others underflowed: their best block
