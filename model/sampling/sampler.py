@@ -42,7 +42,7 @@ sampling, argmax and entropy for all rows of a chunk at once. A batch without co
 A canvas may also carry a joint constraint (`CanvasConstraint.joint`: a JSON Schema's automaton, or slot minimums):
 then its argmax canvas is replaced by the best one that satisfies it and its sampled canvas by a draw inside it
 (model/structured/decode.py); that is one narrow hook in `_draw_group` (`JointStep`: it sees each chunk's logits
-and may recompute a few positions' logits over one vocabulary block), skipped when no row has one.
+and exp values, and may recompute a few positions' logits over one vocabulary block), skipped when no row has one.
 """
 
 from __future__ import annotations
