@@ -10,15 +10,16 @@ Two kinds, each a per-request run shared by its canvases and a per-canvas handle
 
 During one denoising step the sampler walks the vocabulary in chunks; for every regular row
 `JointStep.chunk` keeps, per vocabulary block, position and atom, the best temperature-scaled logit, its
-first token and the probability mass (the sampler's exp values; no per-token noise). `JointStep.finish` then runs two DPs (model/structured/dp.py):
-a max-sum DP on the per-atom best logits gives the argmax canvas (the most probable canvas inside the
-language, which is what gets committed); a sum-product DP on the per-atom log-masses draws the sampled
+first token and the probability mass (from the sampler's exp values; no per-token noise).
+`JointStep.finish` then runs two DPs (model/structured/dp.py): a max-sum DP on the per-atom best logits
+gives the argmax canvas (the most probable canvas inside the language, which is what gets committed; its
+tokens are the kept first-best tokens); a sum-product DP on the per-atom log-masses draws the sampled
 canvas's atoms from the exact distribution of the step's per-position product restricted to the
-language; the argmax canvas's tokens are the kept first-best tokens, and one token per sampled position is
-drawn from the softmax restricted to its atom (the sampler's own draw where it lies in that atom, else
-from one vocabulary block of logits, recomputed or kept). Both start in the state the previous canvas was committed in and
-must end in a state from which the remaining canvases can still complete the document, so the state
-carries across canvas boundaries and the last canvas ends the document (then fillers).
+language, and one token per sampled position is then drawn from the softmax restricted to its atom (the
+sampler's own draw where it lies in that atom, else from one vocabulary block of logits, recomputed or
+kept). Both start in the state the previous canvas was committed in and must end in a state from which
+the remaining canvases can still complete the document, so the state carries across canvas boundaries
+and the last canvas ends the document (then fillers).
 
 Noise is keyed like the sampler's (a pure function of seed, canvas, step, position and atom / block),
 so a row's draw does not depend on its batch-mates; like the sampler's, it depends on the vocabulary chunk
@@ -325,9 +326,9 @@ class JointStep:
     """The joint-constraint part of one sampler step over a group of rows (regular languages, slot minimums).
 
     The sampler calls `begin` with the group's rows and their Gumbel position keys, `chunk` with every
-    vocabulary chunk's masked, temperature-scaled logits and its exp values, and `finish` with its argmax and sampled canvases
-    and a way to recompute logits of a few positions over one vocabulary block. Regular rows need no
-    per-token noise (see `_RowAccumulator`); slot rows draw theirs here."""
+    vocabulary chunk's masked, temperature-scaled logits and its exp values, and `finish` with its argmax
+    and sampled canvases and a way to recompute logits of a few positions over one vocabulary block.
+    Regular rows need no per-token noise (see `_RowAccumulator`); slot rows draw theirs here."""
 
     def __init__(self, rows: list, L: int, keys: torch.Tensor):
         joint_keys = noise.combine(keys, _JOINT)  # [R, L]
