@@ -89,21 +89,33 @@ def _bounds(automaton: TokenAutomaton) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def _max_values(bounds, atom, dst, scores, goal):  # pragma: no cover - compiled
     """values [L + 1, S] of the max-sum recursion over scores [L, A]."""
-    L, S = scores.shape[0], len(bounds) - 1
-    values = np.full((L + 1, S), -np.inf)
-    for s in range(S):
+    L = scores.shape[0]
+    values = _goal_values(L, goal)
+    for p in range(L - 1, -1, -1):
+        for s in range(len(goal)):
+            values[p, s] = _edge_max(bounds, atom, dst, scores[p], values[p + 1], s)
+    return values
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _goal_values(L, goal):  # pragma: no cover - compiled
+    """[L + 1, S] all -inf but the goal states of the last row (0)."""
+    values = np.full((L + 1, len(goal)), -np.inf)
+    for s in range(len(goal)):
         if goal[s]:
             values[L, s] = 0.0
-    for p in range(L - 1, -1, -1):
-        nxt, row, cur = values[p + 1], scores[p], values[p]
-        for s in range(S):
-            best = -np.inf
-            for k in range(bounds[s], bounds[s + 1]):
-                v = row[atom[k]] + nxt[dst[k]]
-                if v > best:
-                    best = v
-            cur[s] = best
     return values
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _edge_max(bounds, atom, dst, row, nxt, s):  # pragma: no cover - compiled
+    """max over the edges (s, atom, d) of row[atom] + nxt[d] (-inf: none)."""
+    best = -np.inf
+    for k in range(bounds[s], bounds[s + 1]):
+        v = row[atom[k]] + nxt[dst[k]]
+        if v > best:
+            best = v
+    return best
 
 
 @njit(cache=True, nogil=True)
@@ -152,19 +164,11 @@ def _sum_values_log(bounds, atom, dst, log_mass, goal):  # pragma: no cover - co
     """values [L + 1, S]: the log of the summed mass of all completions from each state (log space: exact
     at any range of masses; one exp per edge, so only where the rescaled sums fell out of range)."""
     L = log_mass.shape[0]
-    S = len(bounds) - 1
-    values = np.full((L + 1, S), -np.inf)
-    for s in range(S):
-        if goal[s]:
-            values[L, s] = 0.0
+    values = _goal_values(L, goal)
     for p in range(L - 1, -1, -1):
         nxt, row = values[p + 1], log_mass[p]
-        for s in range(S):
-            top = -np.inf
-            for k in range(bounds[s], bounds[s + 1]):
-                v = row[atom[k]] + nxt[dst[k]]
-                if v > top:
-                    top = v
+        for s in range(len(goal)):
+            top = _edge_max(bounds, atom, dst, row, nxt, s)
             if top == -np.inf:
                 continue
             total = 0.0
