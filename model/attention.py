@@ -60,6 +60,9 @@ class KeyBlock:
     # the batch rows these tensors hold (ids into the batch, on the device), when only some rows have keys in the
     # group; None: all B rows
     rows: torch.Tensor | None = None
+    # (source tag, group index): names this group's mask in a forward pass's mask cache (the layers of a pass read
+    # the same positions and validity); None: not cached
+    mask_key: tuple | None = None
 
 
 def key_groups(blocks: int) -> list[tuple[int, int]]:
@@ -91,25 +94,41 @@ def padded_blocks(blocks: int) -> int:
 
 
 class DenseKeys:
-    """Keys held as one padded tensor (new tokens, or a training-time prefix), read in key groups."""
+    """Keys held as one padded tensor (new tokens, or a training-time prefix), read in key groups.
+
+    `unmasked`: every key is valid and every query may see every one of them (the decoder's canvas, whose
+    attention is bidirectional): a group without padding then needs no mask. `tag`: names the source in a
+    forward pass's mask cache (None: its masks are not cached)."""
 
     def __init__(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        *,
+        unmasked: bool = False,
+        tag: str | None = None,
     ):
         self.keys, self.values = keys, values  # [B, G, S, d]
         self.positions, self.valid = positions, valid  # [B, S]
+        self.unmasked, self.tag = unmasked, tag
 
     def blocks(self) -> Iterator[KeyBlock]:
         S = self.keys.shape[2]
-        for a, b in key_groups(-(-S // BLOCK_TOKENS)):
+        for i, (a, b) in enumerate(key_groups(-(-S // BLOCK_TOKENS))):
             a, b = a * BLOCK_TOKENS, b * BLOCK_TOKENS
             pad = max(0, b - S)
-            k, v = self.keys[:, :, a:b], self.values[:, :, a:b]
-            pos, ok = self.positions[:, a:b], self.valid[:, a:b]
+            if a == 0 and b == S:  # one group holds the whole source: no slicing (each op costs microseconds)
+                k, v, pos, ok = self.keys, self.values, self.positions, self.valid
+            else:
+                k, v = self.keys[:, :, a:b], self.values[:, :, a:b]
+                pos, ok = self.positions[:, a:b], self.valid[:, a:b]
             if pad:  # the last group is padded with masked zero keys: a group's shape never varies
                 k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
                 pos, ok = F.pad(pos, (0, pad), value=-1), F.pad(ok, (0, pad), value=False)
-            yield KeyBlock(k, v, pos, ok)
+            mask_key = (self.tag, i) if self.tag is not None else None
+            yield KeyBlock(k, v, pos, ok, self.unmasked and not pad, mask_key=mask_key)
 
 
 @dataclass
@@ -145,6 +164,7 @@ class PagedKeys:
         positions: torch.Tensor,  # [B, nb, P]
         valid: torch.Tensor,  # [B, nb, P] bool
         groups: list[GroupRows] | None = None,  # `group_rows` of the rows' lengths; None: all rows, masked
+        tag: str | None = None,  # names the source in a forward pass's mask cache (None: not cached)
     ):
         pad = padded_blocks(table.shape[1]) - table.shape[1]
         if pad:  # PrefixBatch pads its tables already; masked entries read page 0
@@ -153,7 +173,7 @@ class PagedKeys:
             valid = F.pad(valid, (0, 0, 0, pad), value=False)
         self.keys, self.values, self.table = keys, values, table
         self.positions, self.valid = positions, valid
-        self.groups = groups
+        self.groups, self.tag = groups, tag
 
     def blocks(self) -> Iterator[KeyBlock]:
         for i, (a, b) in enumerate(key_groups(self.table.shape[1])):
@@ -165,14 +185,24 @@ class PagedKeys:
                 pages, positions, valid = pages[r], positions[r], valid[r]  # [B', n], [B', n, P]
             K = (b - a) * BLOCK_TOKENS
             pos, ok = positions.reshape(-1, K), valid.reshape(-1, K)
-            yield KeyBlock(_gather(self.keys, pages), _gather(self.values, pages), pos, ok, which.unmasked, r)
+            mask_key = (self.tag, i) if self.tag is not None else None
+            k, v = _gather(self.keys, pages), _gather(self.values, pages)
+            yield KeyBlock(k, v, pos, ok, which.unmasked, r, mask_key)
 
 
 def _gather(store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    """Pool [pages, G, P, d] at page ids [B, n] -> [B, G, n * P, d] (one index op, one head-major copy)."""
+    """Pool [pages, G, P, d] at page ids [B, n] -> [B, G, n * P, d] (one index op, one head-major copy; none
+    when n = 1, where the head-major layout is the gathered one)."""
     B, n = pages.shape
     _, G, P, d = store.shape
-    return store[pages].transpose(1, 2).reshape(B, G, n * P, d)
+    return (
+        store.index_select(0, pages.reshape(-1)).view(B, n, G, P, d).transpose(1, 2).reshape(B, G, n * P, d)
+    )
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32; no op at all when it already is (a no-op cast still costs a dispatch)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
@@ -198,11 +228,15 @@ def blocked_attention(
     causal: bool,
     window: int | None,
     min_rows: int = 1,
+    queries_valid: bool = False,
+    masks: dict | None = None,
 ) -> torch.Tensor:
     """q [B, H, T, d] over the keys of `sources` (DenseKeys / PagedKeys, read in order) -> [B, H, T, d].
 
     Attention scale is 1 (q and k are RMS-normed). `min_rows` pads the GEMMs' query rows (CPU kernels round
-    differently below a few rows). Queries that see no key (padding) get zeros."""
+    differently below a few rows). Queries that see no key (padding) get zeros. `queries_valid`: the caller
+    knows every query is valid (skips the work that only padding queries need). `masks`: a forward pass's
+    cache of key-group masks, shared by its layers (groups whose `mask_key` is set)."""
     B, H, T, d = q.shape
     G = sources[0].keys.shape[1]
     Q = H // G
@@ -211,22 +245,31 @@ def blocked_attention(
         q = F.pad(q, (0, 0, 0, T_pad - T))
         q_pos = F.pad(q_pos, (0, T_pad - T), value=-1)
         q_valid = F.pad(q_valid, (0, T_pad - T), value=False)
+        queries_valid = False
     M = Q * T_pad
-    qg = q.reshape(B * G, M, d).float()
-    m = q.new_full((B * G, M), float("-inf"), dtype=torch.float)  # running max
-    l = q.new_zeros(B * G, M, dtype=torch.float)  # noqa: E741  running softmax denominator
-    acc = q.new_zeros(B * G, M, d, dtype=torch.float)  # running numerator @ values
+    qg = _f32(q.reshape(B * G, M, d))
     qp = q_pos[:, :, None]  # [B, T, 1]
     inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
-    step = _GroupStep(G, Q, T_pad, d, causal, window, min_rows, inplace)
+    step = _GroupStep(G, Q, T_pad, d, causal, window, min_rows, inplace, masks if inplace else None)
+    state = None  # (running max, softmax denominator, numerator @ values): [B*G, M], [B*G, M], [B*G, M, d]
     for blk in (blk for src in sources for blk in src.blocks()):
         if blk.rows is None:
-            m, l, acc = step(blk, qg, q_valid, qp, m, l, acc)  # noqa: E741
+            state = step(blk, qg, q_valid, qp, state)
             continue
+        if state is None:  # the empty state: m = -inf, l = 0, acc = 0 (every row's first key is yet to come)
+            state = (
+                q.new_full((B * G, M), float("-inf"), dtype=torch.float),
+                q.new_zeros(B * G, M, dtype=torch.float),
+                q.new_zeros(B * G, M, d, dtype=torch.float),
+            )
         # only the rows with keys in this group (for any other row it would be an exact no-op)
         r = blk.rows
-        got = step(blk, _rows(qg, r, B), q_valid[r], qp[r], _rows(m, r, B), _rows(l, r, B), _rows(acc, r, B))
-        m, l, acc = (_put(full, r, part, B, inplace) for full, part in zip((m, l, acc), got, strict=True))  # noqa: E741
+        got = step(blk, _rows(qg, r, B), q_valid[r], qp[r], tuple(_rows(t, r, B) for t in state))
+        state = tuple(_put(full, r, part, B, inplace) for full, part in zip(state, got, strict=True))
+    _, l, acc = state  # noqa: E741
+    if queries_valid:  # a valid query sees at least its own key or the canvas: l >= 1 (the max's term is 1)
+        out = (acc / l[..., None]).view(B, H, T, d)  # T_pad = T here
+        return out if q.dtype == torch.float32 else out.to(q.dtype)
     out = acc / torch.where(l > 0, l, 1.0)[..., None]  # [B*G, M, d]
     # padding queries get zeros (an unmasked group gave them scores; valid queries are untouched)
     out = out.view(B, G, Q, T_pad, d).masked_fill(~q_valid[:, None, None, :, None], 0.0)
@@ -236,31 +279,52 @@ def blocked_attention(
 class _GroupStep:
     """One key group's update of the online softmax for the rows in the group (see `blocked_attention`)."""
 
-    def __init__(self, G, Q, T_pad, d, causal, window, min_rows, inplace):
+    def __init__(self, G, Q, T_pad, d, causal, window, min_rows, inplace, masks=None):
         self.G, self.Q, self.T, self.d = G, Q, T_pad, d
         self.causal, self.window, self.min_rows, self.inplace = causal, window, min_rows, inplace
+        self.masks = masks
 
-    def __call__(self, blk, qg, q_valid, qp, m, l, acc):  # noqa: E741
+    def hide(self, blk: KeyBlock, q_valid: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
+        """[B, 1, 1, T, K] bool: the scores this group hides (made once per forward pass when cached)."""
+        key = None
+        if self.masks is not None and blk.mask_key is not None:
+            key = (*blk.mask_key, self.causal, self.window)
+            if key in self.masks:
+                return self.masks[key]
+        mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
+        if self.causal:
+            kp = blk.positions[:, None, :]
+            mask = mask & (kp <= qp)
+            if self.window is not None:
+                mask = mask & (kp > qp - self.window)
+        hide = ~mask[:, None, None]
+        if key is not None:
+            self.masks[key] = hide
+        return hide
+
+    def __call__(self, blk, qg, q_valid, qp, state):
+        """state: (m, l, acc) of the rows in the group, or None before any group (then made here, as the update
+        of the empty state would: m = the scores' max, l = sum p, acc = p @ v)."""
         G, Q, T_pad, d, inplace = self.G, self.Q, self.T, self.d, self.inplace
         B, K = blk.keys.shape[0], blk.keys.shape[2]
         M = Q * T_pad
-        k = blk.keys.reshape(B * G, K, d).float()
-        v = blk.values.reshape(B * G, K, d).float()
+        k = _f32(blk.keys.reshape(B * G, K, d))
+        v = _f32(blk.values.reshape(B * G, K, d))
         s = _bmm(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
         if not blk.unmasked or self.window is not None:
-            mask = blk.valid[:, None, :] & q_valid[:, :, None]  # [B, T, K]
-            if self.causal:
-                kp = blk.positions[:, None, :]
-                mask = mask & (kp <= qp)
-                if self.window is not None:
-                    mask = mask & (kp > qp - self.window)
-            hide = ~mask[:, None, None]
+            hide = self.hide(blk, q_valid, qp)
             s = s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)
         s = s.view(B * G, M, K)
-        m_new = torch.maximum(m, s.amax(-1))
+        if state is None:  # maximum(-inf, x) = x, 0 * 0 + x = x: the same bits as updating the empty state
+            m_new = s.amax(-1)
+        else:
+            m, l, acc = state  # noqa: E741
+            m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
         # masked keys: exp(-inf) = 0 exactly
         p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
+        if state is None:
+            return m_new, p.sum(-1), _bmm(p, v, self.min_rows)
         alpha = torch.exp(m - m_safe)  # 1 exactly when the group changed nothing, 0 before the first key
         if inplace:  # the same arithmetic, without a second copy of the running state
             l.mul_(alpha).add_(p.sum(-1))

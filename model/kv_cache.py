@@ -305,7 +305,8 @@ class PrefixBatch:
 
     def layer_keys(self, layer: int) -> PagedKeys:
         table, pos, valid, groups = self.views[self.pool.group[layer]]
-        return PagedKeys(self.pool.keys[layer], self.pool.values[layer], table, pos, valid, groups)
+        group = self.pool.group[layer]
+        return PagedKeys(self.pool.keys[layer], self.pool.values[layer], table, pos, valid, groups, tag=group)
 
     def kv_bytes(self) -> int:
         """K/V bytes one forward over this prefix reads (whole pages up to each row's length)."""

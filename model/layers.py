@@ -25,13 +25,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the casts are skipped (not just no-ops) in fp32: on CPU each dispatched op costs microseconds
-        xf = x if x.dtype == torch.float32 else x.float()
-        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            w = self.weight
-            out = out * (w if w.dtype == torch.float32 else w.float())
-        return out if out.dtype == x.dtype else out.type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) [* weight] over the last dim, in fp32, cast back to x's dtype.
+
+    One `F.rms_norm` call instead of six ops: on CPU it is the same arithmetic (x * rsqrt(mean(x * x) + eps),
+    then * weight; pow(-0.5) is computed as rsqrt) with the same bits, and every dispatched op costs
+    microseconds. The casts are skipped (not just no-ops) in fp32."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    if weight is not None and weight.dtype != torch.float32:
+        weight = weight.float()
+    out = F.rms_norm(xf, (xf.shape[-1],), weight, eps)
+    return out if out.dtype == x.dtype else out.type_as(x)
 
 
 # CPU GEMM kernels round differently for fewer than 4 rows (measured: n = 1..3 differ from the same rows
@@ -94,12 +101,19 @@ class Packed:
             self._ptrs = tuple(lin.weight.data_ptr() for lin in self.linears)
         return self.weight
 
+    def trains(self) -> bool:
+        """Gradients are on and wanted: the Linears then run one by one, so each parameter gets its own."""
+        return torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in self.linears)
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> every Linear's output side by side [..., sum N] (one GEMM; no gradients)."""
+        return linear(x, self.stacked())
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x [..., K] -> each Linear's output [..., N_i]. With gradients on (training) the Linears run one by
-        one, so each parameter gets its own gradient."""
-        if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in self.linears):
+        """x [..., K] -> each Linear's output [..., N_i]."""
+        if self.trains():
             return [lin(x) for lin in self.linears]
-        return list(linear(x, self.stacked()).split(self.sizes, dim=-1))
+        return list(self.whole(x).split(self.sizes, dim=-1))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -142,13 +156,16 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class RopeTables:
-    """The RoPE tables of one forward pass, made once per layer kind instead of once per layer: every layer of a
-    kind has the same spec, hence the same inverse frequencies. Tables are [B, T, 1, d] (broadcast over heads);
-    sin carries the rotate-half sign (-sin on the first half), so applying RoPE is x * cos + swap(x) * sin."""
+    """The tables one forward pass shares between its layers. RoPE tables, made once per layer kind instead of
+    once per layer: every layer of a kind has the same spec, hence the same inverse frequencies. Tables are
+    [B, T, 1, d] (broadcast over heads); sin carries the rotate-half sign (-sin on the first half), so applying
+    RoPE is x * cos + swap(x) * sin. `masks`: the attention's key-group masks (model/attention.py), which depend
+    only on positions and validity, the same in every layer of a pass."""
 
     def __init__(self, positions: torch.Tensor, dtype: torch.dtype):
         self.positions, self.dtype = positions, dtype
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict = {}
 
     def get(self, spec: LayerSpec, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (spec.head_dim, spec.rope)
@@ -163,8 +180,7 @@ class RopeTables:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, d] with `RopeTables` cos / signed sin [B, T, 1, d]; rotate-half convention (pairs i and
     i + d/2): x * cos + [-x2, x1] * sin, written as [x2, x1] * [-sin1, sin2] (negation is exact: same bits)."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    swapped = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [x2, x1]: one op instead of two slices and a cat
     return x * cos + swapped * signed_sin
 
 
@@ -185,21 +201,37 @@ class Attention(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
         projections = [self.q_proj, self.k_proj] + ([self.v_proj] if self.v_proj is not None else [])
         self.__dict__["qkv"] = Packed(*projections)  # one GEMM for q, k (and v); not a submodule
+        self._qk_scale: tuple[tuple, torch.Tensor] | None = None
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, rope: RopeTables | None = None):
         """q [B, H, T, d], and the new tokens' k, v [B, G, T, d] as they are stored in the cache. `rope`: the
-        forward pass's shared tables (made here when None)."""
+        forward pass's shared tables (made here when None).
+
+        Every head at once: the q, k (and v) heads of the one packed GEMM are RMS-normed by one call, q and k then
+        scaled by their norms' weights (one [H + G, d] table) and rotated by one RoPE call. Per element these are
+        the same operations as norming and rotating q, k and v one by one (each op costs microseconds)."""
         B, T, _ = x.shape
-        d = self.spec.head_dim
+        d, H, G = self.spec.head_dim, self.num_heads, self.spec.num_kv_heads
         rope = rope if rope is not None else RopeTables(positions, x.dtype)
         cos, sin = rope.get(self.spec, self.inv_freq)
-        parts = self.qkv(x)
-        q = apply_rope(self.q_norm(parts[0].view(B, T, -1, d)), cos, sin)
-        k_raw = parts[1].view(B, T, -1, d)
-        v = parts[2].view(B, T, -1, d) if len(parts) == 3 else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
-        v = self.v_norm(v)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        heads = torch.cat(self.qkv(x), dim=-1) if self.qkv.trains() else self.qkv.whole(x)
+        normed = rms_norm(heads.view(B, T, -1, d), None, self.v_norm.eps)  # [B, T, H + G (+ G), d]
+        qk = apply_rope(normed[:, :, : H + G] * self._qk_weight(H, G), cos, sin)
+        # full-attention layers use the keys before their norm's scale and RoPE as values (v_norm has no scale)
+        v = normed[:, :, H + G :] if self.v_proj is not None else normed[:, :, H:]
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
+
+    def _qk_weight(self, H: int, G: int) -> torch.Tensor:
+        """[H + G, d]: q_norm's weight for each query head, k_norm's for each key head (fp32, as RMSNorm scales);
+        remade when either parameter changes (or always, with gradients on)."""
+        qw, kw = self.q_norm.weight, self.k_norm.weight
+        key = (qw.data_ptr(), qw._version, kw.data_ptr(), kw._version, qw.dtype)
+        if torch.is_grad_enabled() or self._qk_scale is None or self._qk_scale[0] != key:
+            table = torch.cat([qw.expand(H, -1), kw.expand(G, -1)]).float()
+            if torch.is_grad_enabled():
+                return table
+            self._qk_scale = (key, table)
+        return self._qk_scale[1]
 
     def attend(
         self,
@@ -210,15 +242,31 @@ class Attention(nn.Module):
         *,
         causal: bool,
         window: int | None,
+        queries_valid: bool = False,
+        masks: dict | None = None,
     ) -> torch.Tensor:
         """q [B, H, T, d] over the keys of `sources` ([cached prefix | new tokens], read in that order) -> [B, T, D].
 
         One batched pass for rows of any prefix and new-token lengths; a row's result is bit-identical alone and
-        batched (model/attention.py says why)."""
+        batched (model/attention.py says why). `queries_valid` (no padding query) and `masks` (the pass's mask
+        cache, `RopeTables.masks`) only save work."""
         B, H, T, d = q.shape
         # Queries are independent rows: cutting a long prefill chunk into canvas-sized pieces changes no bit and
         # bounds the transient scores per row by what admission reserves for a canvas.
         step = self.query_chunk
+        if T <= step:  # one piece: no slicing
+            out = blocked_attention(
+                q,
+                sources,
+                q_pos,
+                q_valid,
+                causal=causal,
+                window=window,
+                min_rows=min_gemm_rows(q.device),
+                queries_valid=queries_valid,
+                masks=masks,
+            )
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         outs = [
             blocked_attention(
                 q[:, :, a : a + step],
@@ -228,6 +276,8 @@ class Attention(nn.Module):
                 causal=causal,
                 window=window,
                 min_rows=min_gemm_rows(q.device),
+                queries_valid=queries_valid,
+                masks=None if masks is None else masks.setdefault(a, {}),  # a piece's masks are its own
             )
             for a in range(0, T, step)
         ]

@@ -84,32 +84,71 @@ class GroupedLayout:
 
     source: torch.Tensor  # [N + 1] token feeding each row; T (a zero row) for padding and the dump row
     row_of_pair: torch.Tensor  # [P] the row holding each pair's output; the dump row N for other banks' pairs
-    local: torch.Tensor  # [P] bool: the pair chose one of this bank's experts
+    local: torch.Tensor | None  # [P] bool: the pair chose one of this bank's experts; None: every pair did
     offsets: torch.Tensor  # [E] int32 cumulative row ends of each expert's group (torch._grouped_mm `offs`)
 
 
-def grouped_layout(ids: torch.Tensor, first: int, count: int, min_rows: int) -> GroupedLayout:
-    """Sort pairs ids [T, K] by expert; each non-empty group is padded to at least `min_rows` rows."""
+# Largest pairs x groups for which the layout ranks pairs with a [P, E + 1] running count instead of a sort: a
+# handful of ops instead of a couple dozen (each op costs microseconds on CPU). Both give the same integers.
+COUNTING_LAYOUT_ELEMENTS = 1 << 16
+
+
+def grouped_layout(
+    ids: torch.Tensor, first: int, count: int, min_rows: int, whole: bool = False
+) -> GroupedLayout:
+    """Sort pairs ids [T, K] by expert; each non-empty group is padded to at least `min_rows` rows. `whole`: the
+    bank holds every expert the router can choose (no pair goes elsewhere)."""
     T, K = ids.shape
     P = T * K
-    e = ids.reshape(-1) - first  # [P]
-    local = (e >= 0) & (e < count)
-    e = torch.where(local, e, count)  # other banks' pairs sort after every local group
-    order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
-    counts = torch.bincount(e, minlength=count + 1)  # [E + 1]
-    padded = torch.where(counts > 0, counts.clamp_min(min_rows), 0)
-    padded[count] = 0
-    ends = torch.cumsum(padded, 0)  # [E + 1]
-    sorted_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
+    e = ids.reshape(-1) - first if first else ids.reshape(-1)  # [P]
+    local = None if whole else (e >= 0) & (e < count)
+    if local is not None:
+        e = torch.where(local, e, count)  # other banks' pairs sort after every local group
+    groups = count + (local is not None)
     rows = P + count * (min_rows - 1)  # upper bound on the padded layout; row `rows` is the dump row
-    e_sorted = e[order]
-    rank = torch.arange(P, device=ids.device) - sorted_start[e_sorted]
-    row_sorted = torch.where(e_sorted < count, ends[e_sorted] - padded[e_sorted] + rank, rows)
-    row_of_pair = torch.empty_like(row_sorted).scatter_(0, order, row_sorted)  # [P]
+    if P * groups <= COUNTING_LAYOUT_ELEMENTS:
+        row_of_pair, ends = _counted_rows(e, groups, count, min_rows)
+    else:
+        row_of_pair, ends = _sorted_rows(e, groups, count, min_rows)
+    if local is not None:
+        row_of_pair = torch.where(local, row_of_pair, rows)
     source = torch.full((rows + 1,), T, dtype=torch.long, device=ids.device)
     source[row_of_pair] = torch.div(torch.arange(P, device=ids.device), K, rounding_mode="floor")
-    source[rows] = T  # several foreign pairs may have written the dump row: it reads the zero row
+    if local is not None:
+        source[rows] = T  # several foreign pairs may have written the dump row: it reads the zero row
     return GroupedLayout(source, row_of_pair, local, ends[:count].to(torch.int32))
+
+
+def _padded_sizes(counts: torch.Tensor, count: int, min_rows: int) -> torch.Tensor:
+    """Rows of each group [groups]: its pairs, padded to `min_rows` when it has any; none for foreign pairs."""
+    padded = torch.where(counts > 0, counts.clamp_min(min_rows), 0)
+    if padded.shape[0] > count:
+        padded[count] = 0
+    return padded
+
+
+def _counted_rows(e: torch.Tensor, groups: int, count: int, min_rows: int):
+    """(row of each pair [P], group row ends [groups]) from a running count of each group's pairs."""
+    seen = (e[:, None] == torch.arange(groups, device=e.device)).cumsum(0)  # [P, groups] pairs so far
+    padded = _padded_sizes(seen[-1], count, min_rows)
+    ends = torch.cumsum(padded, 0)
+    # a pair's rank among its group's pairs in pair (token) order, from the group's first row
+    first_row = ends - padded - 1
+    return first_row[e] + seen.gather(1, e[:, None])[:, 0], ends
+
+
+def _sorted_rows(e: torch.Tensor, groups: int, count: int, min_rows: int):
+    """(row of each pair [P], group row ends [groups]) from a stable sort of the pairs by group."""
+    P = e.shape[0]
+    order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
+    counts = torch.bincount(e, minlength=groups)  # [groups]
+    padded = _padded_sizes(counts, count, min_rows)
+    ends = torch.cumsum(padded, 0)
+    sorted_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
+    e_sorted = e[order]
+    rank = torch.arange(P, device=e.device) - sorted_start[e_sorted]
+    row_sorted = ends[e_sorted] - padded[e_sorted] + rank
+    return torch.empty_like(row_sorted).scatter_(0, order, row_sorted), ends
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
@@ -172,37 +211,43 @@ def grouped_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     first: int,
+    whole: bool = False,
 ) -> torch.Tensor:
     """One bank's weighted expert outputs [T, D] for tokens x [T, D] with routing weights / ids [T, K]; experts
-    [first, first + E) with gate_up_proj [E, 2I, D] and down_proj [E, D, I]. Pairs routed elsewhere add 0."""
+    [first, first + E) with gate_up_proj [E, 2I, D] and down_proj [E, D, I]. Pairs routed elsewhere add 0.
+    `whole`: the bank holds every expert (no pair goes elsewhere: the masking of foreign pairs is skipped)."""
     T, D = x.shape
     K = ids.shape[1]
     count = gate_up_proj.shape[0]
     if count == 0 or T == 0:
         return torch.zeros_like(x)
-    layout = grouped_layout(ids, first, count, min_gemm_rows(x.device))
+    layout = grouped_layout(ids, first, count, min_gemm_rows(x.device), whole)
     grouped = grouped_mm_supported(x.device, x.dtype)
-    rows = torch.cat([x, x.new_zeros(1, D)])[layout.source]  # [N + 1, D]
+    rows = F.pad(x, (0, 0, 0, 1)).index_select(0, layout.source)  # [N + 1, D]; row T is the zero row
     gate, up = _grouped_linear(rows, gate_up_proj, layout.offsets, grouped).chunk(2, dim=-1)  # [N + 1, I]
     y = _grouped_linear(gelu_tanh(gate) * up, down_proj, layout.offsets, grouped)  # [N + 1, D]
-    per_pair = y[layout.row_of_pair] * weights.reshape(-1, 1)  # [P, D] fp32
-    # `where`, not a product: rows outside every group are uninitialised and may hold NaN
-    per_pair = torch.where(layout.local[:, None], per_pair, 0.0)
-    return per_pair.view(T, K, D).sum(1).to(x.dtype)  # combine in a fixed order: choice 0, 1, ...
+    per_pair = y.index_select(0, layout.row_of_pair) * weights.reshape(-1, 1)  # [P, D] fp32
+    if layout.local is not None:
+        # `where`, not a product: rows outside every group are uninitialised and may hold NaN
+        per_pair = torch.where(layout.local[:, None], per_pair, 0.0)
+    out = per_pair.view(T, K, D).sum(1)  # combine in a fixed order: choice 0, 1, ...
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class ExpertBank(nn.Module):
-    """Experts [first, first + count) of one layer."""
+    """Experts [first, first + count) of one layer. `total`: how many experts the router chooses from, when
+    known (a bank holding all of them skips the masking of pairs routed elsewhere)."""
 
-    def __init__(self, hidden: int, inner: int, first: int, count: int):
+    def __init__(self, hidden: int, inner: int, first: int, count: int, total: int | None = None):
         super().__init__()
         self.first, self.count, self.inner = first, count, inner
+        self.whole = total is not None and first == 0 and count == total
         self.gate_up_proj = nn.Parameter(torch.empty(count, 2 * inner, hidden))  # [E, 2I, D]
         self.down_proj = nn.Parameter(torch.empty(count, hidden, inner))  # [E, D, I]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Partial MoE output [T, D] of this bank's experts for normed tokens x [T, D]."""
-        return grouped_experts(x, weights, ids, self.gate_up_proj, self.down_proj, self.first)
+        return grouped_experts(x, weights, ids, self.gate_up_proj, self.down_proj, self.first, self.whole)
 
 
 def moe_reference(

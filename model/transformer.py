@@ -41,6 +41,12 @@ class TokenBatch:
     valid: torch.Tensor  # [B, T] bool
     lengths: list[int] | None = None  # valid (left-aligned) tokens of each row, known on the host
 
+    @property
+    def all_valid(self) -> bool:
+        """Every token of every row is valid (known on the host: no padding)."""
+        T = self.ids.shape[1]
+        return self.lengths is not None and all(n == T for n in self.lengths)
+
     @classmethod
     def from_lists(cls, rows: list[list[int]], starts: list[int], pad_id: int, device="cpu") -> TokenBatch:
         T = max(len(r) for r in rows)
@@ -64,7 +70,9 @@ class Layer(nn.Module):
         self.self_attn = Attention(config, self.spec)
         self.mlp = GatedMLP(D, config.intermediate_size)
         self.router = Router(D, config.num_experts, config.top_k, eps)
-        self.experts = ExpertBank(D, config.moe_intermediate_size, experts.start, len(experts))
+        self.experts = ExpertBank(
+            D, config.moe_intermediate_size, experts.start, len(experts), total=config.num_experts
+        )
         for name in (
             "input_layernorm",
             "post_attention_layernorm",
@@ -102,10 +110,22 @@ class Layer(nn.Module):
         tables, shared by the layers of one kind (made per layer when None)."""
         attn = self.self_attn
         q, k, v = attn.project(self.input_layernorm(h), batch.positions, rope)
-        new = DenseKeys(k, v, batch.positions, batch.valid)
+        full = batch.all_valid
+        # the decoder's canvas: every key valid, seen by every query (bidirectional): no mask needed
+        new = DenseKeys(k, v, batch.positions, batch.valid, unmasked=full and not encoder, tag="new")
         sources = [_prefix_keys(prefix, self.index), new] if prefix is not None else [new]
         window = self.window if encoder and self.spec.is_sliding else None
-        out = attn.attend(q, sources, batch.positions, batch.valid, causal=encoder, window=window)
+        masks = rope.masks if rope is not None else None
+        out = attn.attend(
+            q,
+            sources,
+            batch.positions,
+            batch.valid,
+            causal=encoder,
+            window=window,
+            queries_valid=full,
+            masks=masks,
+        )
         h = h + self.post_attention_layernorm(out)
         h = h + self.feed_forward(h, moe)
         return h * (self.encoder_scalar if encoder else self.decoder_scalar), k, v
