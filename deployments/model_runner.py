@@ -33,6 +33,7 @@ from model.sampling.sampler import (
     draw_keyed,
     inverse_temperature,
     keyed_renoise,
+    step_keys,
 )
 from model.transformer import DiffusionGemma, TokenBatch
 
@@ -198,14 +199,15 @@ class ModelRunner:
             tables = ConstraintTables(pins, rows.classes[idx], self._table)
             if any(c is not None and c.joint is not None for c in constrained):
                 joint = [SimpleNamespace(constraint=c) for c in constrained]
-        draws = draw_keyed(self.model, hidden, inv_t, seeds, canvas_index, steps, tables, joint)
+        keys = step_keys(seeds, canvas_index, steps, L)  # every stream of this step's noise at once
+        draws = draw_keyed(self.model, hidden, inv_t, seeds, canvas_index, steps, tables, joint, keys)
         rules = RowRules(
             floats[:, rows.BOUND].float(),
             floats[:, rows.CONFIDENCE].float(),
             ints[:, rows.STABILITY],
             ints[:, rows.MAX_STEPS],
         )
-        renoise = keyed_renoise(seeds, canvas_index, steps, L, V)
+        renoise = keyed_renoise(seeds, canvas_index, steps, L, V, keys)
         update = advance_rows(draws, canvas, argmax, steps, ints[:, rows.STREAK], rules, renoise, pins)
         rows.canvas[idx] = update.canvas
         rows.argmax[idx] = draws.argmax

@@ -69,9 +69,26 @@ def row_keys(seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, stre
 
 
 def position_keys(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Keys [R, L] of positions 0..L-1 of each row key rows [R]."""
+    """Keys [R, L] of positions 0..L-1 of each row key rows [R] (or [..., L] for keys [...])."""
     pos = torch.arange(length, dtype=torch.long, device=rows.device)
-    return combine(rows[:, None], pos[None, :])
+    return combine(rows[..., None], pos)
+
+
+_STREAM_TAGS: dict[tuple, torch.Tensor] = {}
+
+
+def stream_position_keys(
+    seeds: torch.Tensor, canvas: torch.Tensor, step: torch.Tensor, streams: tuple[int, ...], length: int
+) -> torch.Tensor:
+    """Keys [R, S, L] of several streams at once: [:, i] has the bits of
+    `position_keys(row_keys(seeds, canvas, step, streams[i]), length)`, in one pass of tensor ops instead of one
+    per stream (each op costs microseconds on CPU; a step's sampler needs several streams)."""
+    tags_key = (streams, seeds.device)
+    if tags_key not in _STREAM_TAGS:  # made once per device: no per-step host-to-device copy
+        _STREAM_TAGS[tags_key] = torch.tensor(streams, dtype=torch.long, device=seeds.device)
+    key = combine(mix(seeds + GOLDEN)[:, None], _STREAM_TAGS[tags_key])  # [R, S]
+    key = combine(combine(key, canvas[:, None]), step[:, None])
+    return position_keys(key, length)
 
 
 def randint(keys: torch.Tensor, high: int) -> torch.Tensor:
@@ -106,7 +123,12 @@ def uniform64(bits: torch.Tensor) -> torch.Tensor:
 
 def gumbel64(bits: torch.Tensor) -> torch.Tensor:
     """float64 Gumbel noise -log(-log U) from int64 words, U from `uniform64` (finite: |noise| < 38)."""
-    return uniform64(bits).log_().neg_().log_().neg_()
+    return gumbel_of_uniform(uniform64(bits))
+
+
+def gumbel_of_uniform(u: torch.Tensor) -> torch.Tensor:
+    """-log(-log u) of uniforms u in (0, 1), in place (u is overwritten and returned)."""
+    return u.log_().neg_().log_().neg_()
 
 
 def gumbel(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -265,6 +265,17 @@ def draw_fast(model, hidden: torch.Tensor, rows: list[RowState]) -> StepDraws:
     )
 
 
+# The keyed streams of one denoising step, in the order of `step_keys`: the sample's block choice and its
+# inverse-CDF uniform, joint constraints' per-token noise, the re-noising of rejected positions.
+STEP_STREAMS = (noise.STREAM_BLOCK, noise.STREAM_INVCDF, noise.STREAM_GUMBEL, noise.STREAM_RENOISE)
+BLOCK_KEYS, INVCDF_KEYS, GUMBEL_KEYS, RENOISE_KEYS = range(4)
+
+
+def step_keys(seeds: torch.Tensor, canvas_index: torch.Tensor, steps: torch.Tensor, L: int) -> torch.Tensor:
+    """[R, 4, L] position keys of every stream one step of R rows uses (`STEP_STREAMS` order), made at once."""
+    return noise.stream_position_keys(seeds, canvas_index, steps, STEP_STREAMS, L)
+
+
 @dataclass
 class KeyedDraws:
     """The keyed noise of one step of R rows (model/sampling/noise.py) per (position, vocabulary block), for the
@@ -274,14 +285,10 @@ class KeyedDraws:
     block_uniform: torch.Tensor  # [R, L, N] float64: the inverse-CDF uniform inside each block
 
     @classmethod
-    def make(cls, seeds, canvas_index, steps, L: int, blocks: int) -> KeyedDraws:
-        def stream(tag: int) -> torch.Tensor:
-            return noise.position_keys(noise.row_keys(seeds, canvas_index, steps, tag), L)  # [R, L]
-
-        return cls(
-            noise.gumbel64(noise.words(stream(noise.STREAM_BLOCK), 0, blocks)),
-            noise.uniform64(noise.words(stream(noise.STREAM_INVCDF), 0, blocks)),
-        )
+    def make(cls, keys: torch.Tensor, blocks: int) -> KeyedDraws:
+        """From `step_keys` [R, 4, L]: both streams' uniforms in one pass, the Gumbel transform on one."""
+        u = noise.uniform64(noise.words(keys[:, BLOCK_KEYS : INVCDF_KEYS + 1], 0, blocks))  # [R, 2, L, N]
+        return cls(noise.gumbel_of_uniform(u[:, 0]), u[:, 1])  # the first: gumbel64 of the same words
 
     def rows(self, lo: int, hi: int) -> KeyedDraws:
         return KeyedDraws(self.block_gumbel[lo:hi], self.block_uniform[lo:hi])
@@ -296,21 +303,20 @@ def draw_keyed(
     steps: torch.Tensor,
     tables: ConstraintTables | None,
     constrained: list | None = None,
+    keys: torch.Tensor | None = None,
 ) -> StepDraws:
     """The fast draw of R rows from device tensors: hidden [R, L, D]; inv_t [R] float32; seeds, canvas_index,
     steps [R] long (the coordinates of each row's keyed noise). `constrained`: R objects with a `.constraint`
-    (for joint constraints), or None when no row carries one. No host sync (unless a joint constraint runs)."""
+    (for joint constraints), or None when no row carries one. `keys`: this step's `step_keys` when the caller
+    made them already (made here when None). No host sync (unless a joint constraint runs)."""
     R, L, D = hidden.shape
     V = model.embed_tokens.weight.shape[0]
     chunk = VOCAB_CHUNK  # read once per step: every block of this step has the same size
-    keyed = KeyedDraws.make(seeds, canvas_index, steps, L, -(-V // chunk))
+    keys = step_keys(seeds, canvas_index, steps, L) if keys is None else keys
+    keyed = KeyedDraws.make(keys, -(-V // chunk))
     # the position keys joint constraints derive their noise from (slot minimums: per-token Gumbel noise;
-    # regular languages: per-atom numbers, model/structured/decode.py); only made when some row may need them
-    joint_keys = (
-        noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_GUMBEL), L)
-        if constrained is not None
-        else None
-    )
+    # regular languages: per-atom numbers, model/structured/decode.py)
+    joint_keys = keys[:, GUMBEL_KEYS] if constrained is not None else None
     # A fixed chunk size, whatever the batch: online-softmax rounding then depends on the row alone.
     group = max(1, element_budget(hidden.device) // (L * chunk))
     parts = [
@@ -339,7 +345,7 @@ def _scaled_logits(
 ) -> torch.Tensor:
     """Soft-capped, temperature-scaled fp32 logits [..., C] of hidden [..., D] against vocab rows w [C, D]."""
     # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
-    logits = (hidden @ w.T).float()  # a fresh tensor
+    logits = _f32(hidden @ w.T)  # a fresh tensor
     if cap:
         logits.div_(cap).tanh_().mul_(cap)
     return logits.mul_(inv_t)
@@ -371,6 +377,28 @@ def _exp_below_max(d: torch.Tensor) -> torch.Tensor:
     return torch.exp(d).masked_fill_(d == EXP_FLOOR, 0.0)
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32; no op at all when it already is (a no-op cast still costs a dispatch)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _merge_block(state, new_m, safe_m, e, centred, weighted, cval, cidx, score, pick):
+    """The running state of `_draw_group` after one more vocabulary block (online softmax, running argmax and
+    running Gumbel-max over blocks). s1 is kept centred on the running max so entropy = log s0 - s1/s0 does
+    not cancel."""
+    m, s0, s1, soft, best_val, best_idx, draw_val, draw_idx = state
+    alpha = torch.exp(m - safe_m)
+    better = cval > best_val
+    best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx, best_idx)
+    better = score > draw_val
+    draw_val, draw_idx = torch.where(better, score, draw_val), torch.where(better, pick, draw_idx)
+    shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
+    s1 = (s1 + shift) * alpha + centred
+    s0 = s0 * alpha + e.sum(-1)
+    soft = soft * alpha[..., None] + weighted
+    return new_m, s0, s1, soft, best_val, best_idx, draw_val, draw_idx
+
+
 def _draw_group(
     model,
     hidden: torch.Tensor,
@@ -389,34 +417,22 @@ def _draw_group(
     weight = model.embed_tokens.weight  # [V, D] (tied LM head)
     V = weight.shape[0]
     cap = model.config.final_logit_softcapping
-    m = torch.full((R, L), float("-inf"), device=dev)
-    s0, s1 = torch.zeros(R, L, device=dev), torch.zeros(R, L, device=dev)
-    soft = torch.zeros(R, L, D, device=dev)
-    best_val, best_idx = (
-        torch.full((R, L), float("-inf"), device=dev),
-        torch.zeros(R, L, dtype=torch.long, device=dev),
-    )
-    # the sample: the best block so far by log-mass + Gumbel noise (float64), and its inverse-CDF token
-    draw_val, draw_idx = (
-        torch.full((R, L), float("-inf"), dtype=torch.float64, device=dev),
-        torch.zeros(R, L, dtype=torch.long, device=dev),
-    )
+    # Running state over the blocks seen: max m, normaliser s0, E[logit - max] (s1), E[embedding] (soft), the
+    # argmax (best_val, best_idx) and the sample (draw_val, draw_idx); None before the first block, which sets
+    # it directly: updating the empty state (m = -inf, sums 0, best -inf) would give the same numbers.
+    state = None
     for b, start in enumerate(range(0, V, chunk)):
         stop = min(V, start + chunk)
-        w = weight[start:stop]  # [C, D]
+        w = weight if stop - start == V else weight[start:stop]  # [C, D]
         logits = _scaled_logits(hidden, w, cap, inv_t)  # [R, L, C]
         if tables is not None:
             logits.masked_fill_(~tables.allowed(start, stop), float("-inf"))
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
-        better = cval > best_val
-        best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx + start, best_idx)
-        # online softmax statistics: normaliser s0, E[logit - max] (s1) for the entropy, E[embedding] for
-        # self-conditioning; s1 is kept centred on the running max so entropy = log s0 - s1/s0 does not cancel
-        new_m = torch.maximum(m, cval)
+        new_m = cval if state is None else torch.maximum(state[0], cval)
         safe_m = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
-        alpha = torch.exp(m - safe_m)
-        d = logits - safe_m[..., None]  # [R, L, C]
+        # d = logits - max [R, L, C] (in place unless the joint hook has seen the logits)
+        d = logits.sub_(safe_m[..., None]) if joint is None else logits - safe_m[..., None]
         e = _exp_below_max(d)
         if joint is not None:  # per-atom statistics reuse this chunk's exp values (relative to safe_m)
             joint.chunk(logits, start, e, safe_m)
@@ -425,19 +441,20 @@ def _draw_group(
         # (under e^-87) rounds to 0, as it does in the full softmax
         pick, mass = block_pick(e, keyed.block_uniform[..., b])
         score = mass.double().log() + safe_m.double() + keyed.block_gumbel[..., b]
-        better = score > draw_val
-        draw_val, draw_idx = torch.where(better, score, draw_val), torch.where(better, pick + start, draw_idx)
-        shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
         # e * d, with 0 (not NaN) where a position's token is masked (d = -inf, e = 0): clamping d to the
         # lowest finite float changes no other element, and a zero term adds nothing to the sum. Skipped when
         # d is finite: no constraint tables, or on CPU (`_exp_below_max` clamped it).
         finite = tables is None or dev.type == "cpu"
-        centred = (d if finite else d.clamp_(min=torch.finfo(d.dtype).min)).mul_(e)
-        s1 = (s1 + shift) * alpha + centred.sum(-1)
-        s0 = s0 * alpha + e.sum(-1)
+        centred = (d if finite else d.clamp_(min=torch.finfo(d.dtype).min)).mul_(e).sum(-1)
         # probabilities times embeddings in the weight dtype (as the reference's soft input), summed in fp32
-        soft = soft * alpha[..., None] + (e.to(w.dtype) @ w).float()
-        m = new_m
+        weighted = _f32((e if e.dtype == w.dtype else e.to(w.dtype)) @ w)
+        if start:  # block-local token indices -> vocabulary ids
+            cidx, pick = cidx + start, pick + start
+        if state is None:
+            state = (new_m, e.sum(-1), centred, weighted, cval, cidx, score, pick)
+            continue
+        state = _merge_block(state, new_m, safe_m, e, centred, weighted, cval, cidx, score, pick)
+    _, s0, s1, soft, _, best_idx, _, draw_idx = state
     entropy = (torch.log(s0) - s1 / s0).clamp_min(0.0)
     if joint is not None:
 
@@ -485,10 +502,19 @@ def _pins(rows: list[RowState], L: int, device) -> torch.Tensor | None:
 
 
 def keyed_renoise(
-    seeds: torch.Tensor, canvas_index: torch.Tensor, steps: torch.Tensor, L: int, vocab_size: int
+    seeds: torch.Tensor,
+    canvas_index: torch.Tensor,
+    steps: torch.Tensor,
+    L: int,
+    vocab_size: int,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[R, L] replacement tokens for rejected positions, keyed by each row's (seed, canvas, step) ([R] each)."""
-    keys = noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_RENOISE), L)
+    """[R, L] replacement tokens for rejected positions, keyed by each row's (seed, canvas, step) ([R] each).
+    `keys`: this step's `step_keys`, when made already."""
+    if keys is None:
+        keys = noise.position_keys(noise.row_keys(seeds, canvas_index, steps, noise.STREAM_RENOISE), L)
+    else:
+        keys = keys[:, RENOISE_KEYS]
     return noise.randint(keys, vocab_size)
 
 
