@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from model.sampling import noise
-from model.sampling.categorical import EXP_FLOOR, pick_from_cdf
+from model.sampling.categorical import EXP_FLOOR, exp_at_floor, pick_from_cdf
 from model.sampling.params import SamplingParams
 from model.structured.decode import JointStep, RegularCanvas, SlotCanvas
 
@@ -370,11 +370,14 @@ def _exp_below_max(d: torch.Tensor) -> torch.Tensor:
     """exp(d) for d = scaled logits - running max [R, L, C] (d <= 0, -inf where masked). On CPU, d is clamped
     in place to EXP_FLOOR first (so exp stays on its fast path) and those elements are then set to exactly 0:
     a token more than 87 nats under the running max gets no mass (the full fp32 softmax gives it < 1e-38, or
-    0 below ~1e-45), so masked tokens still have none. Other devices compute exp(d) as it is."""
+    0 below ~1e-45), so masked tokens still have none. Other devices compute exp(d) as it is.
+
+    The clamped elements are zeroed by a threshold on the result (exp(d) <= exp(EXP_FLOOR) exactly where d was
+    clamped, see `exp_at_floor`): one cheap pass instead of a comparison and a masked fill (~20x its cost)."""
     if d.device.type != "cpu":
         return torch.exp(d)
     d.clamp_(min=EXP_FLOOR)
-    return torch.exp(d).masked_fill_(d == EXP_FLOOR, 0.0)
+    return torch.nn.functional.threshold_(torch.exp(d), exp_at_floor(), 0.0)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
