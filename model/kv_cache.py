@@ -277,6 +277,9 @@ class PrefixBatch:
         self.lengths = torch.tensor(lens, dtype=torch.long, device=device)  # [B]
         build = {FULL: self._full_view, RING: self._ring_view}
         self.views = {g: build[g](lens) for g in set(self.pool.group)}
+        # what the decoder derives from the prefix alone (canvas positions, RoPE tables, key-group masks), kept
+        # for the next step over the same prefix (`DiffusionGemma.denoise`); keyed by canvas length and dtype
+        self.decoder_cache: dict = {}
 
     def _table(self, group: str, nb: int) -> torch.Tensor:
         rows = [c.pages[group][:nb] for c in self.caches]

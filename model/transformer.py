@@ -226,12 +226,16 @@ class DiffusionGemma(nn.Module):
     ) -> torch.Tensor:
         """Decoder mode: canvas [B, L], optional self-conditioning soft embeddings [B, L, D] -> hidden [B, L, D]."""
         B, L = canvas.shape
-        positions = prefix.lengths.to(canvas.device)[:, None] + torch.arange(L, device=canvas.device)
-        batch = TokenBatch(
-            canvas, positions, torch.ones(B, L, dtype=torch.bool, device=canvas.device), [L] * B
-        )
+        key = (L, self.dtype, canvas.device)
+        if key not in prefix.decoder_cache:
+            # positions, validity, RoPE tables and key-group masks depend on the prefix alone: a canvas's steps
+            # over one PrefixBatch share them (made once, not once per step)
+            positions = prefix.lengths.to(canvas.device)[:, None] + torch.arange(L, device=canvas.device)
+            valid = torch.ones(B, L, dtype=torch.bool, device=canvas.device)
+            prefix.decoder_cache[key] = positions, valid, RopeTables(positions, self.dtype)
+        positions, valid, rope = prefix.decoder_cache[key]
+        batch = TokenBatch(canvas, positions, valid, [L] * B)
         h = self.self_conditioning(self.embed(canvas), soft)
-        rope = RopeTables(positions, h.dtype)
         for layer in self.layers:
             h, _, _ = layer(h, batch, prefix, encoder=False, moe=self.moe_backend, rope=rope)
         return self.norm(h)
