@@ -279,3 +279,40 @@ def test_a_short_rows_workspace_bound_is_its_own_largest_group(rows):
     peak = _decoder_chunk_peak([100] * rows, H, G, T, d, seed=8)
     bound = rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True, group_keys=group)
     assert peak <= bound < rows * workspace_bytes(H, G, d, T, itemsize=4, cpu=True)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 100)])
+def test_shortcuts_change_no_bit(causal, window):
+    """What the serving path skips gives the same bits: masks made once per pass and reused by later layers
+    (`masks`), no mask for the decoder's own canvas (`unmasked`), no padding-query work (`queries_valid`)."""
+    lengths, T = [1, 64, 65, 700], 20
+    B, H, G, d = len(lengths), 4, 2, 16
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=8)
+    groups = group_rows(valid.flatten(1).sum(1).tolist(), "cpu")
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(B, T, dtype=torch.bool)
+    masks: dict = {}
+    for layer in range(2):  # the second "layer" reads the first one's masks
+        g = torch.Generator().manual_seed(10 + layer)
+        q = torch.randn(B, H, T, d, generator=g)
+        nk, nv = torch.randn(B, G, T, d, generator=g), torch.randn(B, G, T, d, generator=g)
+        plain = [PagedKeys(pk, pv, table, pos, valid, groups), DenseKeys(nk, nv, q_pos, q_valid)]
+        tagged = [
+            PagedKeys(pk, pv, table, pos, valid, groups, tag="full"),
+            DenseKeys(nk, nv, q_pos, q_valid, unmasked=not causal, tag="new"),
+        ]
+        with torch.no_grad():
+            want = blocked_attention(q, plain, q_pos, q_valid, causal=causal, window=window, min_rows=8)
+            got = blocked_attention(
+                q,
+                tagged,
+                q_pos,
+                q_valid,
+                causal=causal,
+                window=window,
+                min_rows=8,
+                queries_valid=True,
+                masks=masks,
+            )
+        assert torch.equal(got, want)
+    assert masks  # the prefix's masked groups were cached

@@ -213,3 +213,23 @@ def test_a_short_sequence_reserves_less_workspace_than_a_long_one():
     assert model.kv_reservation_bytes(long, new_tokens=64) == model.kv_reservation_bytes(long)
     # a larger prompt piece can only raise it
     assert model.kv_reservation_bytes(100, new_tokens=512) >= short
+
+
+def test_a_prefix_reused_across_steps_gives_what_a_fresh_one_gives(model):
+    """`denoise` keeps what it derives from the prefix alone (positions, RoPE tables, masks) on the PrefixBatch
+    for the next step: later steps over that prefix equal steps over a freshly built one, for rows of different
+    prefix lengths (masked key groups) with and without self-conditioning."""
+    L, D = model.config.canvas_length, model.config.hidden_size
+    caches = [model.new_cache() for _ in range(3)]
+    for i, (cache, n) in enumerate(zip(caches, (5, 70, 140), strict=True)):
+        _encode(model, cache, _ids(n, seed=20 + i))
+    g = torch.Generator().manual_seed(4)
+    kept = PrefixBatch(caches)
+    with torch.no_grad():
+        for step in range(3):
+            canvas = torch.randint(0, 512, (3, L), generator=g)
+            soft = torch.randn(3, L, D, generator=g) if step else None
+            assert torch.equal(
+                model.denoise(canvas, kept, soft), model.denoise(canvas, PrefixBatch(caches), soft)
+            )
+    assert kept.decoder_cache

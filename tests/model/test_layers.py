@@ -102,3 +102,34 @@ def test_attention_projections_are_packed_into_one_copy():
         attn = layer.self_attn
         storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight)}
         assert storages == {attn.qkv.weight.untyped_storage().data_ptr()}
+
+
+@torch.no_grad()
+def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone():
+    """`Attention.project` norms the q, k (and v) heads of the packed GEMM with one call, scales q and k by one
+    [H + G, d] weight table and rotates them with one RoPE call: the same bits as q_norm, k_norm, v_norm and
+    RoPE applied one by one, on layers with and without a v projection (full layers use the keys as values)."""
+    model = init_random(DiffusionGemma(CFG), seed=3)
+    positions = torch.arange(30).view(2, 15) + 5
+    tables = RopeTables(positions, torch.float32)
+    kinds = {layer.self_attn.v_proj is None for layer in model.layers}
+    assert kinds == {True, False}
+    for layer in model.layers:
+        attn = layer.self_attn
+        with torch.no_grad():  # norms with distinct weights, so a swap of q and k scales would show
+            attn.q_norm.weight.uniform_(0.5, 1.5)
+            attn.k_norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(2, 15, CFG.hidden_size)
+        q, k, v = attn.project(x, positions, tables)
+        d = attn.spec.head_dim
+        cos, sin = tables.get(attn.spec, attn.inv_freq)
+        parts = [p.view(2, 15, -1, d) for p in attn.qkv(x)]  # the packed GEMM's q, k (and v)
+        q_raw, k_raw = parts[0], parts[1]
+        v_raw = parts[2] if attn.v_proj is not None else k_raw
+        assert torch.equal(q, apply_rope(attn.q_norm(q_raw), cos, sin).transpose(1, 2))
+        assert torch.equal(k, apply_rope(attn.k_norm(k_raw), cos, sin).transpose(1, 2))
+        assert torch.equal(v, attn.v_norm(v_raw).transpose(1, 2))
+        # the weight table follows an in-place update of a norm's weight
+        attn.k_norm.weight.mul_(2)
+        want = apply_rope(attn.k_norm(k_raw), cos, sin).transpose(1, 2)
+        assert torch.equal(attn.project(x, positions, tables)[1], want)

@@ -167,3 +167,27 @@ def test_grouped_layout_pads_groups_and_dumps_foreign_pairs():
     assert rows[6] == 4 and rows[2] == 8  # expert 4 (token 3), expert 5 (token 1)
     assert [rows[i] for i in (1, 4, 5)] == [dump] * 3 and not layout.local[[1, 4, 5]].any()
     assert layout.source[:12].tolist() == [0, 1, 3, 4, 3, 4, 4, 4, 1, 4, 4, 4]  # 4 = T: the zero row
+
+
+@pytest.mark.parametrize("T,k", [(1, 1), (5, 2), (37, 3), (300, 2), (200, E)])
+@pytest.mark.parametrize("first,count", [(0, E), (3, 3), (2, 6)])
+def test_counting_and_sorting_layouts_are_the_same_integers(monkeypatch, T, k, first, count):
+    """Small batches rank pairs by a running count, large ones by a stable sort: the same rows either way."""
+    _, _, ids = _routing(T, k, seed=T + k)
+    for whole in (False, True) if (first, count) == (0, E) else (False,):
+        counted = grouped_layout(ids, first, count, min_rows=8, whole=whole)
+        monkeypatch.setattr(moe, "COUNTING_LAYOUT_ELEMENTS", 0)
+        sorted_ = grouped_layout(ids, first, count, min_rows=8, whole=whole)
+        monkeypatch.undo()
+        for name in ("source", "row_of_pair", "offsets"):
+            assert torch.equal(getattr(counted, name), getattr(sorted_, name))
+
+
+@pytest.mark.parametrize("T,k", [(1, 1), (64, 2), (300, 3)])
+def test_a_bank_known_to_hold_every_expert_gives_the_same_bits(T, k):
+    """`ExpertBank(total=...)` skips masking pairs routed elsewhere when it holds every expert: same output."""
+    x, w, ids = _routing(T, k, seed=7 * T + k)
+    whole = _bank(0, E)
+    whole.whole = True
+    assert torch.equal(whole(x, w, ids), FULL(x, w, ids))
+    assert ExpertBank(D, INNER, 0, E, total=E).whole and not ExpertBank(D, INNER, 0, 4, total=E).whole

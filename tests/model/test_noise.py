@@ -153,3 +153,17 @@ def test_gumbel64_moments():
     g = noise.gumbel64(noise.words(_keys(list(range(8)), [0] * 8, [0] * 8, noise.STREAM_BLOCK), 0, 512))
     torch.testing.assert_close(g.mean().item(), 0.5772156649, atol=5e-3, rtol=0)
     torch.testing.assert_close(g.var().item(), torch.pi**2 / 6, atol=2e-2, rtol=0)
+
+
+def test_streams_made_together_have_each_streams_bits():
+    """`stream_position_keys` (one pass for several streams, what a serving step uses) gives every stream the
+    bits `position_keys(row_keys(...))` gives it alone, for seeds of every sign and size."""
+    seeds = torch.tensor([0, 1, -1, (1 << 63) - 1, -(1 << 63), 123456789])
+    canvases, steps = torch.tensor([0, 3, 1, 7, 2, 0]), torch.tensor([0, 15, 2, 1, 30, 4])
+    streams = (noise.STREAM_BLOCK, noise.STREAM_CANVAS, noise.STREAM_RENOISE, noise.STREAM_GUMBEL)
+    together = noise.stream_position_keys(seeds, canvases, steps, streams, 24)  # [R, S, L]
+    assert together.shape == (6, 4, 24)
+    for i, stream in enumerate(streams):
+        assert torch.equal(
+            together[:, i], noise.position_keys(noise.row_keys(seeds, canvases, steps, stream), 24)
+        )

@@ -329,6 +329,21 @@ def test_exp_below_the_floor_is_exactly_zero_and_above_it_exact():
     assert (e[..., 3:] == 0).all()  # under e^-87 of the running max, and masked (-inf): no mass at all
 
 
+def test_the_floor_is_cut_exactly_at_the_clamped_elements():
+    """The clamped elements are zeroed by a threshold on exp's result (one cheap pass): exactly the elements at
+    the floor, never the floats just above it (every one of the 4,000 nearest), whatever their position in a
+    vectorised pass."""
+    above = [torch.tensor(sampler_mod.EXP_FLOOR)]
+    for _ in range(4000):
+        above.append(torch.nextafter(above[-1], torch.tensor(0.0)))
+    d = torch.stack(above)
+    d = torch.cat([d, torch.tensor([-87.5, -300.0, float("-inf")]), d[:7]]).view(1, 1, -1)
+    e = sampler_mod._exp_below_max(d.clone())
+    clamped = d.clamp(min=sampler_mod.EXP_FLOOR)
+    assert torch.equal(e, torch.exp(clamped).masked_fill_(clamped == sampler_mod.EXP_FLOOR, 0.0))
+    assert (e[0, 0, 1:4001] > 0).all() and e[0, 0, 0] == 0
+
+
 @torch.no_grad()
 def test_joint_rows_keep_per_token_noise_and_batch_mates_draw_as_alone(monkeypatch):
     """A group holding a joint-constrained row (slot minimums, whose hook draws per-token noise); a row without
