@@ -13,7 +13,9 @@ the vocabulary-wide work of sampling dominates a step on both sides; its default
 one repeat, to stay short.
 
 1. batch 1: delivered tokens/s of one request through the serving engine (EngineCore) and through our plain
-   `generate` loop (rng="fast"), against transformers' `generate`, same prompt and settings, and the ratios;
+   `generate` loop (rng="fast"), against transformers' `generate`, same prompt and settings, and the ratios —
+   per wall-clock second and per second of the process's CPU time (the same runs; on a shared machine other
+   processes stretch wall time far more than CPU time);
 2. batching: aggregate delivered tokens/s of one EngineCore (Scheduler + ModelRunner) running 1 / 4 / 16 / 64 requests at once (each
    request 2 canvases by default, 16 denoising steps, distinct seeds), and the gain over 1 row;
 3. per denoising iteration at each row count: wall time, the part spent inside the model's forward passes
@@ -144,18 +146,23 @@ def batch_one(ref, ours, prompt, params, repeats: int) -> dict:
     generate(ours, prompt, warm, seed=99)
     engine_once(ours, prompt, warm, 99)
     rates = {k: [] for k in runs}
+    cpu_rates = {k: [] for k in runs}
     step_ms = {k: [] for k in steps}
     for seed in range(repeats):
         for name, run in runs.items():  # interleaved, so a load spike on the shared machine hits all three
             before = steps.get(name, 0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with torch.no_grad():
                 n = run(seed)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rates[name].append(n / wall)
+            cpu_rates[name].append(n / cpu)
             if name in steps:
                 step_ms[name].append(1e3 * wall / max(1, steps[name] - before))
     out = {k: statistics.median(v) for k, v in rates.items()}
+    # the same runs per second of this process's CPU time: on a shared machine, other processes' load
+    # stretches wall time far more than it stretches CPU time (one thread on both sides)
+    out["cpu"] = {k: statistics.median(v) for k, v in cpu_rates.items()}
     out["step_ms"] = {k: statistics.median(v) for k, v in step_ms.items()}  # medians, as the rates
     out["steps"] = {k: steps[k] / repeats for k in steps}
     return out
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"batch 1: engine {one['engine']:.3g} tok/s ({one['engine'] / tf:.2f}x), plain loop "
         f"{one['generate']:.3g} tok/s ({one['generate'] / tf:.2f}x), transformers {tf:.3g} tok/s"
+    )
+    cpu = one["cpu"]
+    print(
+        f"batch 1 per CPU second: engine {cpu['engine']:.3g} tok/s ({cpu['engine'] / cpu['transformers']:.2f}x), "
+        f"plain loop {cpu['generate']:.3g} tok/s ({cpu['generate'] / cpu['transformers']:.2f}x), transformers "
+        f"{cpu['transformers']:.3g} tok/s"
     )
     ms, steps = one["step_ms"], one["steps"]
     print(
