@@ -215,10 +215,17 @@ class Attention(nn.Module):
         rope = rope if rope is not None else RopeTables(positions, x.dtype)
         cos, sin = rope.get(self.spec, self.inv_freq)
         heads = torch.cat(self.qkv(x), dim=-1) if self.qkv.trains() else self.qkv.whole(x)
-        normed = rms_norm(heads.view(B, T, -1, d), None, self.v_norm.eps)  # [B, T, H + G (+ G), d]
-        qk = apply_rope(normed[:, :, : H + G] * self._qk_weight(H, G), cos, sin)
+        heads = heads.view(B, T, -1, d)  # [B, T, H + G (+ G), d]
+        # in fp32 up to the norms' scale, then back in the model dtype for RoPE, as RMSNorm does one by one
+        normed = F.rms_norm(
+            heads if heads.dtype == torch.float32 else heads.float(), (d,), None, self.v_norm.eps
+        )
+        qk = normed[:, :, : H + G] * self._qk_weight(H, G)
         # full-attention layers use the keys before their norm's scale and RoPE as values (v_norm has no scale)
         v = normed[:, :, H + G :] if self.v_proj is not None else normed[:, :, H:]
+        if x.dtype != torch.float32:
+            qk, v = qk.to(x.dtype), v.to(x.dtype)
+        qk = apply_rope(qk, cos, sin)
         return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def _qk_weight(self, H: int, G: int) -> torch.Tensor:

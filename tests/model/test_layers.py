@@ -11,6 +11,7 @@ Shape legend: T tokens, D hidden.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.config import from_name
@@ -105,13 +106,14 @@ def test_attention_projections_are_packed_into_one_copy():
 
 
 @torch.no_grad()
-def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone(dtype):
     """`Attention.project` norms the q, k (and v) heads of the packed GEMM with one call, scales q and k by one
     [H + G, d] weight table and rotates them with one RoPE call: the same bits as q_norm, k_norm, v_norm and
     RoPE applied one by one, on layers with and without a v projection (full layers use the keys as values)."""
-    model = init_random(DiffusionGemma(CFG), seed=3)
+    model = init_random(DiffusionGemma(CFG), seed=3).to(dtype)
     positions = torch.arange(30).view(2, 15) + 5
-    tables = RopeTables(positions, torch.float32)
+    tables = RopeTables(positions, dtype)
     kinds = {layer.self_attn.v_proj is None for layer in model.layers}
     assert kinds == {True, False}
     for layer in model.layers:
@@ -119,8 +121,9 @@ def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone():
         with torch.no_grad():  # norms with distinct weights, so a swap of q and k scales would show
             attn.q_norm.weight.uniform_(0.5, 1.5)
             attn.k_norm.weight.uniform_(0.5, 1.5)
-        x = torch.randn(2, 15, CFG.hidden_size)
+        x = torch.randn(2, 15, CFG.hidden_size).to(dtype)
         q, k, v = attn.project(x, positions, tables)
+        assert q.dtype == k.dtype == v.dtype == dtype
         d = attn.spec.head_dim
         cos, sin = tables.get(attn.spec, attn.inv_freq)
         parts = [p.view(2, 15, -1, d) for p in attn.qkv(x)]  # the packed GEMM's q, k (and v)
