@@ -227,13 +227,14 @@ class DiffusionGemma(nn.Module):
         """Decoder mode: canvas [B, L], optional self-conditioning soft embeddings [B, L, D] -> hidden [B, L, D]."""
         B, L = canvas.shape
         key = (L, self.dtype, canvas.device)
-        if key not in prefix.decoder_cache:
-            # positions, validity, RoPE tables and key-group masks depend on the prefix alone: a canvas's steps
-            # over one PrefixBatch share them (made once, not once per step)
+        # positions, validity, RoPE tables and key-group masks depend on the prefix alone: a canvas's steps over
+        # one PrefixBatch share them (made once, not once per step); a duck-typed prefix (training's) has no cache
+        kept = getattr(prefix, "decoder_cache", {})
+        if key not in kept:
             positions = prefix.lengths.to(canvas.device)[:, None] + torch.arange(L, device=canvas.device)
             valid = torch.ones(B, L, dtype=torch.bool, device=canvas.device)
-            prefix.decoder_cache[key] = positions, valid, RopeTables(positions, self.dtype)
-        positions, valid, rope = prefix.decoder_cache[key]
+            kept[key] = positions, valid, RopeTables(positions, self.dtype)
+        positions, valid, rope = kept[key]
         batch = TokenBatch(canvas, positions, valid, [L] * B)
         h = self.self_conditioning(self.embed(canvas), soft)
         for layer in self.layers:
