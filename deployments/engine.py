@@ -45,6 +45,7 @@ from deployments.scheduler import (
     SchedulerLimits,
 )
 from deployments.shard_client import ActorShardClient, ServeShardClient, ShardRoute
+from model.structured.warmup import warm_up
 from model.weights import load_model
 
 log = logging.getLogger("blockserve.engine")
@@ -126,6 +127,7 @@ class Engine:
             self.model = load_model(settings.model_path, dtype=dtype, device=settings.device)
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
+        warm_up()  # structured output's compiled loops, so the first constrained request does not compile them
         self.core = EngineCore(self.model, settings.limits)
         self.scheduler = self.core.scheduler  # the host bookkeeping: queues, rows, counters
         self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)

@@ -5,6 +5,9 @@ block: the best logit, the first token reaching it, and the summed probability m
 exp values, so nothing is exponentiated twice). Reading the [L, C] logits row by row through a
 per-request token order sorted by (block, atom) (`AtomOrder`) needs neither a transposed copy of the
 chunk nor a scatter: each (position, atom) is one contiguous run of the order, reduced in registers.
+That pass runs on the host; for logits on an accelerator `chunk_stats_torch` computes the same statistics
+with torch ops where the logits are (no per-chunk copy to the host), from a device table of each token's
+atom (`atom_index`).
 
 Shape legend: L positions, C vocabulary chunk (one block), N blocks, A atoms, V vocabulary.
 """
@@ -15,9 +18,12 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+import torch
+
+from model.structured.compiled import njit
 
 _ORDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # automaton -> {block size: AtomOrder}
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # automaton -> {device: [V] atoms}
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,39 @@ class AtomOrder:
         """Token ids of atom a in block b."""
         k = b * self.num_atoms + a
         return self.tokens[self.bounds[k] : self.bounds[k + 1]]
+
+
+def atom_index(automaton, device: torch.device) -> torch.Tensor:
+    """[V] int64 on `device`: each token's atom, A (one past the last atom) where it has none. Cached per
+    (automaton, device), like `AtomOrder`: built once, not per request or step."""
+    tables = _INDEXES.setdefault(automaton, {})
+    key = str(device)
+    if key not in tables:
+        atom_of = torch.from_numpy(automaton.atom_of).long()
+        tables[key] = torch.where(atom_of < 0, automaton.num_atoms, atom_of).to(device)
+    return tables[key]
+
+
+def chunk_stats_torch(
+    x: torch.Tensor, e: torch.Tensor, atoms: torch.Tensor, num_atoms: int, start: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunk_stats` as torch ops on x's device: (best [L, A], arg [L, A] int64, mass [L, A]) of logits x and
+    exp values e [L, C] of tokens [start, start + C); atoms [C]: their `atom_index` entries. Same meaning:
+    best -inf and arg -1 where an atom has no finite logit, arg the FIRST token reaching the best (vocabulary
+    order), mass the sum of e (float32, summed in another order: equal up to rounding)."""
+    L, C = x.shape
+    A1 = num_atoms + 1  # column A collects the tokens outside every atom, then is dropped
+    best = torch.full((L, A1), float("-inf"), dtype=x.dtype, device=x.device)
+    best.index_reduce_(1, atoms, x, "amax")
+    # the first token reaching the best: the least in-chunk offset among the tokens equal to it (offsets up
+    # to 2^24 are exact in float32, which every device's index_reduce supports)
+    hit = (x == best[:, atoms]) & (x > float("-inf"))
+    offset = torch.arange(C, dtype=torch.float32, device=x.device).expand(L, C)
+    first = torch.full((L, A1), float(C), dtype=torch.float32, device=x.device)
+    first.index_reduce_(1, atoms, torch.where(hit, offset, float(C)), "amin")
+    arg = torch.where(first < C, first.long() + start, -1)
+    mass = torch.zeros((L, A1), dtype=e.dtype, device=e.device).index_add_(1, atoms, e)
+    return best[:, :num_atoms], arg[:, :num_atoms], mass[:, :num_atoms]
 
 
 @njit(cache=True, nogil=True)

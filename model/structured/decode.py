@@ -37,7 +37,7 @@ import torch
 
 from model.sampling import noise
 from model.sampling.categorical import pick_from_cdf
-from model.structured.atom_stats import AtomOrder, chunk_stats
+from model.structured.atom_stats import AtomOrder, atom_index, chunk_stats, chunk_stats_torch
 from model.structured.automaton import TokenAutomaton
 from model.structured.dp import best_atoms, goal_states, sample_atoms
 from model.structured.regex import DEAD
@@ -95,7 +95,9 @@ class _RowAccumulator:
     Kept host-side as [N, L, A] (N vocabulary blocks of B tokens, one block per sampler chunk), filled by the
     compiled `chunk_stats` from each chunk's logits and the sampler's exp values e = exp(logit - r), r the
     sampler's running maximum at that chunk (kept per block in `ref`): nothing is transposed, scattered or
-    exponentiated again. The sampler zeroes e more than ~87 nats under r, so such an atom may have zero mass
+    exponentiated again. Logits on an accelerator stay there: `chunk_stats_torch` fills the same arrays on
+    their device, and they reach the host once per step, when `solve` starts (`_to_host`); the choice depends
+    only on the device (`device_stats` forces it, for tests). The sampler zeroes e more than ~87 nats under r, so such an atom may have zero mass
     in every block; `_statistics` then stands its best logit in for its log-mass (see there).
 
     `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample).
@@ -103,6 +105,8 @@ class _RowAccumulator:
     lies outside its chosen atom draws a block by the atom's per-block masses, then a token of the atom in
     that block from logits recomputed for it (`logits_of`), one call per block that some position needs. A
     small row (L * V up to `KEPT_ELEMENTS`) keeps its logits instead, and nothing is recomputed."""
+
+    device_stats: bool | None = None  # torch statistics where the logits are; None: off the CPU only
 
     def __init__(self, canvas: RegularCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
@@ -112,13 +116,25 @@ class _RowAccumulator:
         self.A = ta.num_atoms
         self.V = len(ta.atom_of)
         self.order: AtomOrder | None = None
+        self.atoms: torch.Tensor | None = None  # [V] the torch path's atom of each token, until `_to_host`
 
-    def _start(self, C: int) -> None:
+    def _start(self, C: int, device: torch.device) -> None:
         A, L = self.A, self.L
-        self.kept = np.empty((L, self.V), np.float32) if L * self.V <= KEPT_ELEMENTS else None
+        keep = L * self.V <= KEPT_ELEMENTS
         self.B = C  # one block per chunk: few recomputation calls (their cost is mostly per call on CPU)
         self.N = -(-self.V // self.B)
         self.order = self.canvas.run.atom_order(self.B)
+        on_device = device.type != "cpu" if self.device_stats is None else self.device_stats
+        # the torch path's tables and statistics on the logits' device; None: the compiled host pass
+        self.atoms = atom_index(self.canvas.run.automaton, device) if on_device else None
+        if on_device:
+            self.kept = torch.empty((L, self.V), device=device) if keep else None
+            self.best = torch.empty((self.N, L, A), device=device)
+            self.arg = torch.empty((self.N, L, A), dtype=torch.long, device=device)
+            self.mass = torch.empty((self.N, L, A), device=device)
+            self.ref = torch.zeros((self.N, L), device=device)
+            return
+        self.kept = np.empty((L, self.V), np.float32) if keep else None
         self.best = np.empty((self.N, L, A), np.float32)
         self.arg = np.empty((self.N, L, A), np.int64)
         self.mass = np.empty((self.N, L, A), np.float32)  # sums of e, at most C each
@@ -129,16 +145,33 @@ class _RowAccumulator:
         exp(scores - ref) (0 where masked or far below), ref [L] finite (the sampler's running maximum)."""
         L, C = scores.shape
         if self.order is None:
-            self._start(C)
+            self._start(C, scores.device)
         if start % self.B:
             raise ValueError(f"vocabulary chunks must start on a multiple of {self.B}")
+        b = start // self.B
+        if self.atoms is not None:  # on the logits' device: no copy to the host here
+            if self.kept is not None:
+                self.kept[:, start : start + C] = scores
+            stats = chunk_stats_torch(scores, e, self.atoms[start : start + C], self.A, start)
+            self.best[b], self.arg[b], self.mass[b] = stats
+            self.ref[b] = ref
+            return
         x = _host(scores)
         if self.kept is not None:
             self.kept[:, start : start + C] = x
-        b = start // self.B
         o = self.order
         chunk_stats(x, _host(e), o.offsets, o.bounds, b, start, self.best[b], self.arg[b], self.mass[b])
         self.ref[b] = _host(ref)
+
+    def _to_host(self) -> None:
+        """The torch path's statistics (and kept logits) as the host arrays the DPs read: one copy each per
+        step, of [N, L, A] (and [N, L]; [L, V] only for a small row), not of the [L, V] logits."""
+        if self.atoms is None:
+            return
+        self.atoms = None
+        self.best, self.arg, self.mass = (_host(t) for t in (self.best, self.arg, self.mass))
+        self.ref = _host(self.ref).astype(np.float64)
+        self.kept = None if self.kept is None else _host(self.kept)
 
     def _statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(best [L, A] float64, its first block [L, A], log-mass [L, A], per-block mass scale [N, L])."""
@@ -174,6 +207,7 @@ class _RowAccumulator:
         row's masked, temperature-scaled logits [P, K] at `positions` [P] of token ids `tokens` [K]."""
         run, index = self.canvas.run, self.canvas.index
         ta, start_state, goal = run.automaton, run.start_state(index), run.goal(index)
+        self._to_host()
         if self.kept is not None:
             kept = self.kept
             logits_of = lambda pos, tokens: torch.from_numpy(kept[np.ix_(pos.numpy(), tokens.numpy())])  # noqa: E731

@@ -29,9 +29,9 @@ Shape legend: L positions, S states, A atoms, E edges, V vocabulary.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from model.structured.automaton import TokenAutomaton
+from model.structured.compiled import njit
 
 # Rescaled sums lose states below ~1e-308 of their position's best; a sampled walk that passed within
 # ~1e-278 of that (one of its edges may have been lost) is redone in log space.
