@@ -124,6 +124,7 @@ class _RowAccumulator:
         self.B = C  # one block per chunk: few recomputation calls (their cost is mostly per call on CPU)
         self.N = -(-self.V // self.B)
         self.order = self.canvas.run.atom_order(self.B)
+        self.device = device  # the logits' device: `logits_of` takes its indices there
         on_device = device.type != "cpu" if self.device_stats is None else self.device_stats
         # the torch path's tables and statistics on the logits' device; None: the compiled host pass
         self.atoms = atom_index(self.canvas.run.automaton, device) if on_device else None
@@ -166,6 +167,7 @@ class _RowAccumulator:
     def _to_host(self) -> None:
         """The torch path's statistics (and kept logits) as the host arrays the DPs read: one copy each per
         step, of [N, L, A] (and [N, L]; [L, V] only for a small row), not of the [L, V] logits."""
+        self.keys = self.keys.cpu()  # [L]: the draws' keyed noise is made on the host, as the DPs run there
         if self.atoms is None:
             return
         self.atoms = None
@@ -210,7 +212,10 @@ class _RowAccumulator:
         self._to_host()
         if self.kept is not None:
             kept = self.kept
-            logits_of = lambda pos, tokens: torch.from_numpy(kept[np.ix_(pos.numpy(), tokens.numpy())])  # noqa: E731
+
+            def logits_of(pos, tokens):
+                return torch.from_numpy(kept[np.ix_(pos.cpu().numpy(), tokens.cpu().numpy())])
+
         best, block, log_mass, scale = self._statistics()
         path = best_atoms(ta, best, start_state, goal)
         gumbel = noise.gumbel(noise.combine(self.keys, _ATOM)[None], 0, self.A)[0]  # [L, A]
@@ -253,7 +258,8 @@ class _RowAccumulator:
             ends = np.cumsum([len(r) for r in runs])
             tokens = np.concatenate(runs)
             lo, hi = (ends - [len(r) for r in runs])[which], ends[which]
-            scores = logits_of(torch.from_numpy(todo[here]), torch.from_numpy(tokens)).float()  # [P, K]
+            pos, ids = (torch.from_numpy(a).to(self.device) for a in (todo[here], tokens))
+            scores = logits_of(pos, ids).float().cpu()  # [P, K] on the host, with the masks and uniforms
             col = torch.arange(len(tokens))[None, :]
             outside = (col < torch.from_numpy(lo)[:, None]) | (col >= torch.from_numpy(hi)[:, None])
             at = _inverse_cdf(scores.masked_fill_(outside, float("-inf")), u[torch.from_numpy(here)])
@@ -311,9 +317,10 @@ class _SlotAccumulator:
     def __init__(self, canvas: SlotCanvas, L: int, keys: torch.Tensor):
         self.canvas = canvas
         self.keys = keys[None]  # [1, L] the sampler's Gumbel position keys of this row
-        self.pad = [torch.full((L,), float("-inf")) for _ in range(2)]
-        self.best = [torch.full((L,), float("-inf")) for _ in range(2)]
-        self.arg = [torch.zeros(L, dtype=torch.long) for _ in range(2)]
+        dev = keys.device  # the logits' device: the chunks are reduced there, `solve` runs on the host
+        self.pad = [torch.full((L,), float("-inf"), device=dev) for _ in range(2)]
+        self.best = [torch.full((L,), float("-inf"), device=dev) for _ in range(2)]
+        self.arg = [torch.zeros(L, dtype=torch.long, device=dev) for _ in range(2)]
 
     def chunk(self, which: int, scores: torch.Tensor, start: int) -> None:
         pad = self.canvas.run.pad_id
@@ -340,17 +347,18 @@ class _SlotAccumulator:
         """The best canvas with each slot's minimum: start from the unconstrained choice (filler where it
         scores higher), then turn the cheapest filler positions into content until the minimum holds."""
         run = self.canvas.run
-        tokens = current.clone()
+        tokens = current.cpu().clone()
+        pad, best, arg = self.pad[which].cpu(), self.best[which].cpu(), self.arg[which].cpu()
         for k, lo, hi, need in run.needs(self.canvas.index):
             span = slice(lo, hi)
             content = tokens[span] != run.pad_id
             missing = need - int(content.sum())
             if missing > 0:
-                loss = torch.where(content, float("inf"), self.pad[which][span] - self.best[which][span])
-                loss = torch.where(torch.isfinite(self.best[which][span]), loss, float("inf"))
+                loss = torch.where(content, float("inf"), pad[span] - best[span])
+                loss = torch.where(torch.isfinite(best[span]), loss, float("inf"))
                 flip = torch.argsort(loss, stable=True)[:missing]
                 flip = flip[torch.isfinite(loss[flip])]
-                tokens[lo + flip] = self.arg[which][lo + flip]
+                tokens[lo + flip] = arg[lo + flip]
             if which == 0:
                 run.counts[(self.canvas.index, k)] = int((tokens[span] != run.pad_id).sum())
         return tokens
