@@ -83,7 +83,7 @@ def chunk_stats_torch(
     """`chunk_stats` as torch ops on x's device: (best [L, A], arg [L, A] int64, mass [L, A]) of logits x and
     exp values e [L, C] of tokens [start, start + C); atoms [C]: their `atom_index` entries. Same meaning:
     best -inf and arg -1 where an atom has no finite logit, arg the FIRST token reaching the best (vocabulary
-    order), mass the sum of e (float32, summed in another order: equal up to rounding)."""
+    order), mass the sum of e (float32, summed in another order: equal up to rounding, and the same on every run)."""
     L, C = x.shape
     A1 = num_atoms + 1  # column A collects the tokens outside every atom, then is dropped
     best = torch.full((L, A1), float("-inf"), dtype=x.dtype, device=x.device)
@@ -95,7 +95,9 @@ def chunk_stats_torch(
     first = torch.full((L, A1), float(C), dtype=torch.float32, device=x.device)
     first.index_reduce_(1, atoms, torch.where(hit, offset, float(C)), "amin")
     arg = torch.where(first < C, first.long() + start, -1)
-    mass = torch.zeros((L, A1), dtype=e.dtype, device=e.device).index_add_(1, atoms, e)
+    # the mass as a GEMM with the chunk's token -> atom one-hot: a fixed summation order on every device (an
+    # index_add_ is a scatter of atomic adds on CUDA, whose last bits vary run to run and could flip a draw)
+    mass = e @ torch.nn.functional.one_hot(atoms, A1).to(e.dtype)
     return best[:, :num_atoms], arg[:, :num_atoms], mass[:, :num_atoms]
 
 
