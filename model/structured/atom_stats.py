@@ -77,6 +77,12 @@ def atom_index(automaton, device: torch.device) -> torch.Tensor:
     return tables[key]
 
 
+# the largest [C, A + 1] one-hot the device path builds for a chunk's mass (32 MiB in float32): 8,192-token
+# chunks of automata with up to 1,023 atoms (bench/schema_coverage.py's 122 accepted schemas have at most 275 on
+# the tiny model's vocabulary, three of them 178-230 at 262,144); chosen by the automaton alone, never the batch
+ONE_HOT_ELEMENTS = 1 << 23
+
+
 def chunk_stats_torch(
     x: torch.Tensor, e: torch.Tensor, atoms: torch.Tensor, num_atoms: int, start: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -95,9 +101,12 @@ def chunk_stats_torch(
     first = torch.full((L, A1), float(C), dtype=torch.float32, device=x.device)
     first.index_reduce_(1, atoms, torch.where(hit, offset, float(C)), "amin")
     arg = torch.where(first < C, first.long() + start, -1)
-    # the mass as a GEMM with the chunk's token -> atom one-hot: a fixed summation order on every device (an
-    # index_add_ is a scatter of atomic adds on CUDA, whose last bits vary run to run and could flip a draw)
-    mass = e @ torch.nn.functional.one_hot(atoms, A1).to(e.dtype)
+    if C * A1 <= ONE_HOT_ELEMENTS:
+        # the mass as a GEMM with the chunk's token -> atom one-hot: a fixed summation order on every device
+        # (index_add_ is a scatter of atomic adds on CUDA, whose last bits vary run to run and could flip a draw)
+        mass = e @ torch.nn.functional.one_hot(atoms, A1).to(e.dtype)
+    else:  # an automaton with very many atoms: the scatter-sum (order not fixed on CUDA)
+        mass = torch.zeros((L, A1), dtype=e.dtype, device=e.device).index_add_(1, atoms, e)
     return best[:, :num_atoms], arg[:, :num_atoms], mass[:, :num_atoms]
 
 

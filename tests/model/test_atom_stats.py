@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jsonschema
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.structured import decode
+from model.structured import atom_stats, decode
 from model.structured.atom_stats import AtomOrder, chunk_stats, chunk_stats_torch
 from model.structured.dp import goal_states
 from model.structured.regex import FILLER, alt, byteset, lit, rep, seq
@@ -51,12 +52,14 @@ def test_torch_statistics_equal_the_compiled_pass(L, atoms, block, seed):
         best, arg = np.empty((L, atoms), np.float32), np.empty((L, atoms), np.int64)
         mass = np.empty((L, atoms), np.float32)
         chunk_stats(xs, es, order.offsets, order.bounds, b, start, best, arg, mass)
-        tb, ta, tm = chunk_stats_torch(
-            torch.from_numpy(xs), torch.from_numpy(es), index[start:stop], atoms, start
-        )
-        np.testing.assert_array_equal(tb.numpy(), best)
-        np.testing.assert_array_equal(ta.numpy(), arg)
-        np.testing.assert_allclose(tm.numpy(), mass, rtol=1e-6, atol=0)
+        for one_hot_limit in (atom_stats.ONE_HOT_ELEMENTS, 0):  # the mass by GEMM, then by scatter-sum
+            with mock.patch.object(atom_stats, "ONE_HOT_ELEMENTS", one_hot_limit):
+                tb, ta, tm = chunk_stats_torch(
+                    torch.from_numpy(xs), torch.from_numpy(es), index[start:stop], atoms, start
+                )
+            np.testing.assert_array_equal(tb.numpy(), best)
+            np.testing.assert_array_equal(ta.numpy(), arg)
+            np.testing.assert_allclose(tm.numpy(), mass, rtol=1e-6, atol=0)
         assert (arg[0, (best[0] == -np.inf)] == -1).all()
 
 
