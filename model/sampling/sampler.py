@@ -217,6 +217,19 @@ class ConstraintTables:
         pinned = self.pins >= 0
         return torch.where(pinned[..., None], vocab == self.pins[..., None], allowed)
 
+    def mask_(self, logits: torch.Tensor, start: int, stop: int) -> None:
+        """Set logits [R, L, C] of vocab slice [start, stop) to -inf where `allowed` says no. With one class per
+        row and few excluded tokens (the usual case for a JSON Schema's classes), only the excluded columns are
+        written: the same result as the full masked fill, for a small fraction of its time."""
+        one = self._uniform()
+        if one is not None:
+            excluded = ~self.table[one, start:stop]  # [R, C]
+            if int(excluded.sum()) * SPARSE_MASK_SHARE <= excluded.numel():
+                for r in range(logits.shape[0]):
+                    logits[r].index_fill_(-1, excluded[r].nonzero().flatten(), float("-inf"))
+                return
+        logits.masked_fill_(~self.allowed(start, stop), float("-inf"))
+
     def _uniform(self) -> torch.Tensor | None:
         """[R] the one class of each row when no row pins a position, else None; checked once per step, on CPU
         only (elsewhere the check would wait for the device)."""
@@ -231,6 +244,11 @@ class ConstraintTables:
         pins = self.pins[r, pos, None]  # [P, 1]
         allowed = self.table[self.classes[r, pos, None], tokens[None, :]]  # [P, K]
         return torch.where(pins >= 0, tokens[None, :] == pins, allowed)
+
+
+# `ConstraintTables.mask_` writes only the excluded columns when at most 1 / SPARSE_MASK_SHARE of a chunk's
+# (row, token) pairs are excluded (a column write is a strided pass over L positions: cheap only when few)
+SPARSE_MASK_SHARE = 8
 
 
 def _row_tensor(rows: list[RowState], value, dtype, device) -> torch.Tensor:
@@ -429,7 +447,7 @@ def _draw_group(
         w = weight if stop - start == V else weight[start:stop]  # [C, D]
         logits = _scaled_logits(hidden, w, cap, inv_t)  # [R, L, C]
         if tables is not None:
-            logits.masked_fill_(~tables.allowed(start, stop), float("-inf"))
+            tables.mask_(logits, start, stop)
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
         new_m = cval if state is None else torch.maximum(state[0], cval)

@@ -580,3 +580,26 @@ def test_constraint_tables_broadcast_mask_equals_the_full_mask():
     pinned = ConstraintTables(pins, classes, table).allowed(10, 30)
     assert pinned.shape == (3, 6, 20)
     assert pinned[1, 4].nonzero()[:, 0].tolist() == [7] and torch.equal(pinned[0], full[0])
+
+
+@pytest.mark.parametrize("excluded", [0.02, 0.6], ids=["few-excluded-columns", "many-excluded"])
+def test_constraint_tables_mask_in_place_equals_the_masked_fill(excluded):
+    """`mask_` writes -inf exactly where `allowed` says no, whether it takes the column writes (few excluded
+    tokens per row) or the full masked fill (many), with one class per row and with a pinned position."""
+    from model.sampling.sampler import SPARSE_MASK_SHARE, ConstraintTables
+
+    g = torch.Generator().manual_seed(3)
+    table = torch.rand(4, 400, generator=g) >= excluded
+    table[0] = True
+    classes = torch.tensor([[2] * 6, [3] * 6, [0] * 6])
+    few = int((~table[classes[:, 0], 100:300]).sum()) * SPARSE_MASK_SHARE <= 3 * 200
+    assert few == (excluded < 0.1)  # the case names the branch it takes
+    for pin in (False, True):
+        pins = torch.full((3, 6), -1)
+        if pin:
+            pins[1, 4] = 117
+        tables = ConstraintTables(pins, classes, table)
+        logits = torch.randn(3, 6, 200, generator=g)
+        want = logits.masked_fill(~tables.allowed(100, 300), float("-inf"))
+        tables.mask_(logits, 100, 300)
+        assert torch.equal(logits, want)
