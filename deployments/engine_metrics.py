@@ -77,12 +77,14 @@ def capacity_tokens_per_second(
     """Tokens/s one replica delivers with as many rows as keep each row at `slo` tokens/s.
 
     Per-row rate at R rows is `tokens_per_row_step / t(R)`; the most rows meeting the SLO is
-    R* = (tokens_per_row_step / slo - a) / b. At least one row: one replica always serves one stream, and a
-    second replica cannot make a single stream faster."""
+    R* = (tokens_per_row_step / slo - a) / b. With no measured cost per row (b = 0: the step time is flat in
+    rows), every row count meets the SLO if the fixed cost a does, none if it does not. At least one row: one
+    replica always serves one stream, and a second replica cannot make a single stream faster."""
+    budget = tokens_per_row_step / slo  # seconds per step that keep a row at the SLO
     if b <= 0:
-        rows = float(max_rows)
+        rows = float(max_rows) if a <= budget else 0.0
     else:
-        rows = (tokens_per_row_step / slo - a) / b
+        rows = (budget - a) / b
     return slo * min(float(max_rows), max(1.0, rows))
 
 

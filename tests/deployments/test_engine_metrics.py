@@ -111,6 +111,12 @@ def test_step_time_fit_and_capacity():
     assert capacity_tokens_per_second(a, b, 2.0, 20.0, max_rows=64) == pytest.approx(160.0)
     assert capacity_tokens_per_second(a, b, 2.0, 20.0, max_rows=4) == 80.0  # bounded by the rows
     assert capacity_tokens_per_second(a, b, 2.0, 1000.0, max_rows=64) == 1000.0  # at least one row
+    # no measured cost per row (noisy times falling with rows clip b to 0): every row meets the SLO if the
+    # fixed cost does, else only the one-row floor (an SLO out of reach is not room for max_rows streams)
+    a, b = step_time_fit([(1, 0.06), (2, 0.05), (4, 0.05)])
+    assert b == 0.0 and a == pytest.approx(0.05 + 0.01 / 3)
+    assert capacity_tokens_per_second(a, b, 2.0, 20.0, max_rows=64) == 64 * 20.0  # 0.05 s <= 0.1 s
+    assert capacity_tokens_per_second(a, b, 2.0, 100.0, max_rows=64) == 100.0  # 0.05 s > 0.02 s
     # one row count only: time assumed proportional to rows (no batching gain claimed)
     assert step_time_fit([(4, 0.08), (4, 0.08)]) == (0.0, pytest.approx(0.02))
 
