@@ -26,17 +26,19 @@ from tests.model.test_regular import _TINY_VOCAB, _joint_draws, _lift
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+_RANDOM_BLOCKS = given(
     L=st.integers(1, 9),
     atoms=st.integers(1, 5),
     block=st.sampled_from([4, 16]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_torch_statistics_equal_the_compiled_pass(L, atoms, block, seed):
-    """Same best logits and first tokens, close masses, block by block: ties (small integer logits), masked
-    tokens (-inf, zero exp), atoms with no token in a block or no finite logit at a position, tokens in no
-    atom, a short last block, any L."""
+
+
+def compiled_blocks(L: int, atoms: int, block: int, seed: int):
+    """Random logits x and exp values e [L, V] over a vocabulary of two blocks and a short one, each token in
+    one of `atoms` atoms or none: small integer logits (many ties), ~30% masked (-inf, zero exp), atom 0 with no
+    finite logit at position 0. Returns (atom_of, x, e, order, blocks), blocks a list of (b, start, stop, xs,
+    es, (best, arg, mass)) with the compiled pass's statistics of each block."""
     rng = np.random.default_rng(seed)
     V = 2 * block + 3  # a short last block
     atom_of = rng.integers(-1, atoms, V)
@@ -45,13 +47,45 @@ def test_torch_statistics_equal_the_compiled_pass(L, atoms, block, seed):
     x[0, atom_of == 0] = -np.inf  # atom 0 has no finite logit at position 0
     e = np.exp(x - 1.0).astype(np.float32)
     order = AtomOrder.build(atom_of, block, atoms)
-    index = torch.from_numpy(np.where(atom_of < 0, atoms, atom_of))
+    blocks = []
     for b, start in enumerate(range(0, V, block)):
         stop = min(V, start + block)
         xs, es = np.ascontiguousarray(x[:, start:stop]), np.ascontiguousarray(e[:, start:stop])
         best, arg = np.empty((L, atoms), np.float32), np.empty((L, atoms), np.int64)
         mass = np.empty((L, atoms), np.float32)
         chunk_stats(xs, es, order.offsets, order.bounds, b, start, best, arg, mass)
+        blocks.append((b, start, stop, xs, es, (best, arg, mass)))
+    return atom_of, x, e, order, blocks
+
+
+@settings(max_examples=40, deadline=None)
+@_RANDOM_BLOCKS
+def test_chunk_statistics_match_a_plain_reduction(L, atoms, block, seed):
+    """The compiled per-(position, atom) statistics of one block (best logit, its first token, summed exp
+    values) equal a plain reduction over the atom's tokens, with ties, masked tokens and empty atoms; any L
+    (four positions at a time, then the rest)."""
+    atom_of, x, e, order, blocks = compiled_blocks(L, atoms, block, seed)
+    for b, start, stop, _, _, (best, arg, mass) in blocks:
+        for a in range(atoms):
+            run = start + np.nonzero(atom_of[start:stop] == a)[0]
+            assert order.run(b, a).tolist() == run.tolist()
+            for p in range(L):
+                if len(run) == 0 or np.isneginf(x[p, run]).all():
+                    assert best[p, a] == -np.inf and arg[p, a] == -1 and mass[p, a] == 0
+                    continue
+                assert best[p, a] == x[p, run].max() and arg[p, a] == run[np.argmax(x[p, run])]
+                assert mass[p, a] == pytest.approx(e[p, run].astype(np.float64).sum(), rel=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@_RANDOM_BLOCKS
+def test_torch_statistics_equal_the_compiled_pass(L, atoms, block, seed):
+    """Same best logits and first tokens, close masses, block by block: ties (small integer logits), masked
+    tokens (-inf, zero exp), atoms with no token in a block or no finite logit at a position, tokens in no
+    atom, a short last block, any L."""
+    atom_of, _, _, _, blocks = compiled_blocks(L, atoms, block, seed)
+    index = torch.from_numpy(np.where(atom_of < 0, atoms, atom_of))
+    for _, start, stop, xs, es, (best, arg, mass) in blocks:
         for one_hot_limit in (atom_stats.ONE_HOT_ELEMENTS, 0):  # the mass by GEMM, then by scatter-sum
             with mock.patch.object(atom_stats, "ONE_HOT_ELEMENTS", one_hot_limit):
                 tb, ta, tm = chunk_stats_torch(

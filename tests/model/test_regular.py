@@ -458,43 +458,6 @@ def test_joint_step_argmax_is_the_dp_optimum(expr, length, seed, chunk):
     assert all(goal_states(ta, 0)[ta.run(row.tolist())] for row in sampled)  # draws are valid too
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    L=st.integers(1, 9),
-    atoms=st.integers(1, 5),
-    block=st.sampled_from([4, 16]),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_chunk_statistics_match_a_plain_reduction(L, atoms, block, seed):
-    """The compiled per-(position, atom) statistics of one block (best logit, its first token, summed exp
-    values) equal a plain reduction over the atom's tokens, with ties, masked tokens and empty atoms; any L
-    (four positions at a time, then the rest)."""
-    from model.structured.atom_stats import AtomOrder, chunk_stats
-
-    rng = np.random.default_rng(seed)
-    V = 2 * block + 3  # a short last block
-    atom_of = rng.integers(-1, atoms, V)
-    x = rng.integers(-3, 3, size=(L, V)).astype(np.float32)  # small integers: many ties
-    x[rng.random((L, V)) < 0.2] = -np.inf  # masked
-    e = np.exp(x - 1.0).astype(np.float32)
-    order = AtomOrder.build(atom_of, block, atoms)
-    for b, start in enumerate(range(0, V, block)):
-        stop = min(V, start + block)
-        best, arg = np.empty((L, atoms), np.float32), np.empty((L, atoms), np.int64)
-        mass = np.empty((L, atoms), np.float32)
-        xs, es = np.ascontiguousarray(x[:, start:stop]), np.ascontiguousarray(e[:, start:stop])
-        chunk_stats(xs, es, order.offsets, order.bounds, b, start, best, arg, mass)
-        for a in range(atoms):
-            run = start + np.nonzero(atom_of[start:stop] == a)[0]
-            assert order.run(b, a).tolist() == run.tolist()
-            for p in range(L):
-                if len(run) == 0 or np.isneginf(x[p, run]).all():
-                    assert best[p, a] == -np.inf and arg[p, a] == -1 and mass[p, a] == 0
-                    continue
-                assert best[p, a] == x[p, run].max() and arg[p, a] == run[np.argmax(x[p, run])]
-                assert mass[p, a] == pytest.approx(e[p, run].astype(np.float64).sum(), rel=1e-6)
-
-
 def test_rescaled_and_log_space_sums_agree():
     """The sampled DP's two recursions (rescaled probabilities, and log space for paths out of float64's
     range) give the same values where both are in range."""
