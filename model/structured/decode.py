@@ -97,8 +97,9 @@ class _RowAccumulator:
     sampler's running maximum at that chunk (kept per block in `ref`): nothing is transposed, scattered or
     exponentiated again. Logits on an accelerator stay there: `chunk_stats_torch` fills the same arrays on
     their device, and they reach the host once per step, when `solve` starts (`_to_host`); the choice depends
-    only on the device (`device_stats` forces it, for tests). The sampler zeroes e more than ~87 nats under r, so such an atom may have zero mass
-    in every block; `_statistics` then stands its best logit in for its log-mass (see there).
+    only on the device (`device_stats` forces it, for tests). The sampler zeroes e more than ~87 nats under
+    r, so such an atom may have zero mass in every block; `_statistics` then stands its best logit in for its
+    log-mass (see there).
 
     `solve` needs no per-token noise: the DPs run on the per-atom maxima (argmax) and log-masses (sample).
     The argmax canvas's tokens are the kept first-best tokens. A sampled position whose unconstrained draw
