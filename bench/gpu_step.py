@@ -1,48 +1,65 @@
-"""One denoising step of the published DiffusionGemma shape on one GPU: ms per step, tokens/s, memory, bandwidth.
+"""The published DiffusionGemma shape on one GPU through the serving engine: ms per step, tokens/s, memory,
+bandwidth; and the engine's token-identity checks on that GPU.
 
-Command (on a GPU node, from the repo root; ~2 minutes on an H100/H200, most of it building 50 GB of weights):
+Command (on a GPU node, from the repo root; ~3 minutes on an H200, a minute of it building 50 GB of weights):
 
-    .venv/bin/python bench/gpu_step.py                      # rows 1,4,16,32, published shape, bf16
-    .venv/bin/python bench/gpu_step.py --rows 1,8 --steps 10 --prefix 2048
+    .venv/bin/python bench/gpu_step.py                      # checks, then rows 1,4,16,32,64, published shape, bf16
+    .venv/bin/python bench/gpu_step.py --rows 1,8 --steps 10 --prefix 2048 --no-checks
 
 No checkpoint is needed: the published shape (30 layers, hidden 2816, 128 experts top-8, vocab 262,144, canvas
-256; `model.config` preset `diffusiongemma-26b-a4b`) is built with random bf16 weights directly on the GPU. For
-each row count it prefills a prompt of `--prefix` tokens per row through the encoder, then times `--steps`
-denoising steps of the serving path (decoder forward over every row's canvas, the chunked sampler with keyed
-noise, acceptance and the stopping test: one host sync) and prints:
+256; `model.config` preset `diffusiongemma-26b-a4b`) is built with random bf16 weights directly on the GPU.
 
-- ms per step, and tokens/s at the reference's typical ~27 steps per canvas (rows x 256 / (27 x step time));
-- peak GPU memory (torch.cuda.max_memory_allocated);
-- the memory-bandwidth floor: bytes one step must read (every non-expert weight, the experts the step's tokens
-  route to — at 256 tokens x top-8 of 128 nearly all of them — the tied LM head once per sampler row group, and
-  the KV prefix), divided by the peak bandwidth (`--peak-tbps`, 4.8 for an H200, 3.35 for an H100), and the
-  fraction of that floor the measured step reaches.
+1. Checks (tiny random models, seconds): 16 requests of different prompt lengths, seeds and sampling settings
+   through an `EngineCore` (a) on the GPU in float32 against the same weights on the CPU, and (b) alone against
+   batched together on the GPU, in float32 and bfloat16 — each as the share of requests whose delivered tokens
+   are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
+   GEMM libraries pick the same kernel whatever the batch's row count, which this measures rather than assumes.
+2. For each row count: `rows` requests with a `--prefix`-token prompt each go through one `EngineCore`
+   (Scheduler + ModelRunner, the serving path: prefill, then denoising steps of every row together, one host
+   sync per step). Once every row is denoising, `--steps` iterations are timed, then `--steps` more with the
+   decoder forward and the sampler (`draw_keyed` + `advance_rows`) each bracketed by a device sync, to split the
+   step. It prints:
+   - ms per step, and tokens/s at the reference's typical ~27 steps per canvas (rows x 256 / (27 x step time));
+   - the split: decoder ms (and the host ms spent issuing its kernels: near the total means the forward is bound
+     by Python / launch overhead, not the GPU), sampler ms, the rest; host syncs per step;
+   - memory: peak allocated (weights included), the step's transient peak above what was allocated before it,
+     and the KV bytes admission reserved for these sequences against the pool pages they hold;
+   - the memory-bandwidth floor: bytes one step must read (every non-expert weight, the experts the step's tokens
+     route to — at 256 tokens x top-8 of 128 nearly all of them — the tied LM head once per sampler row group,
+     and the KV prefix), divided by the peak bandwidth (`--peak-tbps`, 4.8 for an H200, 3.35 for an H100), and
+     the fraction of that floor the measured step reaches.
 
 Anchor from vLLM (FP8, batch 1, an autoregressive step): ~7 ms per forward on an H200, ~9 ms on an H100.
 
-On a machine without CUDA it says so and exits, unless `--allow-cpu`, which runs the same code path on CPU (the
-CPU test in tests/model/test_gpu_step_bench.py does so on a tiny config so the script cannot rot). It has not yet
-been run on a GPU: no GPU was available when it was written, so bench/README.md holds no GPU figures yet.
+On a machine without CUDA it says so and exits, unless `--allow-cpu`, which runs the same code paths on CPU (the
+CPU test in tests/model/test_gpu_step_bench.py does so on a tiny config so the script cannot rot).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
+import traceback
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
+import deployments.model_runner as runner_mod  # noqa: E402
+from deployments.engine_core import EngineCore  # noqa: E402
+from deployments.scheduler import CanvasEvent, EngineRequest, ErrorEvent, SchedulerLimits  # noqa: E402
 from model.config import from_name  # noqa: E402
-from model.kv_cache import PrefixBatch  # noqa: E402
 from model.layers import rope_inv_freq  # noqa: E402
+from model.moe import grouped_mm_supported  # noqa: E402
 from model.sampling import sampler  # noqa: E402
 from model.sampling.params import SamplingParams  # noqa: E402
-from model.transformer import DiffusionGemma, TokenBatch  # noqa: E402
+from model.transformer import DiffusionGemma  # noqa: E402
 
 STEPS_PER_CANVAS = 27  # the reference's typical denoising steps per canvas at its default settings
 
@@ -73,8 +90,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def floor_bytes(model: DiffusionGemma, rows: int, prefix: PrefixBatch) -> dict[str, float]:
-    """Bytes one denoising step of `rows` canvases must read at least."""
+def floor_bytes(model: DiffusionGemma, rows: int, kv_bytes: int) -> dict[str, float]:
+    """Bytes one denoising step of `rows` canvases must read at least (`kv_bytes`: the K/V prefix it reads)."""
     cfg = model.config
     item = torch.empty((), dtype=model.dtype).element_size()
     counts = cfg.parameter_counts()
@@ -86,59 +103,231 @@ def floor_bytes(model: DiffusionGemma, rows: int, prefix: PrefixBatch) -> dict[s
     groups = -(
         -rows // max(1, sampler.element_budget(model.device) // (cfg.canvas_length * sampler.VOCAB_CHUNK))
     )
-    kv = prefix.kv_bytes()
     return {
         "weights": counts["non_expert"] * item - embed + experts,
         "lm_head": embed * groups,  # the tied LM head, read once per sampler row group
-        "kv": kv,
+        "kv": kv_bytes,
     }
+
+
+# -- the engine through EngineCore ---------------------------------------------------------------------------
+def engine_tokens(model: DiffusionGemma, requests: list[tuple], max_rows: int) -> dict[str, list[int]]:
+    """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore."""
+    core = EngineCore(model, SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30))
+    out: dict[str, list[int]] = defaultdict(list)
+
+    def sink_for(rid: str):
+        def sink(event) -> None:
+            if isinstance(event, ErrorEvent):
+                raise RuntimeError(f"{rid}: {event.code} {event.message}")
+            if isinstance(event, CanvasEvent):
+                out[rid].extend(event.token_ids)
+
+        return sink
+
+    for rid, prompt, params, seed in requests:
+        core.submit(EngineRequest(rid, prompt, params, seed=seed), sink_for(rid))
+    while core.has_work:
+        core.iterate()
+    return dict(out)
+
+
+def check_requests(vocab: int, n: int = 16) -> list[tuple]:
+    """n requests with different prompt lengths, seeds and sampling settings (two canvases each)."""
+    out = []
+    for i in range(n):
+        prompt = [3 + (11 * i + 5 * j) % (vocab - 3) for j in range(3 + 5 * i)]
+        params = SamplingParams(
+            max_new_tokens=2 * 64,
+            t_min=0.3 + 0.02 * i,
+            t_max=0.9,
+            entropy_bound=0.05 + 0.03 * (i % 4),
+            max_denoising_steps=24,
+        )
+        out.append((f"q{i}", prompt, params, 1000 + 7 * i))
+    return out
+
+
+def share_identical(a: dict[str, list[int]], b: dict[str, list[int]]) -> str:
+    same = sum(a[k] == b.get(k) for k in a)
+    return f"{same}/{len(a)}"
+
+
+def checks(device: torch.device, n: int = 16) -> dict[str, str]:
+    """Token identity of the serving engine on `device` for `n` requests (see the module docstring, part 1)."""
+    cpu_model = build_model("tiny-test", torch.device("cpu"), torch.float32)
+    L = cpu_model.config.canvas_length
+    requests = [
+        (rid, p, SamplingParams(**{**vars(q), "max_new_tokens": 2 * L}), s)
+        for rid, p, q, s in check_requests(cpu_model.config.vocab_size, n)
+    ]
+    on_cpu = engine_tokens(cpu_model, requests, max_rows=16)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = copy.deepcopy(cpu_model).to(device=device, dtype=dtype)
+        batched = engine_tokens(model, requests, max_rows=16)
+        alone = {}
+        for r in requests:
+            alone.update(engine_tokens(model, [r], max_rows=1))
+        name = str(dtype).removeprefix("torch.")
+        if dtype == torch.float32:
+            results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
+        results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(
+            alone, batched
+        )
+    results[f"torch._grouped_mm used on {device.type} bfloat16"] = str(
+        grouped_mm_supported(device, torch.bfloat16)
+    )
+    return results
+
+
+@contextmanager
+def split_timers(model: DiffusionGemma, device: torch.device, totals: dict[str, float]):
+    """Bracket the decoder forward and the sampler with device syncs and add their times to `totals`."""
+    saved = {n: getattr(runner_mod, n) for n in ("draw_keyed", "advance_rows")}
+    forward = model.denoise
+
+    def decoder(*a, **k):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = forward(*a, **k)
+        totals["decoder_host"] += time.perf_counter() - t0
+        _sync(device)
+        totals["decoder"] += time.perf_counter() - t0
+        return out
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            _sync(device)
+            totals["sampler"] += time.perf_counter() - t0
+            return out
+
+        return wrapper
+
+    model.denoise = decoder
+    for n, fn in saved.items():
+        setattr(runner_mod, n, timed(fn))
+    try:
+        yield
+    finally:
+        del model.denoise
+        for n, fn in saved.items():
+            setattr(runner_mod, n, fn)
+
+
+def write_profile(core: EngineCore, device: torch.device, path: Path) -> None:
+    """Three steps under torch.profiler: the ops' table by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            core.iterate()
+        _sync(device)
+    table = prof.key_averages()
+    by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"by {by}\n{table.table(sort_by=by, row_limit=40)}\n\nby self_cpu_time_total\n"
+        f"{table.table(sort_by='self_cpu_time_total', row_limit=40)}\n"
+    )
+    print(f"profile of 3 steps at {core.runner.rows.canvas.shape[0]} rows written to {path}", flush=True)
 
 
 @torch.no_grad()
-def measure(model: DiffusionGemma, rows: int, prefix_len: int, steps: int, peak_tbps: float) -> dict:
+def measure(
+    model: DiffusionGemma,
+    rows: int,
+    prefix_len: int,
+    steps: int,
+    peak_tbps: float,
+    profile: Path | None = None,
+) -> dict:
     cfg, device = model.config, model.device
-    params = SamplingParams(max_denoising_steps=steps + 1, confidence_threshold=1e-9)  # never stops early
-    caches = [model.new_cache() for _ in range(rows)]
-    prompt = [(7 * i) % cfg.vocab_size for i in range(prefix_len)]
-    model.encode(TokenBatch.from_lists([prompt] * rows, [0] * rows, cfg.pad_token_id, device), caches)
-    prefix = PrefixBatch(caches)
-    states = [
-        sampler.RowState.start(params, cfg.vocab_size, cfg.canvas_length, seed=r, device=device)
-        for r in range(rows)
-    ]
+    L = cfg.canvas_length
+    # one canvas per request that never stops early: the step is timed at a fixed row count
+    params = SamplingParams(max_new_tokens=L, max_denoising_steps=1024, confidence_threshold=1e-9)
+    per_sequence = model.kv_reservation_bytes(prefix_len + L, new_tokens=SchedulerLimits.prefill_chunk)
+    limits = SchedulerLimits(
+        max_rows=rows, kv_cache_bytes=rows * per_sequence + (1 << 20), token_budget=max(8192, 2 * rows * L)
+    )
+    model.__dict__.pop("_kv_pool", None)  # a pool sized for this row count alone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    core = EngineCore(model, limits)
+    prompt = [3 + (7 * i) % (cfg.vocab_size - 3) for i in range(prefix_len)]
+    for r in range(rows):
+        core.submit(EngineRequest(f"r{r}", prompt, params, seed=r), lambda e: None)
+    for _ in range(64 + 2 * prefix_len // SchedulerLimits.prefill_chunk):  # prefill until every row denoises
+        if core.iterate().rows == rows:
+            break
+    else:
+        raise RuntimeError(f"{rows} rows never all denoised together")
+    core.iterate()  # the first step with self-conditioning input
+    _sync(device)
+    allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    syncs0 = core.runner.syncs
     times = []
-    for i in range(steps + 1):  # the first step warms up (allocator, kernel selection) and is not timed
+    for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
-        soft = torch.stack([s.soft for s in states]) if states[0].soft is not None else None
-        hidden = model.denoise(torch.stack([s.canvas for s in states]), prefix, soft)
-        sampler.step(model, hidden, states)  # ends with the step's one host sync
+        stats = core.iterate()  # ends with the step's one packed host read
         _sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    need = floor_bytes(model, rows, prefix)
-    floor_s = sum(need.values()) / (peak_tbps * 1e12)
+        times.append(time.perf_counter() - t0)
+        if stats.rows != rows:
+            raise RuntimeError(f"a step ran {stats.rows} rows, not {rows}")
+    syncs = (core.runner.syncs - syncs0) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-    return {
+    totals = defaultdict(float)
+    with split_timers(model, device, totals):
+        for _ in range(steps):
+            core.iterate()
+    if profile is not None:
+        write_profile(core, device, profile)
+    step_s = statistics.median(times)
+    kv_read = core.runner._prefix.kv_bytes()
+    need = floor_bytes(model, rows, kv_read)
+    floor_s = sum(need.values()) / (peak_tbps * 1e12)
+    result = {
         "rows": rows,
         "ms_per_step": step_s * 1e3,
-        "tokens_per_s": rows * cfg.canvas_length / (STEPS_PER_CANVAS * step_s),
+        "tokens_per_s": rows * L / (STEPS_PER_CANVAS * step_s),
+        "decoder_ms": totals["decoder"] / steps * 1e3,
+        "decoder_host_ms": totals["decoder_host"] / steps * 1e3,
+        "sampler_ms": totals["sampler"] / steps * 1e3,
+        "syncs": syncs,
         "peak_gib": peak / 2**30,
+        "transient_gib": (peak - allocated) / 2**30,
+        "kv_admitted_gib": core.reserved / 2**30,
+        "kv_pages_gib": core.runner.kv_bytes() / 2**30,
         "floor_ms": floor_s * 1e3,
         "floor_fraction": floor_s / step_s,
     }
+    for request in list(core.active):
+        core.cancel(request)
+    del core
+    return result
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="diffusiongemma-26b-a4b", help="model.config preset")
-    ap.add_argument("--rows", default="1,4,16,32", help="comma-separated row counts")
-    ap.add_argument("--steps", type=int, default=5, help="timed denoising steps per row count")
+    ap.add_argument("--rows", default="1,4,16,32,64", help="comma-separated row counts")
+    ap.add_argument(
+        "--steps", type=int, default=5, help="timed denoising steps per row count (twice: see above)"
+    )
     ap.add_argument("--prefix", type=int, default=512, help="prompt tokens per row in the KV cache")
     ap.add_argument("--peak-tbps", type=float, default=4.8, help="peak memory bandwidth, TB/s (H200 4.8)")
+    ap.add_argument("--no-checks", dest="checks", action="store_false", help="skip the token-identity checks")
+    ap.add_argument("--check-requests", type=int, default=16, help="requests in each token-identity check")
+    ap.add_argument(
+        "--profile", metavar="DIR", help="write a torch.profiler table of 3 steps at the first row count"
+    )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
@@ -148,20 +337,42 @@ def run(argv: list[str] | None = None) -> list[dict]:
     else:
         print("gpu_step: no CUDA device here; this benchmark measures a GPU (use --allow-cpu to smoke-test)")
         return []
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__} on {name}", flush=True)
+    if args.checks:
+        t0 = time.perf_counter()
+        try:
+            for what, share in checks(device, args.check_requests).items():
+                print(f"check  {what}: {share}", flush=True)
+        except Exception:  # report and go on to the timings: one run on a lent GPU must give all it can
+            traceback.print_exc()
+        print(f"checks took {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     model = build_model(args.config, device, dtype)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"{args.config} on {name} ({dtype}), built in {time.perf_counter() - t0:.1f} s; prefix {args.prefix}"
+        f"{args.config} on {name} ({dtype}), built in {time.perf_counter() - t0:.1f} s; prefix {args.prefix}",
+        flush=True,
     )
-    print(f"{'rows':>5} {'ms/step':>9} {'tok/s@27':>10} {'peak GiB':>9} {'floor ms':>9} {'of floor':>9}")
+    head = (
+        f"{'rows':>5} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
+        f"{'peak GiB':>9} {'step GiB':>9} {'KV adm':>7} {'KV pages':>9} {'floor ms':>9} {'of floor':>9}"
+    )
+    print(head, flush=True)
     results = []
-    for rows in (int(r) for r in args.rows.split(",")):
-        r = measure(model, rows, args.prefix, args.steps, args.peak_tbps)
+    for i, rows in enumerate(int(r) for r in args.rows.split(",")):
+        profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and i == 0 else None
+        try:
+            r = measure(model, rows, args.prefix, args.steps, args.peak_tbps, profile)
+        except Exception:
+            traceback.print_exc()
+            continue
         results.append(r)
         print(
-            f"{r['rows']:>5} {r['ms_per_step']:>9.2f} {r['tokens_per_s']:>10.0f} {r['peak_gib']:>9.2f} "
-            f"{r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}"
+            f"{r['rows']:>5} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} {r['decoder_ms']:>8.2f} "
+            f"{r['decoder_host_ms']:>7.2f} {r['sampler_ms']:>8.2f} {r['syncs']:>6.1f} {r['peak_gib']:>9.2f} "
+            f"{r['transient_gib']:>9.2f} {r['kv_admitted_gib']:>7.2f} {r['kv_pages_gib']:>9.2f} "
+            f"{r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}",
+            flush=True,
         )
     return results
 

@@ -17,19 +17,32 @@ def _load():
     return module
 
 
-def test_gpu_step_runs_its_code_path_on_a_tiny_config(capsys):
+def test_gpu_step_runs_its_code_path_on_a_tiny_config(capsys, tmp_path):
     bench = _load()
     if torch.cuda.is_available():  # the real thing would build 50 GB of weights
         return
     assert bench.run(["--config", "tiny-test"]) == []  # without a GPU it refuses unless asked
-    results = bench.run(
-        ["--allow-cpu", "--config", "tiny-test", "--rows", "1,3", "--steps", "2", "--prefix", "9"]
-    )
-    out = capsys.readouterr().out
+    argv = ["--allow-cpu", "--config", "tiny-test", "--rows", "1,3", "--steps", "2", "--prefix", "9"]
+    results = bench.run([*argv, "--check-requests", "2", "--profile", str(tmp_path)])
+    out, err = capsys.readouterr()
     assert "no CUDA device" in out and "tiny-test on cpu" in out
+    # on CPU the engine is batch-invariant and the same device: every check finds identical tokens
+    assert "check  cpu float32 vs cpu float32, batched: 2/2" in out
+    assert "check  cpu bfloat16: alone vs batched with 1 others: 2/2" in out
+    assert "Traceback" not in err  # a failing part is reported and skipped, never silently
     assert [r["rows"] for r in results] == [1, 3]
     for r in results:
         assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and 0 < r["floor_fraction"] < 1
+        assert r["syncs"] == 1  # the serving step's one packed read (no row finishes while timed)
+        assert 0 < r["decoder_ms"] and 0 < r["sampler_ms"]
+    assert "aten::" in (tmp_path / "profile_rows1.txt").read_text()
+
+
+def test_check_requests_differ_in_prompt_settings_and_seed():
+    requests = _load().check_requests(512, 4)
+    assert len({len(p) for _, p, _, _ in requests}) == 4
+    assert len({(q.t_min, q.entropy_bound) for _, _, q, _ in requests}) == 4
+    assert len({s for *_, s in requests}) == 4
 
 
 def test_built_weights_are_random_where_they_should_be():
