@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,6 +238,37 @@ def write_profile(core: EngineCore, device: torch.device, path: Path) -> None:
     print(f"profile of 3 steps at {core.runner.rows.canvas.shape[0]} rows written to {path}", flush=True)
 
 
+def print_sync_sites(core: EngineCore, rows: int) -> None:
+    """One step under torch.cuda's sync debug mode: each synchronizing call's innermost repo frame, counted."""
+    root = str(Path(__file__).resolve().parent.parent)
+    sites: dict[str, int] = defaultdict(int)
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if f.filename.startswith(root) and "bench" not in f.filename
+        ]
+        where = " < ".join(f"{Path(f.filename).relative_to(root)}:{f.lineno}" for f in frames[::-1][:3])
+        sites[where or f"{filename}:{lineno}"] += 1
+
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                core.iterate()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    finally:
+        warnings.showwarning = shown
+    print(f"sync sites of one step at {rows} rows ({sum(sites.values())} syncs):", flush=True)
+    for where, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:>5}  {where}", flush=True)
+
+
 @torch.no_grad()
 def measure(
     model: DiffusionGemma,
@@ -245,6 +277,7 @@ def measure(
     steps: int,
     peak_tbps: float,
     profile: Path | None = None,
+    sync_sites: bool = False,
 ) -> dict:
     cfg, device = model.config, model.device
     L = cfg.canvas_length
@@ -289,6 +322,11 @@ def measure(
             core.iterate()
     if profile is not None:
         write_profile(core, device, profile)
+    if sync_sites and device.type == "cuda":
+        try:
+            print_sync_sites(core, rows)
+        except Exception:
+            traceback.print_exc()
     step_s = statistics.median(times)
     kv_read = core.runner._prefix.kv_bytes()
     need = floor_bytes(model, rows, kv_read)
@@ -326,7 +364,14 @@ def run(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-checks", dest="checks", action="store_false", help="skip the token-identity checks")
     ap.add_argument("--check-requests", type=int, default=16, help="requests in each token-identity check")
     ap.add_argument(
-        "--profile", metavar="DIR", help="write a torch.profiler table of 3 steps at the first row count"
+        "--profile", metavar="DIR", help="write torch.profiler tables of 3 steps (see --profile-rows)"
+    )
+    ap.add_argument("--profile-rows", default="", help="row counts to profile (default: the first)")
+    ap.add_argument(
+        "--sync-sites", action="store_true", help="list where one step synchronizes with the GPU (CUDA only)"
+    )
+    ap.add_argument(
+        "--tf32", action="store_true", help="what-if: let fp32 matrix products use TF32 (changes numerics)"
     )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
     args = ap.parse_args(argv)
@@ -337,6 +382,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
     else:
         print("gpu_step: no CUDA device here; this benchmark measures a GPU (use --allow-cpu to smoke-test)")
         return []
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print("fp32 matrix products may use TF32 (--tf32)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}", flush=True)
     if args.checks:
@@ -360,9 +408,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
     print(head, flush=True)
     results = []
     for i, rows in enumerate(int(r) for r in args.rows.split(",")):
-        profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and i == 0 else None
+        chosen = [int(r) for r in args.profile_rows.split(",") if r] or [rows if i == 0 else -1]
+        profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and rows in chosen else None
         try:
-            r = measure(model, rows, args.prefix, args.steps, args.peak_tbps, profile)
+            r = measure(model, rows, args.prefix, args.steps, args.peak_tbps, profile, args.sync_sites)
         except Exception:
             traceback.print_exc()
             continue

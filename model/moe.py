@@ -141,7 +141,10 @@ def _sorted_rows(e: torch.Tensor, groups: int, count: int, min_rows: int):
     """(row of each pair [P], group row ends [groups]) from a stable sort of the pairs by group."""
     P = e.shape[0]
     order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
-    counts = torch.bincount(e, minlength=groups)  # [groups]
+    # counted by a scatter-add, not bincount: bincount reads its input's max back to the host (a device sync)
+    counts = torch.zeros(groups, dtype=torch.long, device=e.device).index_add_(
+        0, e, torch.ones_like(e)
+    )  # [groups]
     padded = _padded_sizes(counts, count, min_rows)
     ends = torch.cumsum(padded, 0)
     sorted_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`

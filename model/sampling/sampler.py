@@ -486,7 +486,8 @@ def _draw_group(
             return out
 
         best_idx, draw_idx = joint.finish(best_idx, draw_idx, logits_of)
-    soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale().to(dev)
+    # the scale is a 0-dim host tensor: an operand as it is (moving it to the device would be a copy and a sync)
+    soft = (soft / s0[..., None]).to(weight.dtype) * model.embed_scale()
     return StepDraws(draw_idx, best_idx, entropy, soft)
 
 
