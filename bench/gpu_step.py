@@ -53,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 import deployments.model_runner as runner_mod  # noqa: E402
+import model.attention as attention  # noqa: E402
 from deployments.engine_core import EngineCore  # noqa: E402
 from deployments.scheduler import CanvasEvent, EngineRequest, ErrorEvent, SchedulerLimits  # noqa: E402
 from model.config import from_name  # noqa: E402
@@ -112,9 +113,11 @@ def floor_bytes(model: DiffusionGemma, rows: int, kv_bytes: int) -> dict[str, fl
 
 
 # -- the engine through EngineCore ---------------------------------------------------------------------------
-def engine_tokens(model: DiffusionGemma, requests: list[tuple], max_rows: int) -> dict[str, list[int]]:
+def engine_tokens(
+    model: DiffusionGemma, requests: list[tuple], max_rows: int, cuda_graphs: bool = True
+) -> dict[str, list[int]]:
     """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore."""
-    core = EngineCore(model, SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30))
+    core = EngineCore(model, SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30), cuda_graphs)
     out: dict[str, list[int]] = defaultdict(list)
 
     def sink_for(rid: str):
@@ -130,7 +133,11 @@ def engine_tokens(model: DiffusionGemma, requests: list[tuple], max_rows: int) -
         core.submit(EngineRequest(rid, prompt, params, seed=seed), sink_for(rid))
     while core.has_work:
         core.iterate()
+    REPLAYS.append(core.runner.graphs.replays if core.runner.graphs is not None else 0)
     return dict(out)
+
+
+REPLAYS: list[int] = []  # decoder graph replays of each engine_tokens run
 
 
 def check_requests(vocab: int, n: int = 16) -> list[tuple]:
@@ -167,12 +174,18 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
     for dtype in (torch.float32, torch.bfloat16):
         model = copy.deepcopy(cpu_model).to(device=device, dtype=dtype)
         batched = engine_tokens(model, requests, max_rows=16)
+        replays = REPLAYS[-1]
         alone = {}
         for r in requests:
             alone.update(engine_tokens(model, [r], max_rows=1))
         name = str(dtype).removeprefix("torch.")
         if dtype == torch.float32:
             results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
+        if device.type == "cuda":
+            eager = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
+            results[f"{device.type} {name}: CUDA graphs ({replays} replays) vs eager, batched"] = (
+                share_identical(eager, batched)
+            )
         results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(
             alone, batched
         )
@@ -183,10 +196,10 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
 
 
 @contextmanager
-def split_timers(model: DiffusionGemma, device: torch.device, totals: dict[str, float]):
-    """Bracket the decoder forward and the sampler with device syncs and add their times to `totals`."""
+def split_timers(core: EngineCore, device: torch.device, totals: dict[str, float]):
+    """Bracket the decoder forward (eager or replayed) and the sampler with device syncs; add up their times."""
     saved = {n: getattr(runner_mod, n) for n in ("draw_keyed", "advance_rows")}
-    forward = model.denoise
+    forward = core.runner.decode
 
     def decoder(*a, **k):
         _sync(device)
@@ -208,13 +221,13 @@ def split_timers(model: DiffusionGemma, device: torch.device, totals: dict[str, 
 
         return wrapper
 
-    model.denoise = decoder
+    core.runner.decode = decoder
     for n, fn in saved.items():
         setattr(runner_mod, n, timed(fn))
     try:
         yield
     finally:
-        del model.denoise
+        del core.runner.decode
         for n, fn in saved.items():
             setattr(runner_mod, n, fn)
 
@@ -278,6 +291,7 @@ def measure(
     peak_tbps: float,
     profile: Path | None = None,
     sync_sites: bool = False,
+    cuda_graphs: bool = True,
 ) -> dict:
     cfg, device = model.config, model.device
     L = cfg.canvas_length
@@ -290,7 +304,7 @@ def measure(
     model.__dict__.pop("_kv_pool", None)  # a pool sized for this row count alone
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    core = EngineCore(model, limits)
+    core = EngineCore(model, limits, cuda_graphs)
     prompt = [3 + (7 * i) % (cfg.vocab_size - 3) for i in range(prefix_len)]
     for r in range(rows):
         core.submit(EngineRequest(f"r{r}", prompt, params, seed=r), lambda e: None)
@@ -299,7 +313,8 @@ def measure(
             break
     else:
         raise RuntimeError(f"{rows} rows never all denoised together")
-    core.iterate()  # the first step with self-conditioning input
+    core.iterate()  # the first step with self-conditioning input (eager)
+    core.iterate()  # with CUDA graphs: the capture
     _sync(device)
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
@@ -317,7 +332,7 @@ def measure(
     syncs = (core.runner.syncs - syncs0) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     totals = defaultdict(float)
-    with split_timers(model, device, totals):
+    with split_timers(core, device, totals):
         for _ in range(steps):
             core.iterate()
     if profile is not None:
@@ -339,6 +354,7 @@ def measure(
         "decoder_host_ms": totals["decoder_host"] / steps * 1e3,
         "sampler_ms": totals["sampler"] / steps * 1e3,
         "syncs": syncs,
+        "replays": core.runner.graphs.replays if core.runner.graphs is not None else 0,
         "peak_gib": peak / 2**30,
         "transient_gib": (peak - allocated) / 2**30,
         "kv_admitted_gib": core.reserved / 2**30,
@@ -371,6 +387,9 @@ def run(argv: list[str] | None = None) -> list[dict]:
         "--sync-sites", action="store_true", help="list where one step synchronizes with the GPU (CUDA only)"
     )
     ap.add_argument(
+        "--no-graphs", dest="graphs", action="store_false", help="run the decoder eagerly (no CUDA graphs)"
+    )
+    ap.add_argument(
         "--tf32", action="store_true", help="what-if: let fp32 matrix products use TF32 (changes numerics)"
     )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
@@ -398,11 +417,12 @@ def run(argv: list[str] | None = None) -> list[dict]:
     t0 = time.perf_counter()
     model = build_model(args.config, device, dtype)
     print(
-        f"{args.config} on {name} ({dtype}), built in {time.perf_counter() - t0:.1f} s; prefix {args.prefix}",
+        f"{args.config} on {name} ({dtype}), built in {time.perf_counter() - t0:.1f} s; prefix {args.prefix}; "
+        f"CUDA graphs {'on' if args.graphs and device.type == 'cuda' else 'off'}",
         flush=True,
     )
     head = (
-        f"{'rows':>5} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
+        f"{'rows':>5} {'replays':>7} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
         f"{'peak GiB':>9} {'step GiB':>9} {'KV adm':>7} {'KV pages':>9} {'floor ms':>9} {'of floor':>9}"
     )
     print(head, flush=True)
@@ -411,18 +431,21 @@ def run(argv: list[str] | None = None) -> list[dict]:
         chosen = [int(r) for r in args.profile_rows.split(",") if r] or [rows if i == 0 else -1]
         profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and rows in chosen else None
         try:
-            r = measure(model, rows, args.prefix, args.steps, args.peak_tbps, profile, args.sync_sites)
+            r = measure(
+                model, rows, args.prefix, args.steps, args.peak_tbps, profile, args.sync_sites, args.graphs
+            )
         except Exception:
             traceback.print_exc()
             continue
         results.append(r)
         print(
-            f"{r['rows']:>5} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} {r['decoder_ms']:>8.2f} "
+            f"{r['rows']:>5} {r['replays']:>7} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} {r['decoder_ms']:>8.2f} "
             f"{r['decoder_host_ms']:>7.2f} {r['sampler_ms']:>8.2f} {r['syncs']:>6.1f} {r['peak_gib']:>9.2f} "
             f"{r['transient_gib']:>9.2f} {r['kv_admitted_gib']:>7.2f} {r['kv_pages_gib']:>9.2f} "
             f"{r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}",
             flush=True,
         )
+    print(f"attention's fp32-output bf16 GEMM (bmm out_dtype) available: {dict(attention._OUT_DTYPE_BMM)}")
     return results
 
 

@@ -196,6 +196,12 @@ class EngineSection(_Strict):
         description="torch intra-op threads per Engine (0 = torch default). 1 suits CPU hosts shared with Ray "
         "and the Router: measured 5x faster than 2 threads on a busy 2-core machine",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA, replay the decoder forward of a batch that holds for more than one denoising step as "
+        "one CUDA graph (measured on an H200: the few-row step is bound by issuing ~8,000 kernels from Python, "
+        "see bench/gpu_step.py). Fused mode only (remote experts cannot be captured); no effect on CPU",
+    )
     num_gpus: float = Field(
         1.0,
         gt=0,
@@ -576,6 +582,7 @@ class ClusterConfig(_Strict):
                 token_budget=e.token_budget,
             ),
             torch_threads=e.torch_threads,
+            cuda_graphs=e.cuda_graphs,
             execution_mode=e.execution_mode,
             micro_batches=e.micro_batches,
             transport=self.experts.transport,

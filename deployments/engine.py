@@ -81,6 +81,9 @@ class EngineSettings:
     slo_time_to_first_canvas_s: float = 0.0  # the SLO's first-canvas term (0: none)
     load_adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)  # off by default
     max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
+    cuda_graphs: bool = (
+        True  # replay a steady batch's decoder forward as a CUDA graph (CUDA, fused mode only)
+    )
 
 
 def remote_experts(settings: EngineSettings, handles: list | None, num_layers: int) -> ShardedExperts:
@@ -128,7 +131,10 @@ class Engine:
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
         warm_up()  # structured output's compiled loops, so the first constrained request does not compile them
-        self.core = EngineCore(self.model, settings.limits)
+        graphs = (
+            settings.cuda_graphs and settings.execution_mode == "fused"
+        )  # remote experts cannot be captured
+        self.core = EngineCore(self.model, settings.limits, cuda_graphs=graphs)
         self.scheduler = self.core.scheduler  # the host bookkeeping: queues, rows, counters
         self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)
         self._shard_steps = obs.ShardSteps(getattr(self.experts, "shard_totals", None))  # traced steps only

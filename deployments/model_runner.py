@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 
+from deployments.decoder_graphs import DecoderGraphs
 from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
 from model.kv_cache import PrefixBatch
 from model.sampling import noise
@@ -59,7 +60,9 @@ class RowBuffers:
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionGemma, max_rows: int):
+    def __init__(self, model: DiffusionGemma, max_rows: int, cuda_graphs: bool = True):
+        """`cuda_graphs`: replay the decoder forward as a CUDA graph while a batch holds (deployments/
+        decoder_graphs.py); only on CUDA, and only when the forward never leaves the device (the caller says)."""
         self.model = model
         self.config = model.config
         self.device = model.device
@@ -74,6 +77,10 @@ class ModelRunner:
         self._index_key: tuple | None = None
         self._index: torch.Tensor | None = None
         self.syncs = 0  # device-to-host reads
+        self.graphs: DecoderGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            pool = lambda: (id(model.kv_pool), tuple(model.kv_pool.pages.values()))  # noqa: E731
+            self.graphs = DecoderGraphs(model.denoise, storage=pool)
 
     # -- sequences ---------------------------------------------------------------------------------------
     def _admit(self, admit: Admit) -> None:
@@ -86,6 +93,8 @@ class ModelRunner:
         if cache is not None:
             cache.release()  # its pages go back to the pool
         self._prefix_key = self._prefix = None  # the prefix's page tables name that sequence's pages
+        if self.graphs is not None:
+            self.graphs.drop()
         if self.constraints[slot] is not None:
             self.constraints[slot] = None
             self._rebuild_table()
@@ -188,7 +197,7 @@ class ModelRunner:
         ints, floats = rows.ints[idx], rows.floats[idx]  # [R, 6], [R, 4]
         seeds, canvas_index, steps = ints[:, rows.SEED], ints[:, rows.CANVAS], ints[:, rows.STEPS]
         soft = rows.soft[idx] if plan.self_conditioning else None  # [R, L, D]; None: every row's first step
-        hidden = self.model.denoise(canvas, self._prefix_for(slots), soft)
+        hidden = self.decode(canvas, self._prefix_for(slots), soft)
         inv_t = inverse_temperature(
             floats[:, rows.T_MIN], floats[:, rows.T_MAX], ints[:, rows.MAX_STEPS], steps
         )
@@ -215,6 +224,12 @@ class ModelRunner:
         rows.ints[idx, rows.STEPS] = update.steps
         rows.ints[idx, rows.STREAK] = update.streak
         return self._read_back(plan, update.finished, update.accepted, draws.argmax)
+
+    def decode(self, canvas: torch.Tensor, prefix: PrefixBatch, soft: torch.Tensor | None) -> torch.Tensor:
+        """The decoder forward: replayed from a CUDA graph where one is kept (DecoderGraphs), else eager."""
+        if self.graphs is not None:
+            return self.graphs(canvas, prefix, soft)
+        return self.model.denoise(canvas, prefix, soft)
 
     def _read_back(
         self, plan: StepPlan, finished: torch.Tensor, accepted: torch.Tensor, argmax: torch.Tensor

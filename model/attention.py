@@ -200,6 +200,18 @@ def _gather(store: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     )
 
 
+# Devices on which a low-precision model (bf16 / fp16) runs attention's two GEMMs in its own dtype (fp32
+# accumulation inside the kernel, as the reference's eager attention in bf16 does), with the softmax and the
+# running sums in fp32. On CUDA this puts them on the tensor cores: measured on an H200, fp32 score and value
+# GEMMs and the upcasts feeding them were about half of a 64-row step of the published shape. CPU keeps fp32
+# GEMMs (bf16 CPU kernels are slower, and the CPU path is the exactness reference).
+MODEL_DTYPE_GEMM_DEVICES = ("cuda",)
+
+
+def model_dtype_gemms(q: torch.Tensor) -> bool:
+    return q.dtype in (torch.bfloat16, torch.float16) and q.device.type in MODEL_DTYPE_GEMM_DEVICES
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """t in float32; no op at all when it already is (a no-op cast still costs a dispatch)."""
     return t if t.dtype == torch.float32 else t.float()
@@ -217,6 +229,24 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
     if min_rows > 1 and M % 2 == 0 and M // 2 >= min_rows:
         return torch.bmm(a.view(2, M // 2, a.shape[2]), b.expand(2, *b.shape[1:])).view(1, M, b.shape[2])
     return torch.bmm(a.expand(2, *a.shape[1:]), b.expand(2, *b.shape[1:]))[:1]
+
+
+_OUT_DTYPE_BMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+    """Batched GEMM of low-precision operands with an fp32 result. Where torch has the fp32-output kernel
+    (`out_dtype`, CUDA) the result is never rounded to the operands' dtype; elsewhere it is computed in their
+    dtype and widened (what eager attention in bf16 does)."""
+    key = (str(a.device), a.dtype)
+    if _OUT_DTYPE_BMM.get(key, a.device.type == "cuda"):
+        try:
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_BMM[key] = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_BMM[key] = False  # decided once, on the first (eager) forward: never inside a capture
+    return _bmm(a, b, min_rows).float()
 
 
 def blocked_attention(
@@ -247,10 +277,11 @@ def blocked_attention(
         q_valid = F.pad(q_valid, (0, T_pad - T), value=False)
         queries_valid = False
     M = Q * T_pad
-    qg = _f32(q.reshape(B * G, M, d))
+    lowp = model_dtype_gemms(q)
+    qg = q.reshape(B * G, M, d) if lowp else _f32(q.reshape(B * G, M, d))
     qp = q_pos[:, :, None]  # [B, T, 1]
     inplace = not torch.is_grad_enabled()  # training keeps every intermediate for the backward pass
-    step = _GroupStep(G, Q, T_pad, d, causal, window, min_rows, inplace, masks if inplace else None)
+    step = _GroupStep(G, Q, T_pad, d, causal, window, min_rows, inplace, masks if inplace else None, lowp)
     state = None  # (running max, softmax denominator, numerator @ values): [B*G, M], [B*G, M], [B*G, M, d]
     for blk in (blk for src in sources for blk in src.blocks()):
         if blk.rows is None:
@@ -279,10 +310,11 @@ def blocked_attention(
 class _GroupStep:
     """One key group's update of the online softmax for the rows in the group (see `blocked_attention`)."""
 
-    def __init__(self, G, Q, T_pad, d, causal, window, min_rows, inplace, masks=None):
+    def __init__(self, G, Q, T_pad, d, causal, window, min_rows, inplace, masks=None, lowp=False):
         self.G, self.Q, self.T, self.d = G, Q, T_pad, d
         self.causal, self.window, self.min_rows, self.inplace = causal, window, min_rows, inplace
         self.masks = masks
+        self.lowp = lowp  # the two GEMMs in the model dtype (`model_dtype_gemms`)
 
     def hide(self, blk: KeyBlock, q_valid: torch.Tensor, qp: torch.Tensor) -> torch.Tensor:
         """[B, 1, 1, T, K] bool: the scores this group hides (made once per forward pass when cached)."""
@@ -308,9 +340,11 @@ class _GroupStep:
         G, Q, T_pad, d, inplace = self.G, self.Q, self.T, self.d, self.inplace
         B, K = blk.keys.shape[0], blk.keys.shape[2]
         M = Q * T_pad
-        k = _f32(blk.keys.reshape(B * G, K, d))
-        v = _f32(blk.values.reshape(B * G, K, d))
-        s = _bmm(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
+        k, v = blk.keys.reshape(B * G, K, d), blk.values.reshape(B * G, K, d)
+        if not self.lowp:
+            k, v = _f32(k), _f32(v)
+        gemm = _bmm_f32 if self.lowp else _bmm  # either way the scores come out in fp32
+        s = gemm(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
         if not blk.unmasked or self.window is not None:
             hide = self.hide(blk, q_valid, qp)
             s = s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)
@@ -323,15 +357,19 @@ class _GroupStep:
         m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
         # masked keys: exp(-inf) = 0 exactly
         p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
+        if self.lowp:  # probabilities in the model dtype times the values, the running sums in fp32
+            pv = _bmm_f32(p.to(v.dtype), v, self.min_rows)
+        else:
+            pv = _bmm(p, v, self.min_rows)
         if state is None:
-            return m_new, p.sum(-1), _bmm(p, v, self.min_rows)
+            return m_new, p.sum(-1), pv
         alpha = torch.exp(m - m_safe)  # 1 exactly when the group changed nothing, 0 before the first key
         if inplace:  # the same arithmetic, without a second copy of the running state
             l.mul_(alpha).add_(p.sum(-1))
-            acc.mul_(alpha[..., None]).add_(_bmm(p, v, self.min_rows))
+            acc.mul_(alpha[..., None]).add_(pv)
         else:
             l = l * alpha + p.sum(-1)  # noqa: E741
-            acc = acc * alpha[..., None] + _bmm(p, v, self.min_rows)
+            acc = acc * alpha[..., None] + pv
         return m_new, l, acc
 
 
@@ -370,7 +408,10 @@ def workspace_bytes(
     query = H * T * d * (itemsize + f32)  # the reshaped query and its fp32 copy
     # K and V: each gathered page-major, then copied head-major (both alive at once), then the fp32 copies
     gathered = 2 * G * K * d * (2 * itemsize + f32)
-    scores = H * T * K * 4 + 4 * T * K + 2 * K * 9  # scores (in place); masks; key positions and validity
+    # scores in fp32 (in place); in a low-precision model on a device that runs the GEMMs in the model dtype
+    # (`model_dtype_gemms`), also the scores as the GEMM wrote them and the probabilities cast back for the
+    # values' GEMM (counted whatever the device: a bound); masks; key positions and validity
+    scores = H * T * K * (4 + (2 * itemsize if f32 else 0)) + 4 * T * K + 2 * K * 9
     state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the group product; m, l, their updates and alpha
     output = H * T * d * (4 + 2 * itemsize)  # acc / l, then in the model dtype, transposed for o_proj
     single = H * T * (K + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix (odd rows)

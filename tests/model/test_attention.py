@@ -316,3 +316,71 @@ def test_shortcuts_change_no_bit(causal, window):
             )
         assert torch.equal(got, want)
     assert masks  # the prefix's masked groups were cached
+
+
+def test_model_dtype_gemms_run_in_bf16_and_stay_close_to_fp32(monkeypatch):
+    """On a device listed in MODEL_DTYPE_GEMM_DEVICES (CUDA; forced here on CPU), a bf16 model's score and value
+    GEMMs take bf16 operands while the softmax and running sums stay fp32; the result stays within bf16
+    rounding of fp32 attention over the same (bf16-rounded) inputs, padding queries still get zeros, and fp32
+    models are untouched."""
+    import model.attention as attention
+
+    lengths, T, G, H, d = [GROUP_BLOCKS * BLOCK_TOKENS + 70, 130, 5], 24, 2, 4, 32
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=21)
+    g = torch.Generator().manual_seed(22)
+    q = torch.randn(len(lengths), H, T, d, generator=g)
+    nk, nv = torch.randn(len(lengths), G, T, d, generator=g), torch.randn(len(lengths), G, T, d, generator=g)
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(len(lengths), T, dtype=torch.bool)
+    q_valid[2, 20:] = False
+    bf = [t.bfloat16() for t in (q, pk, pv, nk, nv)]
+    args = (table, pos, valid)
+    want = _attend_paged(
+        *[t.float() for t in bf[:3]], *args, *[t.float() for t in bf[3:]], q_pos, q_valid, True, None
+    )
+
+    seen = []
+    real_bmm = attention._bmm
+    monkeypatch.setattr(
+        attention, "_bmm", lambda a, b, *r: seen.append((a.dtype, b.dtype)) or real_bmm(a, b, *r)
+    )
+    fp32_path = _attend_paged(*bf[:3], *args, *bf[3:], q_pos, q_valid, True, None)
+    assert set(seen) == {(torch.float32, torch.float32)}  # CPU: fp32 GEMMs, as before
+    seen.clear()
+    monkeypatch.setattr(attention, "MODEL_DTYPE_GEMM_DEVICES", ("cuda", "cpu"))
+    got = _attend_paged(*bf[:3], *args, *bf[3:], q_pos, q_valid, True, None)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got[2, :, 20:], torch.zeros_like(got[2, :, 20:]))
+    err = (got.float() - want).norm() / want.norm()
+    assert 0 < err < 2e-2  # CPU has no fp32-output bf16 GEMM: its scores are rounded to bf16 first
+    assert (fp32_path.float() - want).norm() / want.norm() < err  # fp32 GEMMs are the closer of the two
+    seen.clear()
+    _attend_paged(q, pk, pv, *args, nk, nv, q_pos, q_valid, True, None)  # an fp32 model: fp32 GEMMs
+    assert set(seen) == {(torch.float32, torch.float32)}
+
+
+def test_workspace_bound_covers_model_dtype_gemms(monkeypatch):
+    """The bf16 bound covers the transient bytes of the model-dtype GEMM path (scores as written, their fp32
+    copy, the probabilities cast back), forced on CPU."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "MODEL_DTYPE_GEMM_DEVICES", ("cuda", "cpu"))
+    H, G, T, d, rows = 4, 2, 32, 32, 3
+    lengths = [GROUP_BLOCKS * BLOCK_TOKENS * 2 + 5] * rows
+    pk, pv, table, pos, valid = _paged_case(lengths, T, G, d, seed=23)
+    g = torch.Generator().manual_seed(24)
+    q = torch.randn(rows, H, T, d, generator=g).bfloat16()
+    nk, nv = (torch.randn(rows, G, T, d, generator=g).bfloat16() for _ in range(2))
+    q_pos = torch.tensor(lengths)[:, None] + torch.arange(T)
+    q_valid = torch.ones(rows, T, dtype=torch.bool)
+    peak = _transient_peak(
+        lambda: _attend_paged(
+            q, pk.bfloat16(), pv.bfloat16(), table, pos, valid, nk, nv, q_pos, q_valid, True, None
+        )
+    )
+    assert (
+        H * T * GROUP_BLOCKS * BLOCK_TOKENS * 4 * rows
+        < peak
+        <= rows * workspace_bytes(H, G, d, T, 2, cpu=True)
+    )

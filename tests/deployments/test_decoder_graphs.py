@@ -1,0 +1,130 @@
+"""DecoderGraphs' policy (eager, capture, replay, drop) and its wiring in the runner, on CPU.
+
+A CPU has no CUDA graphs, so these tests pass a recorder that behaves like one where it matters: the output is
+one static buffer that each replay overwrites from the static input buffers the recorder was given. The real
+CUDA recorder is checked on a GPU by bench/gpu_step.py (tokens with graphs == tokens without)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.decoder_graphs import DecoderGraphs
+from deployments.engine_core import EngineCore
+from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
+from model.config import from_name
+from model.sampling.params import SamplingParams
+from model.transformer import DiffusionGemma
+from model.weights import init_random
+
+
+class Recorder:
+    """Stands in for a CUDA graph recorder: replay recomputes into one static output from the static inputs."""
+
+    def __init__(self):
+        self.recorded = 0
+
+    def __call__(self, forward, canvas, prefix, soft):
+        self.recorded += 1
+        out = torch.full_like(forward(canvas, prefix, soft), float("nan"))  # the graph's output buffer
+
+        def replay():
+            out.copy_(forward(canvas, prefix, soft))
+
+        return replay, out
+
+
+def forward_counting(calls: list):
+    def forward(canvas, prefix, soft):
+        calls.append(prefix)
+        base = canvas.float()[..., None] * prefix
+        return base if soft is None else base + soft
+
+    return forward
+
+
+def test_eager_twice_then_one_capture_and_replays():
+    calls, storage = [], [0]
+    graphs = DecoderGraphs(forward_counting(calls), lambda: storage[0], capture=Recorder())
+    prefix = torch.tensor(2.0)
+    canvas, soft = torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3, 4)
+    assert graphs(canvas, prefix, None).shape == (2, 3, 1)  # a canvas's first step: eager, no graph
+    out = graphs(canvas, prefix, soft)  # first step of this composition with soft input: eager
+    assert graphs.captures == 0 and graphs.replays == 0
+    for step in range(3, 7):  # captured on the next step, replayed from then on, with each step's own inputs
+        canvas_now, soft_now = canvas * step, soft + step
+        got = graphs(canvas_now, prefix, soft_now)
+        assert torch.equal(got, canvas_now.float()[..., None] * prefix + soft_now)
+    assert graphs.captures == 1 and graphs.replays == 4
+    assert not torch.equal(out, got)
+
+
+@pytest.mark.parametrize("change", ["prefix", "rows", "storage", "drop"])
+def test_any_change_of_what_the_graph_fixed_drops_it(change):
+    calls, storage = [], [0]
+    recorder = Recorder()
+    graphs = DecoderGraphs(forward_counting(calls), lambda: storage[0], capture=recorder)
+    prefix, canvas, soft = torch.tensor(2.0), torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3, 4)
+    for _ in range(3):
+        graphs(canvas, prefix, soft)
+    assert recorder.recorded == 1
+    if change == "prefix":
+        prefix = torch.tensor(2.0)  # equal values, another object: a new batch composition
+    elif change == "rows":
+        canvas, soft = canvas[:1], soft[:1]
+    elif change == "storage":
+        storage[0] += 1  # the KV pool grew: the graph's addresses are stale
+    else:
+        graphs.drop()
+    replays = graphs.replays
+    got = graphs(canvas, prefix, soft)  # eager again for one step
+    assert graphs.replays == replays and recorder.recorded == 1
+    assert torch.equal(got, canvas.float()[..., None] * prefix + soft)
+    graphs(canvas, prefix, soft)
+    assert recorder.recorded == 2 and graphs.replays == replays + 1
+
+
+def test_a_failed_capture_leaves_the_forward_eager_for_good():
+    calls = []
+
+    def failing(forward, canvas, prefix, soft):
+        calls.append("capture")
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = DecoderGraphs(forward_counting([]), lambda: 0, capture=failing)
+    prefix, canvas, soft = torch.tensor(3.0), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, 4)
+    for step in range(5):
+        assert torch.equal(graphs(canvas + step, prefix, soft), (canvas + step).float()[..., None] * 3 + soft)
+    assert calls == ["capture"] and graphs.disabled and graphs.replays == 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_random(DiffusionGemma(from_name("tiny-test")), seed=3).eval()
+
+
+def served_tokens(core: EngineCore, n: int) -> dict[str, list[int]]:
+    out = {f"r{i}": [] for i in range(n)}
+    for i in range(n):
+        params = SamplingParams(max_new_tokens=40 + 20 * i, max_denoising_steps=6 + i, t_min=0.3 + 0.1 * i)
+        sink = lambda e, rid=f"r{i}": out[rid].extend(e.token_ids) if isinstance(e, CanvasEvent) else None  # noqa: E731
+        core.submit(EngineRequest(f"r{i}", list(range(3, 8 + 3 * i)), params, seed=11 + i), sink)
+    while core.has_work:
+        core.iterate()
+    return out
+
+
+def test_runner_with_replayed_decoder_delivers_the_eager_tokens(model):
+    eager = EngineCore(model, SchedulerLimits(max_rows=3))
+    assert eager.runner.graphs is None  # CPU: no graphs unless a recorder is given
+    want = served_tokens(eager, 4)
+    graphed = EngineCore(model, SchedulerLimits(max_rows=3))
+    recorder = Recorder()
+    graphed.runner.graphs = DecoderGraphs(model.denoise, lambda: id(model.kv_pool), capture=recorder)
+    assert served_tokens(graphed, 4) == want
+    # rows joined and finished at different steps: several compositions were captured and replayed
+    assert recorder.recorded >= 3 and graphed.runner.graphs.replays > 10
+
+
+def test_cuda_graphs_are_never_made_off_cuda(model):
+    assert EngineCore(model, SchedulerLimits(max_rows=2), cuda_graphs=True).runner.graphs is None
