@@ -114,10 +114,12 @@ def floor_bytes(model: DiffusionGemma, rows: int, kv_bytes: int) -> dict[str, fl
 
 # -- the engine through EngineCore ---------------------------------------------------------------------------
 def engine_tokens(
-    model: DiffusionGemma, requests: list[tuple], max_rows: int, cuda_graphs: bool = True
+    model: DiffusionGemma, requests: list[tuple], max_rows: int, cuda_graphs: bool = True, whole: bool = False
 ) -> dict[str, list[int]]:
-    """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore."""
-    core = EngineCore(model, SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30), cuda_graphs)
+    """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore (`whole`: the
+    whole step as a graph where it can be, else the decoder alone)."""
+    limits = SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30)
+    core = EngineCore(model, limits, cuda_graphs, step_graphs=whole)
     out: dict[str, list[int]] = defaultdict(list)
 
     def sink_for(rid: str):
@@ -133,11 +135,16 @@ def engine_tokens(
         core.submit(EngineRequest(rid, prompt, params, seed=seed), sink_for(rid))
     while core.has_work:
         core.iterate()
-    REPLAYS.append(core.runner.graphs.replays if core.runner.graphs is not None else 0)
+    REPLAYS.append(replays(core))
     return dict(out)
 
 
-REPLAYS: list[int] = []  # decoder graph replays of each engine_tokens run
+def replays(core: EngineCore) -> int:
+    """Graph replays so far: whole steps and decoder forwards."""
+    return sum(g.replays for g in (core.runner.graphs, core.runner.step_graphs) if g is not None)
+
+
+REPLAYS: list[int] = []  # graph replays of each engine_tokens run
 
 
 def check_requests(vocab: int, n: int = 16) -> list[tuple]:
@@ -173,7 +180,7 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = copy.deepcopy(cpu_model).to(device=device, dtype=dtype)
-        batched = engine_tokens(model, requests, max_rows=16)
+        batched = engine_tokens(model, requests, max_rows=16)  # the engine's defaults: decoder graphs on CUDA
         replays = REPLAYS[-1]
         alone = {}
         for r in requests:
@@ -183,8 +190,12 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
             results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
         if device.type == "cuda":
             eager = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
-            results[f"{device.type} {name}: CUDA graphs ({replays} replays) vs eager, batched"] = (
+            results[f"{device.type} {name}: decoder graphs ({replays} replays) vs eager, batched"] = (
                 share_identical(eager, batched)
+            )
+            whole = engine_tokens(model, requests, max_rows=16, whole=True)
+            results[f"{device.type} {name}: whole-step graphs ({REPLAYS[-1]} replays) vs eager, batched"] = (
+                share_identical(eager, whole)
             )
         results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(
             alone, batched
@@ -292,6 +303,7 @@ def measure(
     profile: Path | None = None,
     sync_sites: bool = False,
     cuda_graphs: bool = True,
+    step_graphs: bool = False,
 ) -> dict:
     cfg, device = model.config, model.device
     L = cfg.canvas_length
@@ -304,7 +316,7 @@ def measure(
     model.__dict__.pop("_kv_pool", None)  # a pool sized for this row count alone
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    core = EngineCore(model, limits, cuda_graphs)
+    core = EngineCore(model, limits, cuda_graphs, step_graphs)
     prompt = [3 + (7 * i) % (cfg.vocab_size - 3) for i in range(prefix_len)]
     for r in range(rows):
         core.submit(EngineRequest(f"r{r}", prompt, params, seed=r), lambda e: None)
@@ -319,7 +331,7 @@ def measure(
     allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    syncs0 = core.runner.syncs
+    syncs0, replays0 = core.runner.syncs, replays(core)
     times = []
     for _ in range(steps):
         _sync(device)
@@ -330,11 +342,18 @@ def measure(
         if stats.rows != rows:
             raise RuntimeError(f"a step ran {stats.rows} rows, not {rows}")
     syncs = (core.runner.syncs - syncs0) / steps
+    replays_timed = replays(core) - replays0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     totals = defaultdict(float)
+    # the split: a whole-step graph replays with no Python between its parts, so this pass runs the decoder as
+    # its own graph (captured in the first two steps, untimed) and the sampler eagerly, each bracketed by syncs
+    whole, core.runner.step_graphs = core.runner.step_graphs, None
+    for _ in range(2):
+        core.iterate()
     with split_timers(core, device, totals):
         for _ in range(steps):
             core.iterate()
+    core.runner.step_graphs = whole
     if profile is not None:
         write_profile(core, device, profile)
     if sync_sites and device.type == "cuda":
@@ -354,7 +373,7 @@ def measure(
         "decoder_host_ms": totals["decoder_host"] / steps * 1e3,
         "sampler_ms": totals["sampler"] / steps * 1e3,
         "syncs": syncs,
-        "replays": core.runner.graphs.replays if core.runner.graphs is not None else 0,
+        "replays": replays_timed,
         "peak_gib": peak / 2**30,
         "transient_gib": (peak - allocated) / 2**30,
         "kv_admitted_gib": core.reserved / 2**30,
@@ -390,6 +409,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
         "--no-graphs", dest="graphs", action="store_false", help="run the decoder eagerly (no CUDA graphs)"
     )
     ap.add_argument(
+        "--step-graphs",
+        action="store_true",
+        help="capture the whole step, not the decoder alone (experimental)",
+    )
+    ap.add_argument(
         "--tf32", action="store_true", help="what-if: let fp32 matrix products use TF32 (changes numerics)"
     )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
@@ -414,11 +438,14 @@ def run(argv: list[str] | None = None) -> list[dict]:
         except Exception:  # report and go on to the timings: one run on a lent GPU must give all it can
             traceback.print_exc()
         print(f"checks took {time.perf_counter() - t0:.1f} s", flush=True)
+    graph_mode = (
+        "off" if not args.graphs or device.type != "cuda" else "whole step" if args.step_graphs else "decoder"
+    )
     t0 = time.perf_counter()
     model = build_model(args.config, device, dtype)
     print(
         f"{args.config} on {name} ({dtype}), built in {time.perf_counter() - t0:.1f} s; prefix {args.prefix}; "
-        f"CUDA graphs {'on' if args.graphs and device.type == 'cuda' else 'off'}",
+        f"CUDA graphs: {graph_mode}",
         flush=True,
     )
     head = (
@@ -432,7 +459,15 @@ def run(argv: list[str] | None = None) -> list[dict]:
         profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and rows in chosen else None
         try:
             r = measure(
-                model, rows, args.prefix, args.steps, args.peak_tbps, profile, args.sync_sites, args.graphs
+                model,
+                rows,
+                args.prefix,
+                args.steps,
+                args.peak_tbps,
+                profile,
+                args.sync_sites,
+                args.graphs,
+                args.step_graphs,
             )
         except Exception:
             traceback.print_exc()

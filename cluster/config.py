@@ -202,6 +202,12 @@ class EngineSection(_Strict):
         "one CUDA graph (measured on an H200: the few-row step is bound by issuing ~8,000 kernels from Python, "
         "see bench/gpu_step.py). Fused mode only (remote experts cannot be captured); no effect on CPU",
     )
+    cuda_step_graphs: bool = Field(
+        False,
+        description="With cuda_graphs, capture the whole denoising step of a batch without constrained rows "
+        "(decoder, sampler, row updates) instead of the decoder alone. Checked on CPU with a stand-in recorder "
+        "only, not yet on a GPU: run bench/gpu_step.py --step-graphs on the target GPU before turning it on",
+    )
     num_gpus: float = Field(
         1.0,
         gt=0,
@@ -583,6 +589,7 @@ class ClusterConfig(_Strict):
             ),
             torch_threads=e.torch_threads,
             cuda_graphs=e.cuda_graphs,
+            cuda_step_graphs=e.cuda_step_graphs,
             execution_mode=e.execution_mode,
             micro_batches=e.micro_batches,
             transport=self.experts.transport,

@@ -1,27 +1,35 @@
-"""The decoder forward replayed as one CUDA graph while a batch's composition holds.
+"""Denoising steps replayed as CUDA graphs while a batch's composition holds.
 
 At a few rows a denoising step of the published shape issues ~8,000 kernels; measured on an H200 the host then
-spends ~120 ms issuing them against ~45 ms of GPU work (bench/gpu_step.py), so the step is bound by Python and
-launch overhead, not by the GPU. A CUDA graph records those launches once and replays them with one call.
+spent ~120 ms issuing them against ~45 ms of GPU work (bench/gpu_step.py): the step was bound by Python and launch
+overhead, not by the GPU. A CUDA graph records the launches once and replays them with one call.
 
-A captured graph fixes every tensor address and shape it touched, so it is valid only for the exact inputs
-it was captured with apart from the values of two static buffers (the canvas [R, L] and the self-conditioning
-input [R, L, D], copied in before each replay). Everything else the forward reads is fixed by the batch's
-`PrefixBatch` (page tables, lengths, masks and RoPE tables it caches) and the KV pool's storage, which stays
-put while the engine runs (the pool is sized once on CUDA). So the graph is keyed by the prefix object (the
-runner makes a new one whenever the batch's rows or a cache change), the row count and the pool's storage
-address; any change drops it.
+Two kinds, both kept by the ModelRunner on CUDA:
+- `StepGraphs`: the whole step of a batch without constrained rows — gathers from the row buffers, the decoder,
+  the keyed sampler, acceptance, re-noising, the write-backs and the packed status. All of it reads and writes
+  buffers that stay put (the runner's row buffers and slot index, the prefix's tables, the KV pool), so a replay
+  is the step; only the status is read back afterwards.
+- `DecoderGraphs`: the decoder forward alone, for batches with constrained rows (their sampling consults host
+  tables and callbacks that a graph cannot hold); its two inputs (canvas [R, L], self-conditioning input
+  [R, L, D]) are copied into static buffers before each replay.
 
-Policy: a composition is run eagerly the first time it is seen (that also fills the prefix's caches, so the
-capture issues no host-to-device copy), captured on its second step and replayed from then on. A canvas takes
+A captured graph fixes every tensor address and shape it touched, so it is valid only while its batch holds:
+graphs are keyed by the batch's `PrefixBatch` object (the runner makes a new one whenever the batch's rows or a
+cache change), the rows and the KV pool's storage (sized once on CUDA; any growth voids the graph), and for a
+step which rows stream drafts. Any change drops the graph.
+
+Policy: a composition runs eagerly the first time it is seen (that also fills every lazily made cache, so the
+capture copies nothing from the host), is captured on its second step and replayed from then on. A canvas takes
 ~27 steps, so a steady batch replays almost every step; a batch that changes every step (rows joining and
-finishing under load) stays eager and pays one extra capture each time the same composition holds for two
-steps. Steps without self-conditioning input (a canvas's first) always run eagerly. Only one graph is kept:
-its memory pool goes back to the allocator when the composition changes.
+finishing under load) stays eager. Steps without self-conditioning input (when every row is at its first step)
+run eagerly. One graph of each kind is kept; its memory pool goes back to the allocator when it is dropped. A
+capture that fails (something in the forward left the device) is logged once and that runner stays eager.
 
-The graph is only used where nothing in the forward leaves the device: the model's own experts (the
-disaggregated mode's remote expert calls cannot be captured), on CUDA. The replay runs the same kernels on the
-same addresses as an eager forward, so its outputs are the eager ones bit for bit (gpu_step.py checks tokens).
+Graphs are used only where nothing in the step leaves the device: the model's own experts (the disaggregated
+mode's remote expert calls cannot be captured) through `torch._grouped_mm` (the per-expert fallback reads group
+sizes back to the host), on CUDA. A replay runs the same kernels on the same addresses as the eager step, so its
+tokens are the eager ones (gpu_step.py checks it on the GPU; tests/deployments/test_decoder_graphs.py checks the
+policy and the runner's wiring on CPU with a stand-in recorder).
 """
 
 from __future__ import annotations
@@ -39,13 +47,13 @@ Forward = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def cuda_capture(forward: Forward, canvas: torch.Tensor, prefix, soft: torch.Tensor):
-    """Record `forward(canvas, prefix, soft)` into a CUDA graph: (replay function, static output).
+def cuda_capture(body: Callable[[], object]):
+    """Record `body()` (device work only) into a CUDA graph: (replay function, the body's static output).
 
     Captured on a side stream with the graph API itself rather than the `torch.cuda.graph` context manager,
     which collects garbage and empties the allocator's cache before every capture: under load a batch changes
     often, and each capture would then give every cached block back to the driver."""
-    device = canvas.device
+    device = torch.device("cuda", torch.cuda.current_device())
     if device not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
     stream = _CAPTURE_STREAMS[device]
@@ -55,18 +63,65 @@ def cuda_capture(forward: Forward, canvas: torch.Tensor, prefix, soft: torch.Ten
         # thread_local: a metrics thread reading a device tensor meanwhile neither fails nor spoils the capture
         graph.capture_begin(capture_error_mode="thread_local")
         try:
-            out = forward(canvas, prefix, soft)
+            out = body()
         finally:
             graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay, out
 
 
+class StepGraphs:
+    """Eager run, capture, or replay of a whole denoising step's device work (see the module docstring).
+
+    `body()` reads everything from buffers whose addresses stay put while the batch holds (the runner's row
+    buffers, its slot index, the prefix's tables, the KV pool) and returns its outputs; `key` names all the
+    host-side choices the body makes (rows, which rows stream drafts, the pool's storage) and `prefix` the
+    batch's PrefixBatch. `capture(body) -> (replay, output)`: the CUDA recorder by default."""
+
+    def __init__(self, capture=cuda_capture):
+        self.capture = capture
+        self._prefix = None
+        self._key: tuple | None = None
+        self._steps = 0
+        self._replay = self._out = self._body = None
+        self.captures = 0
+        self.replays = 0
+        self.disabled = False  # set when a capture failed
+
+    def __call__(self, key: tuple, prefix, body: Callable[[], object]):
+        if self.disabled:
+            return body()
+        if prefix is not self._prefix or key != self._key:
+            self.drop()
+            self._prefix, self._key = prefix, key
+        self._steps += 1
+        if self._replay is None:
+            if self._steps < 2:  # eager once: fills every lazily made cache, so the capture copies nothing in
+                return body()
+            try:
+                self._replay, self._out = self.capture(body)
+            except Exception:  # a step that cannot be captured runs eagerly from now on; requests go on
+                log.exception("capturing the denoising step failed; running it eagerly from now on")
+                self.disabled = True
+                self.drop()
+                return body()
+            self._body = body  # keeps what the graph reads by address (index tensors it closes over) alive
+            self.captures += 1
+        self._replay()
+        self.replays += 1
+        return self._out
+
+    def drop(self) -> None:
+        """Forget the graph (its memory pool is freed with it)."""
+        self._prefix = self._key = self._replay = self._out = self._body = None
+        self._steps = 0
+
+
 class DecoderGraphs:
     """Eager forward, capture, or replay of `forward(canvas, prefix, soft)` (see the module docstring).
 
-    `capture(forward, canvas, prefix, soft) -> (replay, output)` records the forward over static input
-    buffers; the CUDA recorder by default (tests pass another, since a CPU has no graphs)."""
+    `capture(body) -> (replay, output)` records `body()`, here the forward over static input buffers; the CUDA
+    recorder by default (tests pass another, since a CPU has no graphs)."""
 
     def __init__(self, forward: Forward, storage: Callable[[], object], capture=cuda_capture):
         self.forward = forward
@@ -96,7 +151,7 @@ class DecoderGraphs:
                 return self.forward(canvas, prefix, soft)
             self._canvas, self._soft = canvas.clone(), soft.clone()
             try:
-                self._replay, self._out = self.capture(self.forward, self._canvas, prefix, self._soft)
+                self._replay, self._out = self.capture(lambda: self.forward(self._canvas, prefix, self._soft))
             except Exception:  # a forward that cannot be captured runs eagerly from now on; requests go on
                 log.exception("capturing the decoder forward failed; running it eagerly from now on")
                 self.disabled = True

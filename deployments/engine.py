@@ -81,9 +81,10 @@ class EngineSettings:
     slo_time_to_first_canvas_s: float = 0.0  # the SLO's first-canvas term (0: none)
     load_adaptive: AdaptiveSettings = field(default_factory=AdaptiveSettings)  # off by default
     max_request_s: float = 0.0  # deadline of a request that brings none; 0 = none
-    cuda_graphs: bool = (
-        True  # replay a steady batch's decoder forward as a CUDA graph (CUDA, fused mode only)
-    )
+    # replay a steady batch's decoder forward as a CUDA graph (CUDA, fused mode only)
+    cuda_graphs: bool = True
+    # with cuda_graphs: the whole step as the graph (not yet validated on a GPU, so off by default)
+    cuda_step_graphs: bool = False
 
 
 def remote_experts(settings: EngineSettings, handles: list | None, num_layers: int) -> ShardedExperts:
@@ -134,7 +135,9 @@ class Engine:
         graphs = (
             settings.cuda_graphs and settings.execution_mode == "fused"
         )  # remote experts cannot be captured
-        self.core = EngineCore(self.model, settings.limits, cuda_graphs=graphs)
+        self.core = EngineCore(
+            self.model, settings.limits, cuda_graphs=graphs, step_graphs=settings.cuda_step_graphs
+        )
         self.scheduler = self.core.scheduler  # the host bookkeeping: queues, rows, counters
         self._prometheus = obs.EnginePrometheus(settings.limits.kv_cache_bytes)
         self._shard_steps = obs.ShardSteps(getattr(self.experts, "shard_totals", None))  # traced steps only

@@ -18,8 +18,14 @@ from model.transformer import DiffusionGemma
 
 
 class EngineCore:
-    def __init__(self, model: DiffusionGemma, limits: SchedulerLimits, cuda_graphs: bool = True):
-        """`cuda_graphs`: see ModelRunner (only on CUDA; off for a model whose experts are remote)."""
+    def __init__(
+        self,
+        model: DiffusionGemma,
+        limits: SchedulerLimits,
+        cuda_graphs: bool = True,
+        step_graphs: bool = False,
+    ):
+        """`cuda_graphs`, `step_graphs`: see ModelRunner (only on CUDA; off for a model whose experts are remote)."""
         itemsize = torch.empty((), dtype=model.dtype).element_size()
         # admission reserves what the KV path really allocates per sequence: pool pages + attention workspace
         # (a row's attention workspace grows with the key groups it reads: its own context and its prompt pieces)
@@ -29,7 +35,7 @@ class EngineCore:
             # size the pool once for the whole budget, so it never reallocates (and never doubles) under load;
             # on CPU it grows on demand instead, so a small demo does not hold the whole budget
             model.kv_pool.reserve_for(limits.kv_cache_bytes, limits.max_rows)
-        self.runner = ModelRunner(model, limits.max_rows, cuda_graphs)
+        self.runner = ModelRunner(model, limits.max_rows, cuda_graphs, step_graphs)
 
     def submit(self, request: EngineRequest, sink: Sink) -> None:
         self.scheduler.submit(request, sink)

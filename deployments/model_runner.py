@@ -21,9 +21,10 @@ from types import SimpleNamespace
 
 import torch
 
-from deployments.decoder_graphs import DecoderGraphs
+from deployments.decoder_graphs import DecoderGraphs, StepGraphs
 from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
 from model.kv_cache import PrefixBatch
+from model.moe import grouped_mm_supported
 from model.sampling import noise
 from model.sampling.sampler import (
     CanvasConstraint,
@@ -60,9 +61,13 @@ class RowBuffers:
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionGemma, max_rows: int, cuda_graphs: bool = True):
+    def __init__(
+        self, model: DiffusionGemma, max_rows: int, cuda_graphs: bool = True, step_graphs: bool = False
+    ):
         """`cuda_graphs`: replay the decoder forward as a CUDA graph while a batch holds (deployments/
-        decoder_graphs.py); only on CUDA, and only when the forward never leaves the device (the caller says)."""
+        decoder_graphs.py); only on CUDA, and only when the forward never leaves the device (the caller says).
+        `step_graphs` (with `cuda_graphs`): replay the whole step of an unconstrained batch instead — not yet
+        validated on a GPU, so off by default (bench/gpu_step.py --step-graphs checks and times it)."""
         self.model = model
         self.config = model.config
         self.device = model.device
@@ -77,10 +82,16 @@ class ModelRunner:
         self._index_key: tuple | None = None
         self._index: torch.Tensor | None = None
         self.syncs = 0  # device-to-host reads
+        self._drafts_key: tuple | None = None
+        self._drafts: torch.Tensor | None = None
+        # CUDA graphs (deployments/decoder_graphs.py): the whole step of an unconstrained batch, else the decoder
         self.graphs: DecoderGraphs | None = None
-        if cuda_graphs and self.device.type == "cuda":
-            pool = lambda: (id(model.kv_pool), tuple(model.kv_pool.pages.values()))  # noqa: E731
-            self.graphs = DecoderGraphs(model.denoise, storage=pool)
+        self.step_graphs: StepGraphs | None = None
+        # a model whose experts fall back to one GEMM per expert reads their group sizes back to the host
+        # (model/moe.py), which no graph can hold: such a model (fp32 on CUDA) runs eagerly
+        if cuda_graphs and self.device.type == "cuda" and grouped_mm_supported(self.device, model.dtype):
+            self.graphs = DecoderGraphs(model.denoise, storage=self._storage)
+            self.step_graphs = StepGraphs() if step_graphs else None
 
     # -- sequences ---------------------------------------------------------------------------------------
     def _admit(self, admit: Admit) -> None:
@@ -93,8 +104,9 @@ class ModelRunner:
         if cache is not None:
             cache.release()  # its pages go back to the pool
         self._prefix_key = self._prefix = None  # the prefix's page tables name that sequence's pages
-        if self.graphs is not None:
-            self.graphs.drop()
+        for graphs in (self.graphs, self.step_graphs):
+            if graphs is not None:
+                graphs.drop()
         if self.constraints[slot] is not None:
             self.constraints[slot] = None
             self._rebuild_table()
@@ -106,6 +118,11 @@ class ModelRunner:
         self.constraints = [None] * len(self.constraints)
         self._table = None
         self._prefix_key = self._prefix = None
+
+    def _storage(self) -> tuple:
+        """The KV pool's identity and size: a graph reads the pool by address, so any growth voids it."""
+        pool = self.model.kv_pool
+        return id(pool), tuple(pool.pages.values())
 
     def kv_bytes(self) -> int:
         """Bytes the live caches hold now (the prefix holds page tables only, no K/V copy)."""
@@ -190,14 +207,46 @@ class ModelRunner:
         return self._prefix
 
     def _denoise(self, plan: StepPlan) -> StepResult:
+        slots = plan.denoise
+        prefix = self._prefix_for(slots)
+        idx = self._slots(slots)
+        drafts = None  # the draft rows' positions in the batch (a device index, made once per composition)
+        if plan.drafts:
+            position = {s: i for i, s in enumerate(slots)}
+            drafts = self._drafts_index([position[s] for s in plan.drafts])
+        constrained = any(self.constraints[s] is not None for s in slots)
+        if self.step_graphs is not None and plan.self_conditioning and not constrained:
+            # the whole step as one graph; the decoder inside it runs as plain kernels (no graph in a graph)
+            if self.graphs is not None:
+                self.graphs.drop()
+            key = (tuple(slots), tuple(plan.drafts), self._storage())
+            body = lambda: self._device_step(plan, idx, prefix, drafts, self.model.denoise)  # noqa: E731
+            status, argmax = self.step_graphs(key, prefix, body)
+        else:
+            if self.step_graphs is not None:
+                self.step_graphs.drop()
+            status, argmax = self._device_step(plan, idx, prefix, drafts, self.decode)
+        return self._read_back(plan, status, argmax)
+
+    def _drafts_index(self, positions: list[int]) -> torch.Tensor:
+        key = tuple(positions)
+        if key != self._drafts_key:
+            self._drafts_key = key
+            self._drafts = torch.tensor(positions, dtype=torch.long, device=self.device)
+        return self._drafts
+
+    def _device_step(self, plan: StepPlan, idx, prefix, drafts, decode) -> tuple[torch.Tensor, torch.Tensor]:
+        """One denoising step of the rows `idx`, device work only (no host read, no tensor made from host
+        data): gathers from the row buffers, the decoder, the keyed sampler, acceptance and re-noising, the
+        write-backs. Returns the packed status [R (finished) + R (accepted) + drafts x L (argmax canvases of
+        the rows that stream drafts)] and the argmax canvases [R, L]."""
         rows, L, V = self.rows, self.config.canvas_length, self.config.vocab_size
         slots = plan.denoise
-        idx = self._slots(slots)
         canvas, argmax = rows.canvas[idx], rows.argmax[idx]  # [R, L]
         ints, floats = rows.ints[idx], rows.floats[idx]  # [R, 6], [R, 4]
         seeds, canvas_index, steps = ints[:, rows.SEED], ints[:, rows.CANVAS], ints[:, rows.STEPS]
         soft = rows.soft[idx] if plan.self_conditioning else None  # [R, L, D]; None: every row's first step
-        hidden = self.decode(canvas, self._prefix_for(slots), soft)
+        hidden = decode(canvas, prefix, soft)
         inv_t = inverse_temperature(
             floats[:, rows.T_MIN], floats[:, rows.T_MAX], ints[:, rows.MAX_STEPS], steps
         )
@@ -223,7 +272,10 @@ class ModelRunner:
         rows.soft[idx] = draws.soft
         rows.ints[idx, rows.STEPS] = update.steps
         rows.ints[idx, rows.STREAK] = update.streak
-        return self._read_back(plan, update.finished, update.accepted, draws.argmax)
+        status = [update.finished.long(), update.accepted]  # [R] each
+        if drafts is not None:
+            status.append(draws.argmax.index_select(0, drafts).reshape(-1))  # [drafts x L]
+        return torch.cat(status), draws.argmax
 
     def decode(self, canvas: torch.Tensor, prefix: PrefixBatch, soft: torch.Tensor | None) -> torch.Tensor:
         """The decoder forward: replayed from a CUDA graph where one is kept (DecoderGraphs), else eager."""
@@ -231,16 +283,10 @@ class ModelRunner:
             return self.graphs(canvas, prefix, soft)
         return self.model.denoise(canvas, prefix, soft)
 
-    def _read_back(
-        self, plan: StepPlan, finished: torch.Tensor, accepted: torch.Tensor, argmax: torch.Tensor
-    ) -> StepResult:
+    def _read_back(self, plan: StepPlan, status: torch.Tensor, argmax: torch.Tensor) -> StepResult:
         """The step's one packed read (plus one for finished canvases, only when some finished)."""
         slots, R, L = plan.denoise, len(plan.denoise), self.config.canvas_length
-        status = [finished.long(), accepted]  # [R] each
-        if plan.drafts:
-            position = {s: i for i, s in enumerate(slots)}
-            status.append(argmax[[position[s] for s in plan.drafts]].reshape(-1))  # [drafts x L]
-        host = torch.cat(status).tolist()
+        host = status.tolist()
         self.syncs += 1
         done, acc = [bool(f) for f in host[:R]], host[R : 2 * R]
         drafts = {s: host[2 * R + i * L : 2 * R + (i + 1) * L] for i, s in enumerate(plan.drafts)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.decoder_graphs import DecoderGraphs
+from deployments.decoder_graphs import DecoderGraphs, StepGraphs
 from deployments.engine_core import EngineCore
 from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
 from model.config import from_name
@@ -19,19 +19,29 @@ from model.weights import init_random
 
 
 class Recorder:
-    """Stands in for a CUDA graph recorder: replay recomputes into one static output from the static inputs."""
+    """Stands in for a CUDA graph recorder. Recording runs the body for real (a graph's capture runs nothing,
+    but its first replay then does that work, so the first replay here does nothing); later replays run the
+    body again and copy its results into the static outputs handed out at capture, as a graph overwrites its
+    output buffers."""
 
     def __init__(self):
         self.recorded = 0
 
-    def __call__(self, forward, canvas, prefix, soft):
+    def __call__(self, body):
         self.recorded += 1
-        out = torch.full_like(forward(canvas, prefix, soft), float("nan"))  # the graph's output buffer
+        result = body()
+        single = isinstance(result, torch.Tensor)
+        static = tuple(t.clone() for t in ((result,) if single else result))
+        pending = [True]
 
         def replay():
-            out.copy_(forward(canvas, prefix, soft))
+            if pending.pop() if pending else False:
+                return
+            got = body()
+            for out, new in zip(static, (got,) if single else got, strict=True):
+                out.copy_(new)
 
-        return replay, out
+        return replay, static[0] if single else static
 
 
 def forward_counting(calls: list):
@@ -87,7 +97,7 @@ def test_any_change_of_what_the_graph_fixed_drops_it(change):
 def test_a_failed_capture_leaves_the_forward_eager_for_good():
     calls = []
 
-    def failing(forward, canvas, prefix, soft):
+    def failing(body):
         calls.append("capture")
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -128,3 +138,65 @@ def test_runner_with_replayed_decoder_delivers_the_eager_tokens(model):
 
 def test_cuda_graphs_are_never_made_off_cuda(model):
     assert EngineCore(model, SchedulerLimits(max_rows=2), cuda_graphs=True).runner.graphs is None
+
+
+def test_step_graphs_run_eagerly_once_then_capture_then_replay():
+    calls, recorder = [], Recorder()
+    graphs = StepGraphs(capture=recorder)
+    state = torch.zeros(3)
+
+    def body():  # reads and writes a persistent buffer, as the runner's step does
+        calls.append(1)
+        state.add_(1)
+        return state * 2, state.sum()
+
+    prefix = object()
+    # one step's work per call, never two (read at once: a replay overwrites the same output buffers)
+    assert [float(graphs(("rows", 3), prefix, body)[1]) for _ in range(5)] == [3, 6, 9, 12, 15]
+    assert recorder.recorded == 1 and graphs.captures == 1 and graphs.replays == 4
+    graphs(("rows", 2), prefix, body)  # another key: eager again
+    assert graphs.replays == 4 and float(state[0]) == 6
+    graphs(("rows", 2), object(), body)  # another prefix object: eager again
+    graphs.drop()
+    graphs(("rows", 2), prefix, body)
+    assert recorder.recorded == 1 and graphs.replays == 4
+
+
+def test_a_failed_step_capture_leaves_the_step_eager_for_good():
+    def failing(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs, state = StepGraphs(capture=failing), torch.zeros(1)
+    body = lambda: state.add_(1).clone()  # noqa: E731
+    assert [float(graphs(("k",), None, body)) for _ in range(4)] == [1, 2, 3, 4]
+    assert graphs.disabled and graphs.replays == 0
+
+
+def test_runner_with_a_replayed_whole_step_delivers_the_eager_tokens_and_drafts(model):
+    def run(core):
+        out = {}
+        for i in range(4):
+            params = SamplingParams(
+                max_new_tokens=40 + 20 * i, max_denoising_steps=6 + i, t_min=0.3 + 0.1 * i
+            )
+            out[f"r{i}"] = events = []
+            core.submit(
+                EngineRequest(
+                    f"r{i}", list(range(3, 8 + 3 * i)), params, seed=11 + i, stream_drafts=i % 2 == 0
+                ),
+                events.append,
+            )
+        while core.has_work:
+            core.iterate()
+        return {
+            rid: [(type(e).__name__, getattr(e, "token_ids", None)) for e in ev] for rid, ev in out.items()
+        }
+
+    want = run(EngineCore(model, SchedulerLimits(max_rows=3)))
+    graphed = EngineCore(model, SchedulerLimits(max_rows=3))
+    steps, decoder = Recorder(), Recorder()
+    graphed.runner.step_graphs = StepGraphs(capture=steps)
+    graphed.runner.graphs = DecoderGraphs(model.denoise, graphed.runner._storage, capture=decoder)
+    assert run(graphed) == want  # drafts, canvases and finals, in order
+    assert steps.recorded >= 3 and graphed.runner.step_graphs.replays > 10
+    assert decoder.recorded == 0  # every step with self-conditioning went whole (no constrained rows)
