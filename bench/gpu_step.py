@@ -10,15 +10,17 @@ No checkpoint is needed: the published shape (30 layers, hidden 2816, 128 expert
 256; `model.config` preset `diffusiongemma-26b-a4b`) is built with random bf16 weights directly on the GPU.
 
 1. Checks (tiny random models, seconds): 16 requests of different prompt lengths, seeds and sampling settings
-   through an `EngineCore` (a) on the GPU in float32 against the same weights on the CPU, and (b) alone against
-   batched together on the GPU, in float32 and bfloat16 — each as the share of requests whose delivered tokens
-   are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
+   through an `EngineCore` (a) on the GPU in float32 against the same weights on the CPU, (b) with decoder graphs
+   and with whole-step graphs against eager steps, and (c) alone against batched together on the GPU, in
+   float32 and bfloat16 — each as the share of requests whose delivered tokens are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
    GEMM libraries pick the same kernel whatever the batch's row count, which this measures rather than assumes.
 2. For each row count: `rows` requests with a `--prefix`-token prompt each go through one `EngineCore`
    (Scheduler + ModelRunner, the serving path: prefill, then denoising steps of every row together, one host
    sync per step). Once every row is denoising, `--steps` iterations are timed, then `--steps` more with the
-   decoder forward and the sampler (`draw_keyed` + `advance_rows`) each bracketed by a device sync, to split the
-   step. It prints:
+   decoder forward (as its own graph) and the sampler (`draw_keyed` + `advance_rows`) each bracketed by a device
+   sync, to split the step. The engine's defaults apply: on CUDA the decoder forward of a steady batch replays
+   as a CUDA graph (`--no-graphs`: eager; `--step-graphs`: the whole step as one graph, still experimental).
+   It prints:
    - ms per step, and tokens/s at the reference's typical ~27 steps per canvas (rows x 256 / (27 x step time));
    - the split: decoder ms (and the host ms spent issuing its kernels: near the total means the forward is bound
      by Python / launch overhead, not the GPU), sampler ms, the rest; host syncs per step;
