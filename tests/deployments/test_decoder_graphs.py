@@ -6,12 +6,15 @@ CUDA recorder is checked on a GPU by bench/gpu_step.py (tokens with graphs == to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 from deployments.decoder_graphs import DecoderGraphs, StepGraphs
 from deployments.engine_core import EngineCore
 from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
+from model import moe
 from model.config import from_name
 from model.sampling.params import SamplingParams
 from model.transformer import DiffusionGemma
@@ -200,3 +203,87 @@ def test_runner_with_a_replayed_whole_step_delivers_the_eager_tokens_and_drafts(
     assert run(graphed) == want  # drafts, canvases and finals, in order
     assert steps.recorded >= 3 and graphed.runner.step_graphs.replays > 10
     assert decoder.recorded == 0  # every step with self-conditioning went whole (no constrained rows)
+
+
+# What a CUDA graph cannot hold: a read back to the host (a sync) or a tensor built from host data (a copy in).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+HOST_BUILT = ("tensor", "as_tensor", "bincount", "nonzero", "unique")
+
+
+@contextmanager
+def no_host_round_trips(found: list[str]):
+    """Record every host read and every tensor made from host data (beyond a 0-dim scalar) while inside."""
+    saved_methods = {m: getattr(torch.Tensor, m) for m in HOST_READS}
+    saved_functions = {f: getattr(torch, f) for f in HOST_BUILT}
+
+    def flag(name, original, scalar_ok=False):
+        def wrapper(*a, **k):
+            if not (scalar_ok and a and isinstance(a[0], int | float)):
+                found.append(name)
+            return original(*a, **k)
+
+        return wrapper
+
+    try:
+        for m, fn in saved_methods.items():
+            setattr(torch.Tensor, m, flag(f"Tensor.{m}", fn))
+        for f, fn in saved_functions.items():
+            setattr(torch, f, flag(f"torch.{f}", fn, scalar_ok=f in ("tensor", "as_tensor")))
+        yield
+    finally:
+        for m, fn in saved_methods.items():
+            setattr(torch.Tensor, m, fn)
+        for f, fn in saved_functions.items():
+            setattr(torch, f, fn)
+
+
+class GuardedRecorder(Recorder):
+    """A recorder that runs the captured body under `no_host_round_trips`."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __call__(self, body):
+        with no_host_round_trips(self.found):
+            return super().__call__(body)
+
+
+def test_the_guard_sees_host_round_trips():
+    found = []
+    with no_host_round_trips(found):
+        t = torch.arange(4)
+        torch.tensor(2.0)  # a host scalar operand is fine
+        t.sum().item()
+        torch.bincount(t)
+        torch.tensor([1, 2])
+        if t[0]:
+            pass
+    assert found == ["Tensor.item", "torch.bincount", "torch.tensor", "Tensor.__bool__"]
+
+
+@pytest.mark.parametrize("layout", ["counted", "sorted"])
+@pytest.mark.parametrize("whole", [True, False])
+def test_captured_bodies_neither_read_back_nor_build_tensors_from_host_data(
+    model, whole, layout, monkeypatch
+):
+    """What the runner hands a recorder — the whole step, or the decoder forward — holds no host round trip
+    after its first eager run (on a GPU either would break the capture; `bincount` did, in the MoE's sorted
+    layout, which large batches take: forced here for the tiny model)."""
+    if layout == "sorted":
+        monkeypatch.setattr(moe, "COUNTING_LAYOUT_ELEMENTS", 0)
+    core = EngineCore(model, SchedulerLimits(max_rows=3))
+    recorder = GuardedRecorder()
+    if whole:
+        core.runner.step_graphs = StepGraphs(capture=recorder)
+    else:
+        core.runner.graphs = DecoderGraphs(model.denoise, core.runner._storage, capture=recorder)
+    for i in range(3):
+        params = SamplingParams(max_new_tokens=64, max_denoising_steps=8)
+        core.submit(
+            EngineRequest(f"r{i}", list(range(3, 9 + 5 * i)), params, seed=i, stream_drafts=i == 1), print
+        )
+    while core.has_work:
+        core.iterate()
+    assert recorder.recorded >= 2
+    assert recorder.found == []
