@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import sys
 import time
@@ -316,6 +317,7 @@ def measure(
         max_rows=rows, kv_cache_bytes=rows * per_sequence + (1 << 20), token_budget=max(8192, 2 * rows * L)
     )
     model.__dict__.pop("_kv_pool", None)  # a pool sized for this row count alone
+    gc.collect()  # the previous row count's runner, caches and graphs (they hold reference cycles)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     core = EngineCore(model, limits, cuda_graphs, step_graphs)
@@ -347,15 +349,6 @@ def measure(
     replays_timed = replays(core) - replays0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
     totals = defaultdict(float)
-    # the split: a whole-step graph replays with no Python between its parts, so this pass runs the decoder as
-    # its own graph (captured in the first two steps, untimed) and the sampler eagerly, each bracketed by syncs
-    whole, core.runner.step_graphs = core.runner.step_graphs, None
-    for _ in range(2):
-        core.iterate()
-    with split_timers(core, device, totals):
-        for _ in range(steps):
-            core.iterate()
-    core.runner.step_graphs = whole
     if profile is not None:
         write_profile(core, device, profile)
     if sync_sites and device.type == "cuda":
@@ -363,6 +356,16 @@ def measure(
             print_sync_sites(core, rows)
         except Exception:
             traceback.print_exc()
+    # the split: a whole-step graph replays with no Python between its parts, so this pass runs the decoder as
+    # its own graph (captured in the first two steps, untimed) and the sampler eagerly, each bracketed by syncs
+    if core.runner.step_graphs is not None:
+        core.runner.step_graphs.drop()
+        core.runner.step_graphs = None
+    for _ in range(2):
+        core.iterate()
+    with split_timers(core, device, totals):
+        for _ in range(steps):
+            core.iterate()
     step_s = statistics.median(times)
     kv_read = core.runner._prefix.kv_bytes()
     need = floor_bytes(model, rows, kv_read)

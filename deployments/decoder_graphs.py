@@ -22,8 +22,10 @@ Policy: a composition runs eagerly the first time it is seen (that also fills ev
 capture copies nothing from the host), is captured on its second step and replayed from then on. A canvas takes
 ~27 steps, so a steady batch replays almost every step; a batch that changes every step (rows joining and
 finishing under load) stays eager. Steps without self-conditioning input (when every row is at its first step)
-run eagerly. One graph of each kind is kept; its memory pool goes back to the allocator when it is dropped. A
-capture that fails (something in the forward left the device) is logged once and that runner stays eager.
+run eagerly. The runner keeps one graph at a time, and both kinds allocate from one memory pool of the runner's,
+so a dropped graph's memory serves the next capture. A capture that runs out of memory leaves that batch eager
+(the next batch tries again); one that fails otherwise (something in the step left the device) is logged once
+and that runner stays eager.
 
 Graphs are used only where nothing in the step leaves the device: the model's own experts (the disaggregated
 mode's remote expert calls cannot be captured) through `torch._grouped_mm` (the per-expert fallback reads group
@@ -47,8 +49,10 @@ Forward = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def cuda_capture(body: Callable[[], object]):
+def cuda_capture(body: Callable[[], object], pool=None):
     """Record `body()` (device work only) into a CUDA graph: (replay function, the body's static output).
+    `pool`: a `torch.cuda.graph_pool_handle()` to allocate the graph's memory from (one per runner, so the
+    memory of a dropped graph serves the next capture instead of staying reserved beside it).
 
     Captured on a side stream with the graph API itself rather than the `torch.cuda.graph` context manager,
     which collects garbage and empties the allocator's cache before every capture: under load a batch changes
@@ -61,11 +65,16 @@ def cuda_capture(body: Callable[[], object]):
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         # thread_local: a metrics thread reading a device tensor meanwhile neither fails nor spoils the capture
-        graph.capture_begin(capture_error_mode="thread_local")
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             out = body()
-        finally:
-            graph.capture_end()
+        except BaseException:
+            try:  # end the broken capture; the body's error is the one to report (out of memory, say)
+                graph.capture_end()
+            except Exception:
+                pass
+            raise
+        graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay, out
 
@@ -100,6 +109,11 @@ class StepGraphs:
                 return body()
             try:
                 self._replay, self._out = self.capture(body)
+            except torch.cuda.OutOfMemoryError:  # no room for a graph now: eager, and try at the next batch
+                log.warning("no memory to capture the denoising step; running it eagerly for this batch")
+                self.drop()
+                self._prefix, self._key, self._steps = prefix, key, -(1 << 30)  # not again for this batch
+                return body()
             except Exception:  # a step that cannot be captured runs eagerly from now on; requests go on
                 log.exception("capturing the denoising step failed; running it eagerly from now on")
                 self.disabled = True
@@ -152,6 +166,11 @@ class DecoderGraphs:
             self._canvas, self._soft = canvas.clone(), soft.clone()
             try:
                 self._replay, self._out = self.capture(lambda: self.forward(self._canvas, prefix, self._soft))
+            except torch.cuda.OutOfMemoryError:  # no room for a graph now: eager, and try at the next batch
+                log.warning("no memory to capture the decoder forward; running it eagerly for this batch")
+                self.drop()
+                self._prefix, self._key, self._steps = prefix, key, -(1 << 30)  # not again for this batch
+                return self.forward(canvas, prefix, soft)
             except Exception:  # a forward that cannot be captured runs eagerly from now on; requests go on
                 log.exception("capturing the decoder forward failed; running it eagerly from now on")
                 self.disabled = True

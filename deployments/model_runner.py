@@ -17,11 +17,12 @@ canvases of rows that stream drafts); the argmax canvases of rows that finished 
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import torch
 
-from deployments.decoder_graphs import DecoderGraphs, StepGraphs
+from deployments.decoder_graphs import DecoderGraphs, StepGraphs, cuda_capture
 from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
 from model.kv_cache import PrefixBatch
 from model.moe import grouped_mm_supported
@@ -90,8 +91,11 @@ class ModelRunner:
         # a model whose experts fall back to one GEMM per expert reads their group sizes back to the host
         # (model/moe.py), which no graph can hold: such a model (fp32 on CUDA) runs eagerly
         if cuda_graphs and self.device.type == "cuda" and grouped_mm_supported(self.device, model.dtype):
-            self.graphs = DecoderGraphs(model.denoise, storage=self._storage)
-            self.step_graphs = StepGraphs() if step_graphs else None
+            # one memory pool for both kinds (the runner keeps one graph at a time): a dropped graph's memory
+            # serves the next capture instead of staying reserved beside it
+            capture = functools.partial(cuda_capture, pool=torch.cuda.graph_pool_handle())
+            self.graphs = DecoderGraphs(model.denoise, storage=self._storage, capture=capture)
+            self.step_graphs = StepGraphs(capture=capture) if step_graphs else None
 
     # -- sequences ---------------------------------------------------------------------------------------
     def _admit(self, admit: Admit) -> None:

@@ -209,7 +209,12 @@ MODEL_DTYPE_GEMM_DEVICES = ("cuda",)
 
 
 def model_dtype_gemms(q: torch.Tensor) -> bool:
-    return q.dtype in (torch.bfloat16, torch.float16) and q.device.type in MODEL_DTYPE_GEMM_DEVICES
+    """Inference only: the fp32-output GEMM has no backward pass (training keeps fp32 GEMMs)."""
+    return (
+        q.dtype in (torch.bfloat16, torch.float16)
+        and q.device.type in MODEL_DTYPE_GEMM_DEVICES
+        and not torch.is_grad_enabled()
+    )
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -234,18 +239,30 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
 _OUT_DTYPE_BMM: dict[tuple[str, torch.dtype], bool] = {}
 
 
+def _out_dtype_bmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.bmm(..., out_dtype=float32)` runs for `dtype` operands on `device` (probed once, on tiny
+    tensors, by the first eager forward: never inside a graph capture, never on the hot path)."""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE_BMM:
+        ok = device.type == "cuda"
+        if ok:
+            try:
+                a = torch.ones(1, 2, 8, dtype=dtype, device=device)
+                ok = bool(torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32).eq(8).all())
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, NotImplementedError):
+                ok = False
+        _OUT_DTYPE_BMM[key] = ok
+    return _OUT_DTYPE_BMM[key]
+
+
 def _bmm_f32(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
     """Batched GEMM of low-precision operands with an fp32 result. Where torch has the fp32-output kernel
     (`out_dtype`, CUDA) the result is never rounded to the operands' dtype; elsewhere it is computed in their
     dtype and widened (what eager attention in bf16 does)."""
-    key = (str(a.device), a.dtype)
-    if _OUT_DTYPE_BMM.get(key, a.device.type == "cuda"):
-        try:
-            out = torch.bmm(a, b, out_dtype=torch.float32)
-            _OUT_DTYPE_BMM[key] = True
-            return out
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_BMM[key] = False  # decided once, on the first (eager) forward: never inside a capture
+    if _out_dtype_bmm(a.device, a.dtype):
+        return torch.bmm(a, b, out_dtype=torch.float32)
     return _bmm(a, b, min_rows).float()
 
 
@@ -409,9 +426,10 @@ def workspace_bytes(
     # K and V: each gathered page-major, then copied head-major (both alive at once), then the fp32 copies
     gathered = 2 * G * K * d * (2 * itemsize + f32)
     # scores in fp32 (in place); in a low-precision model on a device that runs the GEMMs in the model dtype
-    # (`model_dtype_gemms`), also the scores as the GEMM wrote them and the probabilities cast back for the
-    # values' GEMM (counted whatever the device: a bound); masks; key positions and validity
-    scores = H * T * K * (4 + (2 * itemsize if f32 else 0)) + 4 * T * K + 2 * K * 9
+    # (`model_dtype_gemms`: not the CPU), also the scores as the GEMM wrote them where it cannot write fp32, and
+    # the probabilities cast back for the values' GEMM; masks; key positions and validity
+    lowp = 2 * itemsize if f32 and not cpu else 0
+    scores = H * T * K * (4 + lowp) + 4 * T * K + 2 * K * 9
     state = 2 * H * T * d * 4 + 8 * H * T * 4  # acc, the group product; m, l, their updates and alpha
     output = H * T * d * (4 + 2 * itemsize)  # acc / l, then in the model dtype, transposed for o_proj
     single = H * T * (K + d) * 4 if cpu else 0  # the second output of `_bmm` on a single matrix (odd rows)

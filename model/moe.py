@@ -195,6 +195,8 @@ def _grouped_linear(
     if grouped:
         try:
             return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+        except torch.cuda.OutOfMemoryError:
+            raise  # memory, not a shape: the step fails and the engine reports it; the kernel stays in use
         except RuntimeError as e:  # a shape the kernel rejects (alignment): fall back from now on, and say so
             _GROUPED_MM_OK[(str(x.device), x.dtype)] = False
             log.warning("torch._grouped_mm failed (%s); using one GEMM per expert", e)

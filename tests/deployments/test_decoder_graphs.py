@@ -287,3 +287,28 @@ def test_captured_bodies_neither_read_back_nor_build_tensors_from_host_data(
         core.iterate()
     assert recorder.recorded >= 2
     assert recorder.found == []
+
+
+def test_out_of_memory_in_a_capture_keeps_that_batch_eager_and_tries_the_next():
+    attempts = []
+
+    def short_of_memory(body):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return Recorder()(body)
+
+    graphs, state = StepGraphs(capture=short_of_memory), torch.zeros(1)
+    body = lambda: state.add_(1).clone()  # noqa: E731
+    prefix = object()
+    assert [float(graphs(("a",), prefix, body)) for _ in range(5)] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]  # eager after the failure
+    assert len(attempts) == 1 and not graphs.disabled and graphs.replays == 0
+    for _ in range(3):  # the next batch is captured again
+        graphs(("b",), prefix, body)
+    assert len(attempts) == 2 and graphs.replays == 2 and float(state[0]) == 8
