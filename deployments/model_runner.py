@@ -10,6 +10,10 @@ buffers allocated once and indexed by row slot — canvas and argmax canvas [S, 
 thresholds [S], constraint pins and classes [S, L] — so a step gathers R rows with one index, writes them back
 with one index, and builds no per-row tensor. Host work per step is O(layers), not O(rows x ops).
 
+On CUDA the decoder forward of a batch that holds (or, with `step_graphs`, the whole step:
+`_device_step`, which makes no host read and builds no tensor from host data) is replayed as a CUDA graph
+(deployments/decoder_graphs.py).
+
 One device-to-host read per step: a packed [R, 2 + drafts x L] status (finished, accepted, and the argmax
 canvases of rows that stream drafts); the argmax canvases of rows that finished are read only when one did.
 `syncs` counts these reads.
