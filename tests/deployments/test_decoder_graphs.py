@@ -13,6 +13,7 @@ import torch
 
 from deployments.decoder_graphs import DecoderGraphs, StepGraphs
 from deployments.engine_core import EngineCore
+from deployments.experts import LocalExperts
 from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
 from model import moe
 from model.config import from_name
@@ -262,16 +263,20 @@ def test_the_guard_sees_host_round_trips():
     assert found == ["Tensor.item", "torch.bincount", "torch.tensor", "Tensor.__bool__"]
 
 
+@pytest.mark.parametrize("experts", ["bank", "served"])
 @pytest.mark.parametrize("layout", ["counted", "sorted"])
 @pytest.mark.parametrize("whole", [True, False])
 def test_captured_bodies_neither_read_back_nor_build_tensors_from_host_data(
-    model, whole, layout, monkeypatch
+    model, whole, layout, experts, monkeypatch
 ):
     """What the runner hands a recorder — the whole step, or the decoder forward — holds no host round trip
     after its first eager run (on a GPU either would break the capture; `bincount` did, in the MoE's sorted
-    layout, which large batches take: forced here for the tiny model)."""
+    layout, which large batches take: forced here for the tiny model). `served`: through the serving Engine's
+    expert backend (LocalExperts, which also counts expert load)."""
     if layout == "sorted":
         monkeypatch.setattr(moe, "COUNTING_LAYOUT_ELEMENTS", 0)
+    if experts == "served":
+        monkeypatch.setattr(model, "moe_backend", LocalExperts(model))
     core = EngineCore(model, SchedulerLimits(max_rows=3))
     recorder = GuardedRecorder()
     if whole:
@@ -287,6 +292,8 @@ def test_captured_bodies_neither_read_back_nor_build_tensors_from_host_data(
         core.iterate()
     assert recorder.recorded >= 2
     assert recorder.found == []
+    if experts == "served":
+        assert model.moe_backend.load.sum() > 0  # the backend was in the captured bodies
 
 
 def test_out_of_memory_in_a_capture_keeps_that_batch_eager_and_tries_the_next():
