@@ -251,6 +251,7 @@ class Engine:
                 s = self.scheduler
                 self._prometheus.iteration(stats.rows, len(s.waiting), len(s.active), s.reserved)
                 self._prometheus.expert_load(lambda: self.experts.stats()["expert_load"])
+                self._prometheus.cuda_graphs(self.core.runner.graph_counts())
             except ShardsUnavailable as e:  # not the Engine's fault: fail what is in flight, keep serving
                 log.error("expert shards unavailable: %s", e)
                 self._fail_all(f"expert shards unavailable, retry: {e}", code="UNAVAILABLE")

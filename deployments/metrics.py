@@ -98,6 +98,18 @@ ENGINE_METRICS = (
         "Tokens routed to each expert, all layers (fused and disaggregated modes)",
         ("expert",),
     ),
+    MetricSpec(
+        "blockserve_cuda_graph_replays",
+        "counter",
+        "Denoising steps whose decoder forward (kind=decoder) or whole device work (kind=step) replayed a CUDA graph",
+        ("kind",),
+    ),
+    MetricSpec(
+        "blockserve_cuda_graph_captures",
+        "counter",
+        "CUDA graphs captured: batch compositions that held for a second step (kind=decoder or step)",
+        ("kind",),
+    ),
 )
 METRICS = ROUTER_METRICS + ENGINE_METRICS
 
@@ -130,6 +142,7 @@ class EnginePrometheus:
         self.last_set = 0.0
         self.experts_read = 0.0
         self.expert_totals: list[int] | None = None
+        self.graph_totals: dict[str, tuple[int, int]] = {}
         self.state(0, 0, 0)  # the series exist (at zero) before the first request
 
     def state(self, queued: int, active: int, kv_used: int) -> None:
@@ -160,6 +173,17 @@ class EnginePrometheus:
             if new > old:
                 counter.inc(new - old, tags={"expert": str(expert)})
         self.expert_totals = totals
+
+    def cuda_graphs(self, totals: dict[str, tuple[int, int]]) -> None:
+        """Add the captures and replays since the last call; `totals`: kind -> (captures, replays) so far (the
+        runner's running counts; empty off CUDA)."""
+        for kind, (captures, replays) in totals.items():
+            old_captures, old_replays = self.graph_totals.get(kind, (0, 0))
+            if captures > old_captures:
+                self.m["cuda_graph_captures"].inc(captures - old_captures, tags={"kind": kind})
+            if replays > old_replays:
+                self.m["cuda_graph_replays"].inc(replays - old_replays, tags={"kind": kind})
+            self.graph_totals[kind] = (captures, replays)
 
     def iteration(self, rows: int, queued: int, active: int, kv_used: int) -> None:
         if rows:  # an iteration that only prefilled ran no decoder forward

@@ -132,6 +132,11 @@ class ModelRunner:
         pool = self.model.kv_pool
         return id(pool), tuple(pool.pages.values())
 
+    def graph_counts(self) -> dict[str, tuple[int, int]]:
+        """CUDA graph kind -> (captures, replays) so far; empty where the runner keeps no graphs."""
+        kinds = {"decoder": self.graphs, "step": self.step_graphs}
+        return {kind: (g.captures, g.replays) for kind, g in kinds.items() if g is not None}
+
     def kv_bytes(self) -> int:
         """Bytes the live caches hold now (the prefix holds page tables only, no K/V copy)."""
         return sum(c.nbytes() for c in self.caches.values())

@@ -204,6 +204,9 @@ def test_runner_with_a_replayed_whole_step_delivers_the_eager_tokens_and_drafts(
     assert run(graphed) == want  # drafts, canvases and finals, in order
     assert steps.recorded >= 3 and graphed.runner.step_graphs.replays > 10
     assert decoder.recorded == 0  # every step with self-conditioning went whole (no constrained rows)
+    counts = graphed.runner.graph_counts()  # what the Engine's metrics read
+    assert counts == {"decoder": (0, 0), "step": (steps.recorded, graphed.runner.step_graphs.replays)}
+    assert EngineCore(model, SchedulerLimits(max_rows=1)).runner.graph_counts() == {}  # CPU: no graphs
 
 
 # What a CUDA graph cannot hold: a read back to the host (a sync) or a tensor built from host data (a copy in).

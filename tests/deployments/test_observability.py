@@ -161,6 +161,19 @@ def test_engine_metrics_per_iteration():
     assert values(e.m["queue_depth"], "set") == [0, 3, 1, 0]
 
 
+def test_engine_metrics_count_cuda_graph_captures_and_replays_from_running_totals():
+    e = obs.EnginePrometheus(1, factory=fake_metrics)
+    e.cuda_graphs({})  # CPU: no graphs, nothing recorded
+    e.cuda_graphs({"decoder": (1, 0)})
+    e.cuda_graphs({"decoder": (1, 4)})
+    e.cuda_graphs({"decoder": (1, 4)})  # nothing new
+    e.cuda_graphs({"decoder": (2, 9), "step": (1, 3)})
+    assert values(e.m["cuda_graph_captures"], "inc") == [1, 1, 1]
+    assert values(e.m["cuda_graph_replays"], "inc") == [4, 5, 3]
+    tags = [t for _, _, t in e.m["cuda_graph_replays"].calls]
+    assert tags == [{"kind": "decoder"}, {"kind": "decoder"}, {"kind": "step"}]
+
+
 def test_engine_trace_builds_queue_prefill_and_canvas_spans(provider, spans):
     with provider.get_tracer("test").start_as_current_span("replica_handle_request Engine") as parent:
         engine = obs.EngineTrace("req-1", 48, 5)
