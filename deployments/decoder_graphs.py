@@ -79,48 +79,54 @@ def cuda_capture(body: Callable[[], object], pool=None):
     return graph.replay, out
 
 
-class StepGraphs:
-    """Eager run, capture, or replay of a whole denoising step's device work (see the module docstring).
+class _Graphs:
+    """The policy both kinds share: eager on a batch's first step, captured on its second, replayed after; any
+    change of `prefix` (by identity) or `key` drops the graph; a capture that runs out of memory leaves that
+    batch eager, one that fails otherwise leaves this object eager for good (logged once)."""
 
-    `body()` reads everything from buffers whose addresses stay put while the batch holds (the runner's row
-    buffers, its slot index, the prefix's tables, the KV pool) and returns its outputs; `key` names all the
-    host-side choices the body makes (rows, which rows stream drafts, the pool's storage) and `prefix` the
-    batch's PrefixBatch. `capture(body) -> (replay, output)`: the CUDA recorder by default."""
+    what = "the graph"  # named in the log
 
     def __init__(self, capture=cuda_capture):
         self.capture = capture
-        self._prefix = None
+        self._prefix = None  # the composition of the current graph (or of the step before)
         self._key: tuple | None = None
-        self._steps = 0
+        self._steps = 0  # steps of this composition so far
         self._replay = self._out = self._body = None
         self.captures = 0
         self.replays = 0
         self.disabled = False  # set when a capture failed
 
-    def __call__(self, key: tuple, prefix, body: Callable[[], object]):
+    def _run(self, key: tuple, prefix, eager, body, prepare=None, refill=None):
+        """`eager()` runs the work as it is; `body()` is what gets captured; `prepare()` (if any) makes the
+        buffers the graph will read, just before the capture; `refill()` (if any) copies this step's inputs into
+        them before each replay."""
         if self.disabled:
-            return body()
+            return eager()
         if prefix is not self._prefix or key != self._key:
             self.drop()
             self._prefix, self._key = prefix, key
         self._steps += 1
         if self._replay is None:
             if self._steps < 2:  # eager once: fills every lazily made cache, so the capture copies nothing in
-                return body()
+                return eager()
+            if prepare is not None:
+                prepare()
             try:
                 self._replay, self._out = self.capture(body)
             except torch.cuda.OutOfMemoryError:  # no room for a graph now: eager, and try at the next batch
-                log.warning("no memory to capture the denoising step; running it eagerly for this batch")
+                log.warning("no memory to capture %s; running it eagerly for this batch", self.what)
                 self.drop()
                 self._prefix, self._key, self._steps = prefix, key, -(1 << 30)  # not again for this batch
-                return body()
-            except Exception:  # a step that cannot be captured runs eagerly from now on; requests go on
-                log.exception("capturing the denoising step failed; running it eagerly from now on")
+                return eager()
+            except Exception:  # work that cannot be captured runs eagerly from now on; requests go on
+                log.exception("capturing %s failed; running it eagerly from now on", self.what)
                 self.disabled = True
                 self.drop()
-                return body()
+                return eager()
             self._body = body  # keeps what the graph reads by address (index tensors it closes over) alive
             self.captures += 1
+        if refill is not None:
+            refill()
         self._replay()
         self.replays += 1
         return self._out
@@ -131,60 +137,50 @@ class StepGraphs:
         self._steps = 0
 
 
-class DecoderGraphs:
+class StepGraphs(_Graphs):
+    """Eager run, capture, or replay of a whole denoising step's device work (see the module docstring).
+
+    `body()` reads everything from buffers whose addresses stay put while the batch holds (the runner's row
+    buffers, its slot index, the prefix's tables, the KV pool) and returns its outputs; `key` names all the
+    host-side choices the body makes (rows, which rows stream drafts, the pool's storage) and `prefix` the
+    batch's PrefixBatch. `capture(body) -> (replay, output)`: the CUDA recorder by default."""
+
+    what = "the denoising step"
+
+    def __call__(self, key: tuple, prefix, body: Callable[[], object]):
+        return self._run(key, prefix, body, body)
+
+
+class DecoderGraphs(_Graphs):
     """Eager forward, capture, or replay of `forward(canvas, prefix, soft)` (see the module docstring).
 
     `capture(body) -> (replay, output)` records `body()`, here the forward over static input buffers; the CUDA
     recorder by default (tests pass another, since a CPU has no graphs)."""
 
+    what = "the decoder forward"
+
     def __init__(self, forward: Forward, storage: Callable[[], object], capture=cuda_capture):
+        super().__init__(capture)
         self.forward = forward
         self.storage = storage  # the KV pool's storage identity (a graph reads it by address)
-        self.capture = capture
-        self._prefix = None  # the composition of the current graph (or of the step before)
-        self._key: tuple | None = None
-        self._steps = 0  # steps of this composition so far
-        self._replay = None
-        self._canvas = self._soft = self._out = None
-        self.captures = 0
-        self.replays = 0
-        self.disabled = False  # set when a capture failed
+        self._canvas = self._soft = None  # the static input buffers of the current graph
 
     def __call__(self, canvas: torch.Tensor, prefix, soft: torch.Tensor | None) -> torch.Tensor:
-        if (
-            soft is None or self.disabled
-        ):  # a canvas's first step: no self-conditioning input (a different graph, run once)
+        if soft is None:  # a canvas's first step: no self-conditioning input (a different graph, run once)
             return self.forward(canvas, prefix, soft)
-        key = (canvas.shape, canvas.dtype, soft.shape, soft.dtype, self.storage())
-        if prefix is not self._prefix or key != self._key:
-            self.drop()
-            self._prefix, self._key = prefix, key
-        self._steps += 1
-        if self._replay is None:
-            if self._steps < 2:
-                return self.forward(canvas, prefix, soft)
+
+        def prepare():  # the graph's static inputs
             self._canvas, self._soft = canvas.clone(), soft.clone()
-            try:
-                self._replay, self._out = self.capture(lambda: self.forward(self._canvas, prefix, self._soft))
-            except torch.cuda.OutOfMemoryError:  # no room for a graph now: eager, and try at the next batch
-                log.warning("no memory to capture the decoder forward; running it eagerly for this batch")
-                self.drop()
-                self._prefix, self._key, self._steps = prefix, key, -(1 << 30)  # not again for this batch
-                return self.forward(canvas, prefix, soft)
-            except Exception:  # a forward that cannot be captured runs eagerly from now on; requests go on
-                log.exception("capturing the decoder forward failed; running it eagerly from now on")
-                self.disabled = True
-                self.drop()
-                return self.forward(canvas, prefix, soft)
-            self.captures += 1
-        self._canvas.copy_(canvas)
-        self._soft.copy_(soft)
-        self._replay()
-        self.replays += 1
-        return self._out
+
+        def refill():
+            self._canvas.copy_(canvas)
+            self._soft.copy_(soft)
+
+        key = (canvas.shape, canvas.dtype, soft.shape, soft.dtype, self.storage())
+        eager = lambda: self.forward(canvas, prefix, soft)  # noqa: E731
+        body = lambda: self.forward(self._canvas, prefix, self._soft)  # noqa: E731
+        return self._run(key, prefix, eager, body, prepare, refill)
 
     def drop(self) -> None:
-        """Forget the graph (its memory pool is freed with it)."""
-        self._prefix = self._key = self._replay = None
-        self._canvas = self._soft = self._out = None
-        self._steps = 0
+        super().drop()
+        self._canvas = self._soft = None
