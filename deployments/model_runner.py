@@ -84,11 +84,8 @@ class ModelRunner:
         self._table: torch.Tensor | None = None  # [1 + classes of all constrained slots, V] bool
         self._prefix_key: tuple | None = None
         self._prefix: PrefixBatch | None = None
-        self._index_key: tuple | None = None
-        self._index: torch.Tensor | None = None
+        self._indexes: dict[str, tuple[tuple, torch.Tensor]] = {}  # `_device_index`: name -> (values, tensor)
         self.syncs = 0  # device-to-host reads
-        self._drafts_key: tuple | None = None
-        self._drafts: torch.Tensor | None = None
         # CUDA graphs (deployments/decoder_graphs.py): the whole step of an unconstrained batch, else the decoder
         self.graphs: DecoderGraphs | None = None
         self.step_graphs: StepGraphs | None = None
@@ -206,11 +203,14 @@ class ModelRunner:
             offset += c.class_masks.shape[0] - 1
         self._table = torch.cat(tables)
 
-    def _slots(self, slots: list[int]) -> torch.Tensor:
-        key = tuple(slots)
-        if key != self._index_key:  # the batch changes rarely compared with steps
-            self._index_key, self._index = key, torch.tensor(slots, dtype=torch.long, device=self.device)
-        return self._index
+    def _device_index(self, name: str, values: list[int]) -> torch.Tensor:
+        """`values` as a long tensor on the device, made again only when they change (the batch changes rarely
+        compared with steps; a graph reads the tensor by address, so it must not be remade while it holds)."""
+        key = tuple(values)
+        kept = self._indexes.get(name)
+        if kept is None or kept[0] != key:
+            kept = self._indexes[name] = (key, torch.tensor(values, dtype=torch.long, device=self.device))
+        return kept[1]
 
     def _prefix_for(self, slots: list[int]) -> PrefixBatch:
         # a row's prefix is fixed while its canvas is denoised: rebuild only when the batch or a cache changes
@@ -222,11 +222,11 @@ class ModelRunner:
     def _denoise(self, plan: StepPlan) -> StepResult:
         slots = plan.denoise
         prefix = self._prefix_for(slots)
-        idx = self._slots(slots)
+        idx = self._device_index("slots", slots)
         drafts = None  # the draft rows' positions in the batch (a device index, made once per composition)
         if plan.drafts:
             position = {s: i for i, s in enumerate(slots)}
-            drafts = self._drafts_index([position[s] for s in plan.drafts])
+            drafts = self._device_index("drafts", [position[s] for s in plan.drafts])
         constrained = any(self.constraints[s] is not None for s in slots)
         if self.step_graphs is not None and plan.self_conditioning and not constrained:
             # the whole step as one graph; the decoder inside it runs as plain kernels (no graph in a graph)
@@ -240,13 +240,6 @@ class ModelRunner:
                 self.step_graphs.drop()
             status, argmax = self._device_step(plan, idx, prefix, drafts, self.decode)
         return self._read_back(plan, status, argmax)
-
-    def _drafts_index(self, positions: list[int]) -> torch.Tensor:
-        key = tuple(positions)
-        if key != self._drafts_key:
-            self._drafts_key = key
-            self._drafts = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return self._drafts
 
     def _device_step(self, plan: StepPlan, idx, prefix, drafts, decode) -> tuple[torch.Tensor, torch.Tensor]:
         """One denoising step of the rows `idx`, device work only (no host read, no tensor made from host
