@@ -118,9 +118,9 @@ def floor_bytes(model: DiffusionGemma, rows: int, kv_bytes: int) -> dict[str, fl
 # -- the engine through EngineCore ---------------------------------------------------------------------------
 def engine_tokens(
     model: DiffusionGemma, requests: list[tuple], max_rows: int, cuda_graphs: bool = True, whole: bool = False
-) -> dict[str, list[int]]:
+) -> tuple[dict[str, list[int]], int]:
     """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore (`whole`: the
-    whole step as a graph where it can be, else the decoder alone)."""
+    whole step as a graph where it can be, else the decoder alone), and the graph replays it took."""
     limits = SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30)
     core = EngineCore(model, limits, cuda_graphs, step_graphs=whole)
     out: dict[str, list[int]] = defaultdict(list)
@@ -138,16 +138,12 @@ def engine_tokens(
         core.submit(EngineRequest(rid, prompt, params, seed=seed), sink_for(rid))
     while core.has_work:
         core.iterate()
-    REPLAYS.append(replays(core))
-    return dict(out)
+    return dict(out), replays(core)
 
 
 def replays(core: EngineCore) -> int:
     """Graph replays so far: whole steps and decoder forwards."""
-    return sum(g.replays for g in (core.runner.graphs, core.runner.step_graphs) if g is not None)
-
-
-REPLAYS: list[int] = []  # graph replays of each engine_tokens run
+    return sum(replayed for _, replayed in core.runner.graph_counts().values())
 
 
 def check_requests(vocab: int, n: int = 16) -> list[tuple]:
@@ -179,25 +175,26 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
         (rid, p, SamplingParams(**{**vars(q), "max_new_tokens": 2 * L}), s)
         for rid, p, q, s in check_requests(cpu_model.config.vocab_size, n)
     ]
-    on_cpu = engine_tokens(cpu_model, requests, max_rows=16)
+    on_cpu, _ = engine_tokens(cpu_model, requests, max_rows=16)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = copy.deepcopy(cpu_model).to(device=device, dtype=dtype)
-        batched = engine_tokens(model, requests, max_rows=16)  # the engine's defaults: decoder graphs on CUDA
-        replays = REPLAYS[-1]
+        batched, replayed = engine_tokens(
+            model, requests, max_rows=16
+        )  # the defaults: decoder graphs on CUDA
         alone = {}
         for r in requests:
-            alone.update(engine_tokens(model, [r], max_rows=1))
+            alone.update(engine_tokens(model, [r], max_rows=1)[0])
         name = str(dtype).removeprefix("torch.")
         if dtype == torch.float32:
             results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
         if device.type == "cuda":
-            eager = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
-            results[f"{device.type} {name}: decoder graphs ({replays} replays) vs eager, batched"] = (
+            eager, _ = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
+            results[f"{device.type} {name}: decoder graphs ({replayed} replays) vs eager, batched"] = (
                 share_identical(eager, batched)
             )
-            whole = engine_tokens(model, requests, max_rows=16, whole=True)
-            results[f"{device.type} {name}: whole-step graphs ({REPLAYS[-1]} replays) vs eager, batched"] = (
+            whole, replayed = engine_tokens(model, requests, max_rows=16, whole=True)
+            results[f"{device.type} {name}: whole-step graphs ({replayed} replays) vs eager, batched"] = (
                 share_identical(eager, whole)
             )
         results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(
