@@ -132,9 +132,8 @@ class Engine:
             self.experts = LocalExperts(self.model)
             self.model.moe_backend = self.experts
         warm_up()  # structured output's compiled loops, so the first constrained request does not compile them
-        graphs = (
-            settings.cuda_graphs and settings.execution_mode == "fused"
-        )  # remote experts cannot be captured
+        # remote experts (disaggregated mode) cannot be captured
+        graphs = settings.cuda_graphs and settings.execution_mode == "fused"
         self.core = EngineCore(
             self.model, settings.limits, cuda_graphs=graphs, step_graphs=settings.cuda_step_graphs
         )
