@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared command for a session that is lent a GPU (about 4-5 minutes on an H200, most of it building the
-# published shape's 50 GB of random weights three times). Run from the repo root on the GPU machine:
+# One prepared command for a session that is lent a GPU (about 5-6 minutes on an H200, most of it building the
+# published shape's 50 GB of random weights four times). Run from the repo root on the GPU machine:
 #
 #     OUT=/some/dir bash bench/gpu_session.sh          # PYTHON=... to pick the interpreter (default python3)
 #
 # 1. the token-identity checks on tiny models (GPU vs CPU, decoder and whole-step graphs vs eager, alone vs
-#    batched) and tiny-model step times;
+#    batched, and where batching first changes a row's bits) and tiny-model step times;
+# 1b. where batching changes a row's bits at the published shape, bf16 (bench/invariance.py);
 # 2. the published shape with whole-step graphs (`--step-graphs`, not yet validated on a GPU): step times,
 #    where the step synchronises, a profile at 1 row;
 # 3. the published shape with the engine's defaults (decoder graphs), for the same-run comparison.
@@ -17,6 +18,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 timeout 150 "$PY" bench/gpu_step.py --config tiny-test --rows 1,16 --prefix 64 >"$OUT/checks.log" 2>&1
 grep -E "^check|^ +[0-9]+ |graph|Error" "$OUT/checks.log"
+timeout 120 "$PY" bench/invariance.py --config diffusiongemma-26b-a4b --rows 16 --prompt-step 37 \
+    >"$OUT/invariance.log" 2>&1
+tail -5 "$OUT/invariance.log"
 timeout 200 "$PY" bench/gpu_step.py --no-checks --step-graphs --sync-sites --profile "$OUT" --profile-rows 1 \
     >"$OUT/step_graphs.log" 2>&1
 grep -vE "^      1  deployments/model_runner|_warn_once|UserWarning" "$OUT/step_graphs.log" | tail -16

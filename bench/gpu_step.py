@@ -14,6 +14,8 @@ No checkpoint is needed: the published shape (30 layers, hidden 2816, 128 expert
    and with whole-step graphs against eager steps, and (c) alone against batched together on the GPU, in
    float32 and bfloat16 — each as the share of requests whose delivered tokens are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
    GEMM libraries pick the same kernel whatever the batch's row count, which this measures rather than assumes.
+   Then, per dtype, where a row's bits first change when it is batched (bench/invariance.py: encoder, decoder
+   and sampler, sub-step by sub-step; "no difference" when none does).
 2. For each row count: `rows` requests with a `--prefix`-token prompt each go through one `EngineCore`
    (Scheduler + ModelRunner, the serving path: prefill, then denoising steps of every row together, one host
    sync per step). Once every row is denoising, `--steps` iterations are timed, then `--steps` more with the
@@ -54,6 +56,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/invariance.py, imported by `checks`
 
 import deployments.model_runner as runner_mod  # noqa: E402
 import model.attention as attention  # noqa: E402
@@ -200,6 +203,14 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
         results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(
             alone, batched
         )
+        # where bits first change when a row is batched, sub-step by sub-step (bench/invariance.py)
+        from invariance import locate, prompts, summary
+
+        focus = [0, n // 2, n - 1]
+        found = locate(model, prompts(model.config.vocab_size, n), focus)
+        for line in summary(found, model.config.num_layers, len(focus)):
+            part, _, what = line.partition(": ")
+            results[f"{device.type} {name}: batching changes bits in the {part}"] = what
     results[f"torch._grouped_mm used on {device.type} bfloat16"] = str(
         grouped_mm_supported(device, torch.bfloat16)
     )

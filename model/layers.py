@@ -41,23 +41,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return out if out.dtype == x.dtype else out.type_as(x)
 
 
-# CPU GEMM kernels round differently for fewer than 4 rows (measured: n = 1..3 differ from the same rows
-# inside a larger product, n >= 4 match bit for bit). On CPU, products are padded to at least this many rows so a
-# token's result never depends on how many other tokens shared its matmul: batch-invariant outputs. GPU GEMMs
-# choose algorithms by shape in other ways, so the padding would only cost time there and is not applied.
+# CPU GEMM kernels compute the rows of a product in blocks, and a block of 1-3 rows takes another code path that
+# rounds differently (measured, fp32: a product of n = 1..3 rows differs from the same rows inside a larger one).
+# With several threads the rows are also split between threads in blocks of 8, so a product of 9-11 rows (17-19,
+# 25-27 with 16 threads) ends in such a block too, whereas every multiple of 8 matched a 520-row product bit for
+# bit at 1-16 threads (bench/README.md, "CPU GEMMs and batch invariance"). On CPU, products are therefore padded to
+# a multiple of this many rows, so a token's result never depends on how many other tokens shared its matmul:
+# batch-invariant outputs. GPU GEMMs choose algorithms by shape in other ways, so the padding would only cost time
+# there and is not applied.
 MIN_GEMM_ROWS = 8
 
 
 def min_gemm_rows(device: torch.device) -> int:
-    """Rows a GEMM is padded to on this device (1: no padding)."""
+    """The row multiple a GEMM is padded to on this device (1: no padding)."""
     return MIN_GEMM_ROWS if device.type == "cpu" else 1
+
+
+def gemm_rows(n: int, device: torch.device) -> int:
+    """Rows a product of n rows is padded to on `device`: the next multiple of `min_gemm_rows`."""
+    m = min_gemm_rows(device)
+    return -(-n // m) * m
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T, batch-invariant on CPU (see MIN_GEMM_ROWS)."""
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
-    pad = min_gemm_rows(flat.device) - n
+    pad = gemm_rows(n, flat.device) - n
     if pad > 0:
         out = F.linear(F.pad(flat, (0, 0, 0, pad)), weight)[:n]
     else:
@@ -116,8 +126,39 @@ class Packed:
         return list(self.whole(x).split(self.sizes, dim=-1))
 
 
+# ATen's CPU GELU kernel splits a tensor of more than this many elements between all intra-op threads, each
+# taking one contiguous share of ceil(numel / threads) elements (measured: the shares' ends move with the size).
+GELU_PARALLEL_ELEMENTS = 6144
+# Inside a share the kernel computes whole runs of 2 vectors with vector code and the remainder with scalar code,
+# which rounds differently (1 ulp). 64 elements is a whole number of runs on any CPU, fp32 or bf16.
+VECTOR_RUN = 64
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation. On CPU (without gradients) the tensor is padded so that each thread's share is a
+    whole number of vector runs: where the shares end depends on the tensor's size, i.e. on the batch, and an
+    element computed by the scalar remainder code rounds differently from the same element computed alone
+    (bench/README.md, "CPU batch invariance")."""
+    if x.device.type == "cpu" and not torch.is_grad_enabled():
+        padded = _gelu_shares(x.numel(), torch.get_num_threads())
+        if padded != x.numel():
+            flat = x.new_empty(padded)  # the tail past numel is never read back
+            flat[: x.numel()].view(x.shape).copy_(x)
+            return F.gelu(flat, approximate="tanh")[: x.numel()].view(x.shape)
     return F.gelu(x, approximate="tanh")
+
+
+def _gelu_shares(n: int, threads: int) -> int:
+    """Elements to run GELU over so that every thread's share of them is a whole number of vector runs."""
+
+    def whole(tasks: int) -> int:
+        per_task = -(-n // tasks)
+        return tasks * (-(-per_task // VECTOR_RUN) * VECTOR_RUN)
+
+    padded = whole(threads if n > GELU_PARALLEL_ELEMENTS else 1)
+    if threads > 1 and padded > GELU_PARALLEL_ELEMENTS:  # padding may itself cross into the parallel case
+        padded = whole(threads)
+    return padded
 
 
 class GatedMLP(nn.Module):

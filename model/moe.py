@@ -12,9 +12,10 @@ size, N rows of the expert-sorted (padded) layout.
             several banks (ExpertShards) simply add up
 
 No Python loop over experts and no host sync on the grouped path: the layout is built with device ops and an
-upper bound on its size. On CPU every non-empty expert's group is padded to `MIN_GEMM_ROWS` rows, because CPU
-GEMMs round a 1-3 row product differently from the same rows inside a larger one; with the padding a token's
-result does not depend on how many other tokens chose its expert (batch-invariant outputs).
+upper bound on its size. On CPU every non-empty expert's group is padded to a multiple of `MIN_GEMM_ROWS` rows,
+because CPU GEMMs round rows that end up in a block of 1-3 rows differently from the same rows inside a larger
+product (model/layers.py); with the padding a token's result does not depend on how many other tokens chose its
+expert (batch-invariant outputs).
 
 `ExpertBank` holds experts [first, first + E) of one layer. A bank holding every expert is the fused mode; banks
 on other processes (the ExpertShard deployment) each return a partial [T, D] that the caller sums.
@@ -96,7 +97,7 @@ COUNTING_LAYOUT_ELEMENTS = 1 << 16
 def grouped_layout(
     ids: torch.Tensor, first: int, count: int, min_rows: int, whole: bool = False
 ) -> GroupedLayout:
-    """Sort pairs ids [T, K] by expert; each non-empty group is padded to at least `min_rows` rows. `whole`: the
+    """Sort pairs ids [T, K] by expert; each non-empty group is padded to a multiple of `min_rows` rows. `whole`: the
     bank holds every expert the router can choose (no pair goes elsewhere)."""
     T, K = ids.shape
     P = T * K
@@ -120,8 +121,11 @@ def grouped_layout(
 
 
 def _padded_sizes(counts: torch.Tensor, count: int, min_rows: int) -> torch.Tensor:
-    """Rows of each group [groups]: its pairs, padded to `min_rows` when it has any; none for foreign pairs."""
-    padded = torch.where(counts > 0, counts.clamp_min(min_rows), 0)
+    """Rows of each group [groups]: its pairs, padded to a multiple of `min_rows`; none for foreign pairs."""
+    if min_rows == 1:
+        padded = counts.clone()  # written below: never the caller's tensor
+    else:
+        padded = (counts + (min_rows - 1)).div(min_rows, rounding_mode="floor") * min_rows
     if padded.shape[0] > count:
         padded[count] = 0
     return padded

@@ -29,6 +29,9 @@ def test_gpu_step_runs_its_code_path_on_a_tiny_config(capsys, tmp_path):
     # on CPU the engine is batch-invariant and the same device: every check finds identical tokens
     assert "check  cpu float32 vs cpu float32, batched: 2/2" in out
     assert "check  cpu bfloat16: alone vs batched with 1 others: 2/2" in out
+    for dtype in ("float32", "bfloat16"):  # the sub-step locator (bench/invariance.py) runs in the checks
+        for part in ("encoder", "decoder", "sampler"):
+            assert f"check  cpu {dtype}: batching changes bits in the {part}: no difference" in out
     assert "Traceback" not in err  # a failing part is reported and skipped, never silently
     assert [r["rows"] for r in results] == [1, 3]
     for r in results:

@@ -6,7 +6,8 @@ Shape legend: T tokens, D hidden.
 - the packed output equals the Linears run one by one, before and after `.to(dtype)`, in-place updates and a
   `.data` swap (the pack is re-made when a parameter moved);
 - with gradients on, each parameter still gets its own gradient;
-- RoPE through the shared per-forward tables equals the per-layer formula.
+- RoPE through the shared per-forward tables equals the per-layer formula;
+- `linear` and `gelu_tanh` give a row the same bits in a batch of any row count, at 1 and 16 threads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from model.config import from_name
-from model.layers import GatedMLP, RopeTables, apply_rope, rope_cos_sin
+from model.layers import GatedMLP, RopeTables, apply_rope, gelu_tanh, linear, rope_cos_sin
 from model.transformer import DiffusionGemma
 from model.weights import init_random
 
@@ -136,3 +137,49 @@ def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone(dtype):
         attn.k_norm.weight.mul_(2)
         want = apply_rope(attn.k_norm(k_raw), cos, sin).transpose(1, 2)
         assert torch.equal(attn.project(x, positions, tables)[1], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 16])
+def test_a_rows_product_does_not_depend_on_the_row_count(threads, dtype):
+    """CPU GEMMs compute blocks of 1-3 rows another way, and with several threads split rows between threads in
+    blocks of 8 (fp32 at 16 threads: products of 9-11, 17-19, 25-27 rows ended in such a block). `linear` pads to
+    a multiple of 8 rows, so every row matches its bits inside a 300-row product."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(3)
+        w = (torch.randn(96, 64, generator=g) * 0.05).to(dtype)
+        x = torch.randn(300, 64, generator=g).to(dtype)
+        together = linear(x, w)
+        for n in range(1, 41):
+            for start in (0, 300 - n):
+                assert torch.equal(linear(x[start : start + n], w), together[start : start + n]), (n, start)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [2, 3, 6, 16])
+def test_a_rows_gelu_does_not_depend_on_the_row_count(threads, dtype):
+    """ATen's CPU GELU splits a large tensor between threads at offsets set by its size and computes the end of
+    each thread's share with scalar code that rounds differently: at 16 threads ~70 of 100 sizes of [n, 64]
+    changed some row's bits. `gelu_tanh` pads the shares to whole vector runs, so every row gets the bits of
+    one-thread vector code (the reference: 1 thread, a size with no remainder), whatever the batch."""
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4000, 64, generator=g) * 3).to(dtype)
+    y = (torch.randn(4000, 40, generator=g) * 3).to(dtype)  # rows that are not whole vector runs
+    try:
+        torch.set_num_threads(1)
+        want_x, want_y = (torch.nn.functional.gelu(t, approximate="tanh") for t in (x, y))
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            for n in [1, 7, 97, *range(500, 4000, 37)]:
+                for rows in (slice(0, n), slice(4000 - n, 4000)):
+                    assert torch.equal(gelu_tanh(x[rows]), want_x[rows]), n
+                    assert torch.equal(gelu_tanh(y[rows]), want_y[rows]), n
+            strided = torch.cat([x, x], dim=1)[:, :64]  # a view, as gate is in gate/up
+            assert torch.equal(gelu_tanh(strided), want_x)
+    finally:
+        torch.set_num_threads(before)

@@ -136,13 +136,22 @@ def test_router_weights_are_renormalised_top_k_times_per_expert_scale():
     assert torch.equal(ids, top)
 
 
-def test_a_tokens_output_does_not_depend_on_its_batch_mates():
-    """Bit-identical, not just close: a token alone, or routed with 1..300 others to the same experts."""
-    x, w, ids = _routing(300, 2, seed=9)
-    together = FULL(x, w, ids)
-    for t in (0, 1, 150, 299):
-        assert torch.equal(FULL(x[t : t + 1], w[t : t + 1], ids[t : t + 1])[0], together[t])
-    assert torch.equal(FULL(x[:3], w[:3], ids[:3]), together[:3])
+@pytest.mark.parametrize("threads", [1, 16])
+def test_a_tokens_output_does_not_depend_on_its_batch_mates(threads):
+    """Bit-identical, not just close: a token alone, or routed with 1..300 others to the same experts. With 16
+    threads a CPU GEMM splits its rows between threads in blocks of 8, so an expert group of 9-11 rows used to
+    end in a block of 1-3 rows computed another way: groups are padded to multiples of 8."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, w, ids = _routing(300, 2, seed=9)
+        together = FULL(x, w, ids)
+        for t in (0, 1, 150, 299):
+            assert torch.equal(FULL(x[t : t + 1], w[t : t + 1], ids[t : t + 1])[0], together[t])
+        for n in range(1, 80, 3):  # every group size from 1 to ~40 rows turns up
+            assert torch.equal(FULL(x[:n], w[:n], ids[:n]), together[:n]), n
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("T,k", [(1, 1), (37, 3), (200, E)])
@@ -167,6 +176,9 @@ def test_grouped_layout_pads_groups_and_dumps_foreign_pairs():
     assert rows[6] == 4 and rows[2] == 8  # expert 4 (token 3), expert 5 (token 1)
     assert [rows[i] for i in (1, 4, 5)] == [dump] * 3 and not layout.local[[1, 4, 5]].any()
     assert layout.source[:12].tolist() == [0, 1, 3, 4, 3, 4, 4, 4, 1, 4, 4, 4]  # 4 = T: the zero row
+    # a group is padded to a multiple of min_rows: 5 pairs of expert 3 take 8 rows
+    layout = grouped_layout(torch.tensor([[3], [3], [4], [3], [3], [3]]), 3, 3, min_rows=4)
+    assert layout.offsets.tolist() == [8, 12, 12]
 
 
 @pytest.mark.parametrize("T,k", [(1, 1), (5, 2), (37, 3), (300, 2), (200, E)])
