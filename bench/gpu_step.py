@@ -72,9 +72,10 @@ from model.transformer import DiffusionGemma  # noqa: E402
 STEPS_PER_CANVAS = 27  # the reference's typical denoising steps per canvas at its default settings
 
 
-def build_model(config_name: str, device: torch.device, dtype: torch.dtype) -> DiffusionGemma:
-    """Random weights allocated and initialised on `device` (never materialised on the host)."""
-    cfg = from_name(config_name)
+def build_model(config_name: str, device: torch.device, dtype: torch.dtype, **overrides) -> DiffusionGemma:
+    """Random weights allocated and initialised on `device` (never materialised on the host); `overrides`:
+    config fields to change from the preset."""
+    cfg = from_name(config_name, **overrides)
     with torch.device("meta"):
         model = DiffusionGemma(cfg)
     model = model.to(dtype).to_empty(device=device)

@@ -23,9 +23,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self._fp32: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.fp32_weight(), self.eps)
+
+    def fp32_weight(self) -> torch.Tensor | None:
+        """The scale in fp32 (the norm's arithmetic). A low-precision weight's fp32 copy is kept, not cast on
+        every call (one kernel per norm per layer per step otherwise), and remade when the parameter moves or
+        changes in place; with gradients on it is cast each time, so the parameter gets its gradient."""
+        w = self.weight
+        if w is None or w.dtype == torch.float32 or torch.is_grad_enabled():
+            return w
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._fp32 is None or self._fp32[0] != key:
+            self._fp32 = (key, w.float())
+        return self._fp32[1]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

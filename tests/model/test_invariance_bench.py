@@ -45,6 +45,14 @@ def test_every_part_is_batch_invariant_on_cpu(threads16, dtype, capsys):
     assert "16 rows, focus rows [0, 9, 15]" in capsys.readouterr().out
 
 
+def test_a_canvas_that_is_not_a_multiple_of_8_is_batch_invariant_too(threads16):
+    """The sampler's vocabulary products have rows x canvas rows; a canvas of 13 positions is no multiple of 8."""
+    inv = _load()
+    model = inv.build_model("tiny-test", torch.device("cpu"), torch.float32, canvas_length=13)
+    report = inv.locate(model, inv.prompts(model.config.vocab_size, 12), [0, 11])
+    assert report == {"encoder": {}, "decoder": {}, "sampler": {}}
+
+
 def test_the_locator_names_the_sub_step_that_depends_on_the_batch(monkeypatch):
     inv = _load()
     model = inv.build_model("tiny-test", torch.device("cpu"), torch.float32)

@@ -7,7 +7,8 @@ Shape legend: T tokens, D hidden.
   `.data` swap (the pack is re-made when a parameter moved);
 - with gradients on, each parameter still gets its own gradient;
 - RoPE through the shared per-forward tables equals the per-layer formula;
-- `linear` and `gelu_tanh` give a row the same bits in a batch of any row count, at 1 and 16 threads.
+- `linear` and `gelu_tanh` give a row the same bits in a batch of any row count, at 1 and 16 threads;
+- a bf16 RMSNorm keeps its fp32 scale instead of casting it every call, and follows updates of the parameter.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from model.config import from_name
-from model.layers import GatedMLP, RopeTables, apply_rope, gelu_tanh, linear, rope_cos_sin
+from model.layers import GatedMLP, RMSNorm, RopeTables, apply_rope, gelu_tanh, linear, rope_cos_sin
 from model.transformer import DiffusionGemma
 from model.weights import init_random
 
@@ -183,3 +184,23 @@ def test_a_rows_gelu_does_not_depend_on_the_row_count(threads, dtype):
             assert torch.equal(gelu_tanh(strided), want_x)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_low_precision_norm_keeps_its_fp32_scale_and_follows_updates():
+    norm = RMSNorm(16, 1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    x = torch.randn(4, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        first = norm.fp32_weight()
+        assert first.dtype == torch.float32 and torch.equal(first, norm.weight.float())
+        assert norm.fp32_weight() is first  # kept: no cast kernel per call
+        want = torch.nn.functional.rms_norm(x.float(), (16,), norm.weight.float(), 1e-6).to(torch.bfloat16)
+        assert torch.equal(norm(x), want)
+        norm.weight.mul_(2)  # an in-place update (a weight load) is seen
+        assert torch.equal(norm.fp32_weight(), norm.weight.float()) and norm.fp32_weight() is not first
+    norm.to(torch.float32)
+    assert norm.fp32_weight() is norm.weight  # fp32: the parameter itself
+    norm.to(torch.bfloat16)
+    norm(x).float().sum().backward()  # with gradients on, the scale is cast each time and gets its gradient
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
