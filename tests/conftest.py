@@ -25,6 +25,15 @@ settings.register_profile("explore", **_PROPERTY_TESTS)
 settings.load_profile("blockserve")
 
 
+@pytest.fixture
+def torch_threads():
+    """`torch_threads(n)` sets torch's intra-op threads for one test; restored after it. More threads than the
+    machine has cores is fine for bit-exactness tests: torch splits work by its thread count, only slower."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def _reserve_port() -> tuple[socket.socket, int]:
     """A loopback port held for the whole session by a bound, non-listening socket, so that no process takes it
     before the test that listens there starts. SO_REUSEPORT lets that test's gRPC server (which sets it too, on

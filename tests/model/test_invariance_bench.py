@@ -31,11 +31,8 @@ def _load():
 
 
 @pytest.fixture
-def threads16():
-    before = torch.get_num_threads()
-    torch.set_num_threads(16)  # more threads than this machine has cores: same splits, only slower
-    yield
-    torch.set_num_threads(before)
+def threads16(torch_threads):
+    torch_threads(16)  # more threads than this machine has cores: the same splits, only slower
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -142,48 +142,40 @@ def test_projecting_every_head_at_once_equals_each_norm_and_rope_alone(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 16])
-def test_a_rows_product_does_not_depend_on_the_row_count(threads, dtype):
+def test_a_rows_product_does_not_depend_on_the_row_count(torch_threads, threads, dtype):
     """CPU GEMMs compute blocks of 1-3 rows another way, and with several threads split rows between threads in
     blocks of 8 (fp32 at 16 threads: products of 9-11, 17-19, 25-27 rows ended in such a block). `linear` pads to
     a multiple of 8 rows, so every row matches its bits inside a 300-row product."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(3)
-        w = (torch.randn(96, 64, generator=g) * 0.05).to(dtype)
-        x = torch.randn(300, 64, generator=g).to(dtype)
-        together = linear(x, w)
-        for n in range(1, 41):
-            for start in (0, 300 - n):
-                assert torch.equal(linear(x[start : start + n], w), together[start : start + n]), (n, start)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, 64, generator=g) * 0.05).to(dtype)
+    x = torch.randn(300, 64, generator=g).to(dtype)
+    together = linear(x, w)
+    for n in range(1, 41):
+        for start in (0, 300 - n):
+            assert torch.equal(linear(x[start : start + n], w), together[start : start + n]), (n, start)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [2, 3, 6, 16])
-def test_a_rows_gelu_does_not_depend_on_the_row_count(threads, dtype):
+def test_a_rows_gelu_does_not_depend_on_the_row_count(torch_threads, threads, dtype):
     """ATen's CPU GELU splits a large tensor between threads at offsets set by its size and computes the end of
     each thread's share with scalar code that rounds differently: at 16 threads ~70 of 100 sizes of [n, 64]
     changed some row's bits. `gelu_tanh` pads the shares to whole vector runs, so every row gets the bits of
     one-thread vector code (the reference: 1 thread, a size with no remainder), whatever the batch."""
-    before = torch.get_num_threads()
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(4000, 64, generator=g) * 3).to(dtype)
     y = (torch.randn(4000, 40, generator=g) * 3).to(dtype)  # rows that are not whole vector runs
-    try:
-        torch.set_num_threads(1)
-        want_x, want_y = (torch.nn.functional.gelu(t, approximate="tanh") for t in (x, y))
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            for n in [1, 7, 97, *range(500, 4000, 37)]:
-                for rows in (slice(0, n), slice(4000 - n, 4000)):
-                    assert torch.equal(gelu_tanh(x[rows]), want_x[rows]), n
-                    assert torch.equal(gelu_tanh(y[rows]), want_y[rows]), n
-            strided = torch.cat([x, x], dim=1)[:, :64]  # a view, as gate is in gate/up
-            assert torch.equal(gelu_tanh(strided), want_x)
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(1)
+    want_x, want_y = (torch.nn.functional.gelu(t, approximate="tanh") for t in (x, y))
+    torch_threads(threads)
+    with torch.no_grad():
+        for n in [1, 7, 97, *range(500, 4000, 37)]:
+            for rows in (slice(0, n), slice(4000 - n, 4000)):
+                assert torch.equal(gelu_tanh(x[rows]), want_x[rows]), n
+                assert torch.equal(gelu_tanh(y[rows]), want_y[rows]), n
+        strided = torch.cat([x, x], dim=1)[:, :64]  # a view, as gate is in gate/up
+        assert torch.equal(gelu_tanh(strided), want_x)
 
 
 def test_a_low_precision_norm_keeps_its_fp32_scale_and_follows_updates():

@@ -137,21 +137,17 @@ def test_router_weights_are_renormalised_top_k_times_per_expert_scale():
 
 
 @pytest.mark.parametrize("threads", [1, 16])
-def test_a_tokens_output_does_not_depend_on_its_batch_mates(threads):
+def test_a_tokens_output_does_not_depend_on_its_batch_mates(torch_threads, threads):
     """Bit-identical, not just close: a token alone, or routed with 1..300 others to the same experts. With 16
     threads a CPU GEMM splits its rows between threads in blocks of 8, so an expert group of 9-11 rows used to
     end in a block of 1-3 rows computed another way: groups are padded to multiples of 8."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x, w, ids = _routing(300, 2, seed=9)
-        together = FULL(x, w, ids)
-        for t in (0, 1, 150, 299):
-            assert torch.equal(FULL(x[t : t + 1], w[t : t + 1], ids[t : t + 1])[0], together[t])
-        for n in range(1, 80, 3):  # every group size from 1 to ~40 rows turns up
-            assert torch.equal(FULL(x[:n], w[:n], ids[:n]), together[:n]), n
-    finally:
-        torch.set_num_threads(before)
+    torch_threads(threads)
+    x, w, ids = _routing(300, 2, seed=9)
+    together = FULL(x, w, ids)
+    for t in (0, 1, 150, 299):
+        assert torch.equal(FULL(x[t : t + 1], w[t : t + 1], ids[t : t + 1])[0], together[t])
+    for n in range(1, 80, 3):  # every group size from 1 to ~40 rows turns up
+        assert torch.equal(FULL(x[:n], w[:n], ids[:n]), together[:n]), n
 
 
 @pytest.mark.parametrize("T,k", [(1, 1), (37, 3), (200, E)])
