@@ -23,12 +23,12 @@ def exp_at_floor() -> float:
     return _EXP_AT_FLOOR[0]
 
 
-def pick_from_cdf(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def pick_from_cdf(cdf: torch.Tensor, target: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
     """Index [..., 1] of the first entry of the cumulative sums cdf [..., K] (non-decreasing, total last) that
     exceeds target [..., 1] (uniform x total). An entry of zero weight owns an empty interval, so it is never
-    picked; a target rounded up to the total itself is clamped to the last entry with weight."""
+    picked; a target rounded up to the total itself is clamped to the last entry with weight. `total`: the
+    caller's contiguous copy of cdf[..., -1:], when it has one (saves making another)."""
     pick = torch.searchsorted(cdf, target, right=True)
-    last = torch.searchsorted(
-        cdf, cdf[..., -1:].contiguous(), right=False
-    )  # the first index reaching the total
+    total = cdf[..., -1:].contiguous() if total is None else total
+    last = torch.searchsorted(cdf, total, right=False)  # the first index reaching the total
     return torch.minimum(pick, last)

@@ -372,7 +372,7 @@ def _scaled_logits(
 def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per position of a vocabulary block by inverse CDF. e [R, L, C] unnormalised probabilities
     (0 where masked), u [R, L] float64 uniforms in (0, 1) -> (index in the block [R, L] long, the block's
-    mass [R, L] float32, the last element of the cumulative sum).
+    mass [R, L]: the last element of the float32 cumulative sum, widened to float64).
 
     P(index j) = e_j / sum(e), up to float32 rounding of the cumulative sum (the token intervals are resolved
     to ~1e-7 of the block's mass, as fine as 24-bit Gumbel noise resolves a token). A token with e = 0 owns an
@@ -380,8 +380,11 @@ def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     with mass (the first index where the sum reaches it)."""
     cdf = torch.cumsum(e, -1)  # [R, L, C]
     mass = cdf[..., -1:].contiguous()  # [R, L, 1] (a copy: a view would keep the [R, L, C] sums alive)
-    target = (u[..., None] * mass.double()).float()
-    return pick_from_cdf(cdf, target)[..., 0], mass[..., 0]
+    mass64 = (
+        mass.double()
+    )  # once: the target and the block's log-mass both use it (one kernel per block less)
+    target = (u[..., None] * mass64).float()
+    return pick_from_cdf(cdf, target, mass)[..., 0], mass64[..., 0]
 
 
 def _exp_below_max(d: torch.Tensor) -> torch.Tensor:
@@ -408,12 +411,13 @@ def _merge_block(state, new_m, safe_m, e, centred, weighted, cval, cidx, score, 
     running Gumbel-max over blocks). s1 is kept centred on the running max so entropy = log s0 - s1/s0 does
     not cancel."""
     m, s0, s1, soft, best_val, best_idx, draw_val, draw_idx = state
-    alpha = torch.exp(m - safe_m)
+    lower = m - safe_m  # <= 0: how far the running max rose
+    alpha = torch.exp(lower)
     better = cval > best_val
     best_val, best_idx = torch.where(better, cval, best_val), torch.where(better, cidx, best_idx)
     better = score > draw_val
     draw_val, draw_idx = torch.where(better, score, draw_val), torch.where(better, pick, draw_idx)
-    shift = torch.where(s0 > 0, (m - safe_m) * s0, torch.zeros_like(s0))
+    shift = torch.where(s0 > 0, lower * s0, 0.0)  # a Python 0: no zeros tensor to fill (a kernel) per block
     s1 = (s1 + shift) * alpha + centred
     s0 = s0 * alpha + e.sum(-1)
     soft = soft * alpha[..., None] + weighted
@@ -451,7 +455,7 @@ def _draw_group(
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
         new_m = cval if state is None else torch.maximum(state[0], cval)
-        safe_m = torch.where(torch.isinf(new_m), torch.zeros_like(new_m), new_m)
+        safe_m = torch.where(torch.isinf(new_m), 0.0, new_m)
         # d = logits - max [R, L, C] (in place unless the joint hook has seen the logits)
         d = logits.sub_(safe_m[..., None]) if joint is None else logits - safe_m[..., None]
         e = _exp_below_max(d)
@@ -461,7 +465,7 @@ def _draw_group(
         # wins, ties keep the earlier block); a block's mass below float32's range relative to the running max
         # (under e^-87) rounds to 0, as it does in the full softmax
         pick, mass = block_pick(e, keyed.block_uniform[..., b])
-        score = mass.double().log() + safe_m.double() + keyed.block_gumbel[..., b]
+        score = mass.log() + safe_m.double() + keyed.block_gumbel[..., b]  # mass: float64 already
         # e * d, with 0 (not NaN) where a position's token is masked (d = -inf, e = 0): clamping d to the
         # lowest finite float changes no other element, and a zero term adds nothing to the sum. Skipped when
         # d is finite: no constraint tables, or on CPU (`_exp_below_max` clamped it).
