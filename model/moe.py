@@ -114,7 +114,7 @@ def grouped_layout(
     if local is not None:
         row_of_pair = torch.where(local, row_of_pair, rows)
     source = torch.full((rows + 1,), T, dtype=torch.long, device=ids.device)
-    source[row_of_pair] = torch.div(torch.arange(P, device=ids.device), K, rounding_mode="floor")
+    source[row_of_pair] = _counting(P, ids.device, K)  # pair p comes from token p // K
     if local is not None:
         source[rows] = T  # several foreign pairs may have written the dump row: it reads the zero row
     return GroupedLayout(source, row_of_pair, local, ends[:count].to(torch.int32))
@@ -147,15 +147,35 @@ def _sorted_rows(e: torch.Tensor, groups: int, count: int, min_rows: int):
     order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
     # counted by a scatter-add, not bincount: bincount reads its input's max back to the host (a device sync)
     counts = torch.zeros(groups, dtype=torch.long, device=e.device).index_add_(
-        0, e, torch.ones_like(e)
+        0, e, _counting(P, e.device, ones=True)
     )  # [groups]
     padded = _padded_sizes(counts, count, min_rows)
     ends = torch.cumsum(padded, 0)
-    sorted_start = torch.cumsum(counts, 0) - counts  # where each expert's pairs begin in `order`
-    e_sorted = e[order]
-    rank = torch.arange(P, device=e.device) - sorted_start[e_sorted]
-    row_sorted = ends[e_sorted] - padded[e_sorted] + rank
+    # the pair at sorted position i of group g goes to row (ends[g] - padded[g]) + (i - where g's pairs start in
+    # `order`, cumsum(counts)[g] - counts[g]): i plus a per-group shift (integers, exact in any order)
+    shift = ends - padded - torch.cumsum(counts, 0) + counts  # [groups]
+    row_sorted = _counting(P, e.device) + shift[e[order]]
     return torch.empty_like(row_sorted).scatter_(0, order, row_sorted), ends
+
+
+# Index constants of the layout (0, 1, 2, ...; p // K; ones), one tensor per device and kind grown as needed and
+# sliced: made once instead of by a kernel or two per layer per step. A grown tensor keeps the one before it
+# alive, so a CUDA graph captured while reading it never reads freed memory.
+_COUNTING: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _counting(n: int, device: torch.device, per: int = 1, ones: bool = False) -> torch.Tensor:
+    """[n] long: 0, 1, ..., n - 1 floor-divided by `per` (or all ones), a view of a kept tensor."""
+    key = (str(device), per, ones)
+    kept = _COUNTING.setdefault(key, [])
+    if not kept or kept[-1].shape[0] < n:
+        size = max(n, 2 * kept[-1].shape[0] if kept else 1 << 14)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            if ones:
+                kept.append(torch.ones(size, dtype=torch.long, device=device))
+            else:
+                kept.append(torch.div(torch.arange(size, device=device), per, rounding_mode="floor"))
+    return kept[-1][:n]
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
