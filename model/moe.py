@@ -169,6 +169,11 @@ def _counting(n: int, device: torch.device, per: int = 1, ones: bool = False) ->
     key = (str(device), per, ones)
     kept = _COUNTING.setdefault(key, [])
     if not kept or kept[-1].shape[0] < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # captured, the kernels that fill it would not run until a replay: an eager read would see garbage
+            raise RuntimeError(
+                "MoE index constants grow outside a CUDA graph capture (an eager step comes first)"
+            )
         size = max(n, 2 * kept[-1].shape[0] if kept else 1 << 14)
         with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
             if ones:
