@@ -371,7 +371,8 @@ class _GroupStep:
         else:
             m, l, acc = state  # noqa: E741
             m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(m_new == -math.inf, 0.0, m_new)  # no key yet: keep exp() from -inf - -inf
+        # no key yet: keep exp() from -inf - -inf (one kernel: only -inf changes, to 0; NaN and +inf stay)
+        m_safe = torch.nan_to_num(m_new, nan=math.nan, posinf=math.inf, neginf=0.0)
         # masked keys: exp(-inf) = 0 exactly
         p = s.sub_(m_safe[..., None]).exp_() if inplace else torch.exp(s - m_safe[..., None])
         if self.lowp:  # probabilities in the model dtype times the values, the running sums in fp32

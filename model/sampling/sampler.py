@@ -47,6 +47,7 @@ and exp values, and may recompute a few positions' logits over one vocabulary bl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -455,7 +456,7 @@ def _draw_group(
         # argmax (first maximum wins, as torch.argmax over the full vocabulary)
         cval, cidx = logits.max(-1)
         new_m = cval if state is None else torch.maximum(state[0], cval)
-        safe_m = torch.where(torch.isinf(new_m), 0.0, new_m)
+        safe_m = torch.nan_to_num(new_m, nan=math.nan, posinf=0.0, neginf=0.0)  # +-inf -> 0: one kernel
         # d = logits - max [R, L, C] (in place unless the joint hook has seen the logits)
         d = logits.sub_(safe_m[..., None]) if joint is None else logits - safe_m[..., None]
         e = _exp_below_max(d)
