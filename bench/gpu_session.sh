@@ -11,6 +11,8 @@
 #    where the step synchronises, a profile at 1 row;
 # 3. the published shape with the engine's defaults (decoder graphs), for the same-run comparison.
 # Each part has its own timeout, so one that hangs or fails leaves the others' output. Logs go to $OUT.
+# Read in part 1: every "graphs (N replays, C captures)" line should show C > 1 (the batch changes as requests
+# finish) and no "OFF" (a capture that failed turns graphs off; tokens would still match, only slower).
 set -u
 OUT=${OUT:-bench_out}
 PY=${PYTHON:-python3}

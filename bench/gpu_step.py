@@ -122,9 +122,9 @@ def floor_bytes(model: DiffusionGemma, rows: int, kv_bytes: int) -> dict[str, fl
 # -- the engine through EngineCore ---------------------------------------------------------------------------
 def engine_tokens(
     model: DiffusionGemma, requests: list[tuple], max_rows: int, cuda_graphs: bool = True, whole: bool = False
-) -> tuple[dict[str, list[int]], int]:
+) -> tuple[dict[str, list[int]], str]:
     """Delivered tokens of each (request id, prompt, params, seed) run through one EngineCore (`whole`: the
-    whole step as a graph where it can be, else the decoder alone), and the graph replays it took."""
+    whole step as a graph where it can be, else the decoder alone), and what its graphs did (`graph_use`)."""
     limits = SchedulerLimits(max_rows=max_rows, kv_cache_bytes=1 << 30)
     core = EngineCore(model, limits, cuda_graphs, step_graphs=whole)
     out: dict[str, list[int]] = defaultdict(list)
@@ -142,7 +142,17 @@ def engine_tokens(
         core.submit(EngineRequest(rid, prompt, params, seed=seed), sink_for(rid))
     while core.has_work:
         core.iterate()
-    return dict(out), replays(core)
+    return dict(out), graph_use(core)
+
+
+def graph_use(core: EngineCore) -> str:
+    """'R replays, C captures' of the runner's graphs, and 'OFF' when a failed capture turned them off: a run
+    whose batch changed several times must show several captures and stay on (a capture that fails after the
+    first batch change leaves the tokens right, only slow, so the tokens alone would not show it)."""
+    counts = core.runner.graph_counts().values()
+    kinds = [g for g in (core.runner.graphs, core.runner.step_graphs) if g is not None]
+    off = ", OFF after a failed capture" if any(g.disabled for g in kinds) else ""
+    return f"{sum(r for _, r in counts)} replays, {sum(c for c, _ in counts)} captures{off}"
 
 
 def replays(core: EngineCore) -> int:
@@ -194,11 +204,11 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
             results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
         if device.type == "cuda":
             eager, _ = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
-            results[f"{device.type} {name}: decoder graphs ({replayed} replays) vs eager, batched"] = (
-                share_identical(eager, batched)
+            results[f"{device.type} {name}: decoder graphs ({replayed}) vs eager, batched"] = share_identical(
+                eager, batched
             )
             whole, replayed = engine_tokens(model, requests, max_rows=16, whole=True)
-            results[f"{device.type} {name}: whole-step graphs ({replayed} replays) vs eager, batched"] = (
+            results[f"{device.type} {name}: whole-step graphs ({replayed}) vs eager, batched"] = (
                 share_identical(eager, whole)
             )
         results[f"{device.type} {name}: alone vs batched with {n - 1} others"] = share_identical(

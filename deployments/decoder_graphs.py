@@ -22,10 +22,13 @@ Policy: a composition runs eagerly the first time it is seen (that also fills ev
 capture copies nothing from the host), is captured on its second step and replayed from then on. A canvas takes
 ~27 steps, so a steady batch replays almost every step; a batch that changes every step (rows joining and
 finishing under load) stays eager. Steps without self-conditioning input (when every row is at its first step)
-run eagerly. The runner keeps one graph at a time, and both kinds allocate from one memory pool of the runner's,
-so a dropped graph's memory serves the next capture. A capture that runs out of memory leaves that batch eager
-(the next batch tries again); one that fails otherwise (something in the step left the device) is logged once
-and that runner stays eager.
+run eagerly. The runner keeps one graph at a time. Each capture gets a memory pool of its own: a pool id of the
+caching allocator is dead once every graph captured into it is gone (capturing into it again fails an internal
+assert), and with one graph at a time there is nothing to share; a dropped graph's pool goes back to the
+allocator's cache, which frees it when an allocation would otherwise run out of memory. A capture that runs out
+of memory leaves that batch eager (the next batch tries again); one that fails otherwise (something in the step
+left the device) is logged once and leaves the runner eager for good, both kinds (a broken capture may leave the
+allocator recording, so no other capture is tried).
 
 Graphs are used only where nothing in the step leaves the device: the model's own experts (the disaggregated
 mode's remote expert calls cannot be captured) through `torch._grouped_mm` (the per-expert fallback reads group
@@ -49,34 +52,45 @@ Forward = Callable[[torch.Tensor, object, torch.Tensor], torch.Tensor]
 _CAPTURE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def cuda_capture(body: Callable[[], object], pool=None):
-    """Record `body()` (device work only) into a CUDA graph: (replay function, the body's static output).
-    `pool`: a `torch.cuda.graph_pool_handle()` to allocate the graph's memory from (one per runner, so the
-    memory of a dropped graph serves the next capture instead of staying reserved beside it).
+def cuda_capture(body: Callable[[], object], device: torch.device | None = None):
+    """Record `body()` (device work only) into a CUDA graph on `device` (the model's; default: the current
+    one): (replay function, the body's static output). The graph gets a private memory pool.
 
-    Captured on a side stream with the graph API itself rather than the `torch.cuda.graph` context manager,
-    which collects garbage and empties the allocator's cache before every capture: under load a batch changes
-    often, and each capture would then give every cached block back to the driver."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
-    stream = _CAPTURE_STREAMS[device]
-    graph = torch.cuda.CUDAGraph()
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        # thread_local: a metrics thread reading a device tensor meanwhile neither fails nor spoils the capture
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            out = body()
-        except BaseException:
-            try:  # end the broken capture; the body's error is the one to report (out of memory, say)
-                graph.capture_end()
-            except Exception:
-                pass
-            raise
-        graph.capture_end()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    Captured on a side stream of `device` with the graph API itself rather than the `torch.cuda.graph` context
+    manager, which collects garbage and empties the allocator's cache before every capture: under load a batch
+    changes often, and each capture would then give every cached block back to the driver. The capture runs
+    with `device` current: a body whose kernels went to another device's stream would record an empty graph
+    (a warning, not an error) and every replay would then do nothing."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with torch.cuda.device(device):
+        if device not in _CAPTURE_STREAMS:
+            _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+        stream = _CAPTURE_STREAMS[device]
+        graph = torch.cuda.CUDAGraph()
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            # thread_local: a metrics thread reading a device tensor meanwhile neither fails nor spoils it
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = body()
+            except BaseException:
+                try:  # end the broken capture; the body's error is the one to report (out of memory, say)
+                    graph.capture_end()
+                except Exception:
+                    pass
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay, out
+
+
+class GraphState:
+    """What the graph kinds of one runner share: whether a failed capture has turned graphs off for good."""
+
+    def __init__(self):
+        self.disabled = False
 
 
 class _Graphs:
@@ -86,15 +100,20 @@ class _Graphs:
 
     what = "the graph"  # named in the log
 
-    def __init__(self, capture=cuda_capture):
+    def __init__(self, capture=cuda_capture, state: GraphState | None = None):
         self.capture = capture
+        self.state = state if state is not None else GraphState()  # shared by a runner's kinds
         self._prefix = None  # the composition of the current graph (or of the step before)
         self._key: tuple | None = None
         self._steps = 0  # steps of this composition so far
         self._replay = self._out = self._body = None
         self.captures = 0
         self.replays = 0
-        self.disabled = False  # set when a capture failed
+
+    @property
+    def disabled(self) -> bool:
+        """A capture of this kind, or of another kind sharing its state, failed: eager from now on."""
+        return self.state.disabled
 
     def _run(self, key: tuple, prefix, eager, body, prepare=None, refill=None):
         """`eager()` runs the work as it is; `body()` is what gets captured; `prepare()` (if any) makes the
@@ -119,8 +138,8 @@ class _Graphs:
                 self._prefix, self._key, self._steps = prefix, key, -(1 << 30)  # not again for this batch
                 return eager()
             except Exception:  # work that cannot be captured runs eagerly from now on; requests go on
-                log.exception("capturing %s failed; running it eagerly from now on", self.what)
-                self.disabled = True
+                log.exception("capturing %s failed; running every step eagerly from now on", self.what)
+                self.state.disabled = True
                 self.drop()
                 return eager()
             self._body = body  # keeps what the graph reads by address (index tensors it closes over) alive
@@ -159,8 +178,14 @@ class DecoderGraphs(_Graphs):
 
     what = "the decoder forward"
 
-    def __init__(self, forward: Forward, storage: Callable[[], object], capture=cuda_capture):
-        super().__init__(capture)
+    def __init__(
+        self,
+        forward: Forward,
+        storage: Callable[[], object],
+        capture=cuda_capture,
+        state: GraphState | None = None,
+    ):
+        super().__init__(capture, state)
         self.forward = forward
         self.storage = storage  # the KV pool's storage identity (a graph reads it by address)
         self._canvas = self._soft = None  # the static input buffers of the current graph

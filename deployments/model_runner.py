@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import torch
 
-from deployments.decoder_graphs import DecoderGraphs, StepGraphs, cuda_capture
+from deployments.decoder_graphs import DecoderGraphs, GraphState, StepGraphs, cuda_capture
 from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
 from model.kv_cache import PrefixBatch
 from model.moe import grouped_mm_supported
@@ -92,11 +92,10 @@ class ModelRunner:
         # a model whose experts fall back to one GEMM per expert reads their group sizes back to the host
         # (model/moe.py), which no graph can hold: such a model (fp32 on CUDA) runs eagerly
         if cuda_graphs and self.device.type == "cuda" and grouped_mm_supported(self.device, model.dtype):
-            # one memory pool for both kinds (the runner keeps one graph at a time): a dropped graph's memory
-            # serves the next capture instead of staying reserved beside it
-            capture = functools.partial(cuda_capture, pool=torch.cuda.graph_pool_handle())
-            self.graphs = DecoderGraphs(model.denoise, storage=self._storage, capture=capture)
-            self.step_graphs = StepGraphs(capture=capture) if step_graphs else None
+            # captured on the model's device; one failed capture turns both kinds off (a shared state)
+            capture, state = functools.partial(cuda_capture, device=self.device), GraphState()
+            self.graphs = DecoderGraphs(model.denoise, storage=self._storage, capture=capture, state=state)
+            self.step_graphs = StepGraphs(capture=capture, state=state) if step_graphs else None
 
     # -- sequences ---------------------------------------------------------------------------------------
     def _admit(self, admit: Admit) -> None:
@@ -228,7 +227,8 @@ class ModelRunner:
             position = {s: i for i, s in enumerate(slots)}
             drafts = self._device_index("drafts", [position[s] for s in plan.drafts])
         constrained = any(self.constraints[s] is not None for s in slots)
-        if self.step_graphs is not None and plan.self_conditioning and not constrained:
+        whole = self.step_graphs is not None and not self.step_graphs.disabled
+        if whole and plan.self_conditioning and not constrained:
             # the whole step as one graph; the decoder inside it runs as plain kernels (no graph in a graph)
             if self.graphs is not None:
                 self.graphs.drop()

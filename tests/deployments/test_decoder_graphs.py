@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from deployments.decoder_graphs import DecoderGraphs, StepGraphs
+from deployments.decoder_graphs import DecoderGraphs, GraphState, StepGraphs
 from deployments.engine_core import EngineCore
 from deployments.experts import LocalExperts
 from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
@@ -174,6 +174,48 @@ def test_a_failed_step_capture_leaves_the_step_eager_for_good():
     body = lambda: state.add_(1).clone()  # noqa: E731
     assert [float(graphs(("k",), None, body)) for _ in range(4)] == [1, 2, 3, 4]
     assert graphs.disabled and graphs.replays == 0
+
+
+def test_a_failed_capture_turns_off_every_kind_sharing_its_state():
+    """A runner's two kinds share one state: after a capture failed (which may leave the allocator recording),
+    the other kind does not try to capture either."""
+
+    def failing(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    shared, recorder = GraphState(), Recorder()
+    steps = StepGraphs(capture=failing, state=shared)
+    decoder = DecoderGraphs(forward_counting([]), lambda: 0, capture=recorder, state=shared)
+    counter = torch.zeros(1)
+    for _ in range(3):
+        steps(("k",), None, lambda: counter.add_(1).clone())
+    assert steps.disabled and decoder.disabled
+    prefix, canvas, soft = torch.tensor(2.0), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, 4)
+    for _ in range(4):
+        assert torch.equal(decoder(canvas, prefix, soft), canvas.float()[..., None] * 2 + soft)
+    assert recorder.recorded == 0 and decoder.captures == 0 and decoder.replays == 0
+    alone = DecoderGraphs(forward_counting([]), lambda: 0, capture=Recorder())  # a state of its own
+    assert not alone.disabled
+
+
+def test_runner_falls_back_to_the_decoder_graph_when_step_graphs_are_off(model):
+    """Whole-step graphs that failed (with a state of their own here) leave the decoder forward to its graph,
+    not to eager steps that drop it every time."""
+
+    def failing(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    core = EngineCore(model, SchedulerLimits(max_rows=2))
+    core.runner.step_graphs = StepGraphs(capture=failing)
+    decoder = Recorder()
+    core.runner.graphs = DecoderGraphs(model.denoise, core.runner._storage, capture=decoder)
+    for i in range(2):
+        params = SamplingParams(max_new_tokens=64, max_denoising_steps=8)
+        core.submit(EngineRequest(f"r{i}", list(range(3, 9 + 4 * i)), params, seed=i), lambda e: None)
+    while core.has_work:
+        core.iterate()
+    assert core.runner.step_graphs.disabled and core.runner.step_graphs.captures == 0
+    assert decoder.recorded >= 1 and core.runner.graphs.replays >= 3
 
 
 def test_runner_with_a_replayed_whole_step_delivers_the_eager_tokens_and_drafts(model):
