@@ -5,6 +5,7 @@ Command (from the repo root; seconds on a GPU for tiny-test, ~1 minute for the p
     python3 bench/invariance.py                                   # tiny-test, bf16 on CUDA, 16 rows
     python3 bench/invariance.py --config diffusiongemma-26b-a4b --prompt-step 37 --dtype bfloat16
     python3 bench/invariance.py --allow-cpu --dtype float32       # the same code on CPU (the tests do this)
+    .venv/bin/python bench/invariance.py --cpu-kernels 1,2,16     # the CPU GEMM / GELU sweep (below)
 
 blockserve promises that a request's tokens depend only on the request and its seed, whatever it is batched
 with. `bench/gpu_step.py` checks that end to end (tokens alone vs batched); this script says *where* a
@@ -25,6 +26,11 @@ the same hidden rows in both runs.
 
 It prints, for each part, how many layers first differ at each sub-step (with the largest absolute difference
 seen there), or that none did. On CPU every count is 0 (tests/model/test_invariance_bench.py pins it).
+
+`--cpu-kernels T1,T2,...` runs the sweep behind the two CPU fixes instead: per thread count, the row counts at
+which a row of a raw fp32 `F.linear` (and of `model.layers.linear`, padded to multiples of 8 rows) differs from
+the same row in a 256-row product, and how many sizes of [n, 64] change some row's bits under raw `F.gelu` (and
+under `gelu_tanh`, whose thread shares are padded to whole vector runs) against one thread.
 """
 
 from __future__ import annotations
@@ -266,6 +272,42 @@ def summary(report: dict[str, dict], layers: int, focus_rows: int) -> list[str]:
     return lines
 
 
+def kernel_sweep(threads: list[int], max_rows: int = 40) -> list[str]:
+    """The two CPU kernels whose bits depended on the batch, before and after their fixes: for each thread count,
+    the row counts n at which a row of an n-row fp32 product (raw `F.linear`, and `model.layers.linear`, which
+    pads) differs from the same row inside a 256-row product, and the sizes of [n, 64] at which raw `F.gelu`
+    (and `gelu_tanh`, which pads) changes some row's bits against one thread."""
+    from model.layers import gelu_tanh, linear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(128, 64, generator=g) * 0.05, torch.randn(256, 64, generator=g)
+    big = (torch.randn(4000, 64, generator=g) * 3).contiguous()
+    before = torch.get_num_threads()
+    lines = []
+    try:
+        torch.set_num_threads(1)
+        one = torch.nn.functional.gelu(big, approximate="tanh")
+        for t in threads:
+            torch.set_num_threads(t)
+            out = []
+            for name, mm in (("F.linear", torch.nn.functional.linear), ("linear", linear)):
+                ref = mm(x, w)
+                bad = [n for n in range(1, max_rows + 1) if not torch.equal(mm(x[-n:], w), ref[-n:])]
+                out.append(f"{name} rows {bad or 'none'}")
+            sizes = range(100, 4000, 41)
+            for name, act in (
+                ("F.gelu", lambda v: torch.nn.functional.gelu(v, approximate="tanh")),
+                ("gelu_tanh", gelu_tanh),
+            ):
+                with torch.no_grad():
+                    bad = sum(not torch.equal(act(big[:n]), one[:n]) for n in sizes)
+                out.append(f"{name} {bad}/{len(sizes)} sizes")
+            lines.append(f"{t} threads: " + "; ".join(out))
+    finally:
+        torch.set_num_threads(before)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny-test", help="model.config preset (random weights)")
@@ -274,7 +316,17 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--prompt-step", type=int, default=5, help="prompt r has 3 + step x r tokens")
     ap.add_argument("--focus", default="", help="comma-separated focus rows (default: first, middle, last)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
+    ap.add_argument(
+        "--cpu-kernels",
+        default="",
+        metavar="THREADS",
+        help="instead: the CPU GEMM and GELU batch-dependence sweep at these thread counts (e.g. 1,2,16)",
+    )
     args = ap.parse_args(argv)
+    if args.cpu_kernels:
+        lines = kernel_sweep([int(t) for t in args.cpu_kernels.split(",")])
+        print("\n".join(lines))
+        return lines
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif args.allow_cpu:

@@ -74,3 +74,9 @@ def test_the_locator_names_the_sub_step_that_depends_on_the_batch(monkeypatch):
 def test_prompts_differ_in_length():
     rows = _load().prompts(512, 5, base=3, step=4)
     assert [len(r) for r in rows] == [3, 7, 11, 15, 19]
+
+
+def test_the_cpu_kernel_sweep_finds_no_batch_dependence_in_the_padded_kernels():
+    lines = _load().kernel_sweep([16], max_rows=30)
+    assert len(lines) == 1 and lines[0].startswith("16 threads: ")
+    assert "; linear rows none;" in lines[0] and lines[0].endswith("gelu_tanh 0/96 sizes")
