@@ -61,8 +61,8 @@ def cuda_capture(body: Callable[[], object], device: torch.device | None = None)
     changes often, and each capture would then give every cached block back to the driver. The capture runs
     with `device` current: a body whose kernels went to another device's stream would record an empty graph
     (a warning, not an error) and every replay would then do nothing."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    if device.index is None:
+    device = torch.device(device if device is not None else "cuda")
+    if device.index is None:  # "cuda": the current device
         device = torch.device("cuda", torch.cuda.current_device())
     with torch.cuda.device(device):
         if device not in _CAPTURE_STREAMS:

@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 # rounds differently (measured, fp32: a product of n = 1..3 rows differs from the same rows inside a larger one).
 # With several threads the rows are also split between threads in blocks of 8, so a product of 9-11 rows (17-19,
 # 25-27 with 16 threads) ends in such a block too, whereas every multiple of 8 matched a 520-row product bit for
-# bit at 1-16 threads (bench/README.md, "CPU GEMMs and batch invariance"). On CPU, products are therefore padded to
+# bit at 1-16 threads (bench/README.md, "CPU batch invariance"). On CPU, products are therefore padded to
 # a multiple of this many rows, so a token's result never depends on how many other tokens shared its matmul:
 # batch-invariant outputs. GPU GEMMs choose algorithms by shape in other ways, so the padding would only cost time
 # there and is not applied.

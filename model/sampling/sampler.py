@@ -381,9 +381,8 @@ def block_pick(e: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     with mass (the first index where the sum reaches it)."""
     cdf = torch.cumsum(e, -1)  # [R, L, C]
     mass = cdf[..., -1:].contiguous()  # [R, L, 1] (a copy: a view would keep the [R, L, C] sums alive)
-    mass64 = (
-        mass.double()
-    )  # once: the target and the block's log-mass both use it (one kernel per block less)
+    # widened once: the target and the block's log-mass both use it (one kernel per block less)
+    mass64 = mass.double()
     target = (u[..., None] * mass64).float()
     return pick_from_cdf(cdf, target, mass)[..., 0], mass64[..., 0]
 
