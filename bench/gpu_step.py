@@ -149,10 +149,10 @@ def graph_use(core: EngineCore) -> str:
     """'R replays, C captures' of the runner's graphs, and 'OFF' when a failed capture turned them off: a run
     whose batch changed several times must show several captures and stay on (a capture that fails after the
     first batch change leaves the tokens right, only slow, so the tokens alone would not show it)."""
-    counts = core.runner.graph_counts().values()
+    captures = sum(c for c, _ in core.runner.graph_counts().values())
     kinds = [g for g in (core.runner.graphs, core.runner.step_graphs) if g is not None]
     off = ", OFF after a failed capture" if any(g.disabled for g in kinds) else ""
-    return f"{sum(r for _, r in counts)} replays, {sum(c for c, _ in counts)} captures{off}"
+    return f"{replays(core)} replays, {captures} captures{off}"
 
 
 def replays(core: EngineCore) -> int:

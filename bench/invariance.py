@@ -168,16 +168,20 @@ def _first_differences(alone: Record, batched: Record) -> dict[str, list[float]]
     for (i, name, a), (_, _, b) in zip(alone.steps, batched.steps, strict=True):
         if i in first or (i == final and i - 1 in first):
             continue
-        if any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, b, strict=True)):
-            diff = max(
-                (x.double() - y.double()).abs().max().item() if x.shape == y.shape else float("inf")
-                for x, y in zip(a, b, strict=True)
-            )
-            first[i] = (name, diff)
+        diffs = [d for d in map(_difference, a, b) if d is not None]
+        if diffs:
+            first[i] = (name, max(diffs))
     out: dict[str, list[float]] = {}
     for name, diff in first.values():
         out.setdefault(name, []).append(diff)
     return out
+
+
+def _difference(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """None when x and y hold the same bits, else their largest absolute difference (inf: other shapes)."""
+    if x.shape != y.shape:
+        return float("inf")
+    return None if torch.equal(x, y) else (x.double() - y.double()).abs().max().item()
 
 
 def prompts(vocab: int, rows: int, base: int = 3, step: int = 5) -> list[list[int]]:
@@ -208,6 +212,10 @@ def locate(model: DiffusionGemma, rows: list[list[int]], focus_rows: list[int]) 
     # prefixes for the decoder part: every prompt encoded alone, so both runs read the same cached bits
     prefix_caches = [_encoded(model, [p])[0] for p in rows]
     try:
+        # the sampler gets the same hidden rows alone and batched: the batch's step is drawn once
+        with torch.no_grad():
+            hidden = model.denoise(canvas, model.prefix(prefix_caches), soft)
+            many = draw_keyed(model, hidden, inv_t, seeds, canvas_index, steps, None)
         for f in focus_rows:
             n = len(rows[f])
             alone_f, batch_f = Focus(0, 1, n, n), Focus(f, B, T, n)
@@ -230,9 +238,7 @@ def locate(model: DiffusionGemma, rows: list[list[int]], focus_rows: list[int]) 
                 batched = _recorded(model, b_focus, run_batched, substitute=alone)
                 for name, diffs in _first_differences(alone, batched).items():
                     report[part].setdefault(name, []).extend(diffs)
-            # the sampler: the same hidden rows for the focus row in both runs
             with torch.no_grad():
-                hidden = model.denoise(canvas, model.prefix(prefix_caches), soft)
                 one = draw_keyed(
                     model,
                     hidden[f : f + 1],
@@ -242,11 +248,9 @@ def locate(model: DiffusionGemma, rows: list[list[int]], focus_rows: list[int]) 
                     steps[:1],
                     None,
                 )
-                many = draw_keyed(model, hidden, inv_t, seeds, canvas_index, steps, None)
             for name in ("sampled", "argmax", "entropy", "soft"):
-                x, y = getattr(one, name)[0], getattr(many, name)[f]
-                if not torch.equal(x, y):
-                    diff = (x.double() - y.double()).abs().max().item()
+                diff = _difference(getattr(one, name)[0], getattr(many, name)[f])
+                if diff is not None:
                     report["sampler"].setdefault(name, []).append(diff)
     finally:
         for c in prefix_caches:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from model.kv_cache import PrefixBatch
+from model.moe import counting
 from model.weights import load_expert_banks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -225,7 +226,7 @@ class LocalExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        self.load[layer].index_add_(0, flat, torch.ones_like(flat))
+        self.load[layer].index_add_(0, flat, counting(flat.shape[0], flat.device, ones=True))
         return self.banks[layer](x, weights, ids)
 
     def stats(self) -> dict[str, Any]:

@@ -114,7 +114,7 @@ def grouped_layout(
     if local is not None:
         row_of_pair = torch.where(local, row_of_pair, rows)
     source = torch.full((rows + 1,), T, dtype=torch.long, device=ids.device)
-    source[row_of_pair] = _counting(P, ids.device, K)  # pair p comes from token p // K
+    source[row_of_pair] = counting(P, ids.device, K)  # pair p comes from token p // K
     if local is not None:
         source[rows] = T  # several foreign pairs may have written the dump row: it reads the zero row
     return GroupedLayout(source, row_of_pair, local, ends[:count].to(torch.int32))
@@ -147,24 +147,24 @@ def _sorted_rows(e: torch.Tensor, groups: int, count: int, min_rows: int):
     order = torch.argsort(e, stable=True)  # [P] pair ids, grouped by expert, token order within a group
     # counted by a scatter-add, not bincount: bincount reads its input's max back to the host (a device sync)
     counts = torch.zeros(groups, dtype=torch.long, device=e.device).index_add_(
-        0, e, _counting(P, e.device, ones=True)
+        0, e, counting(P, e.device, ones=True)
     )  # [groups]
     padded = _padded_sizes(counts, count, min_rows)
     ends = torch.cumsum(padded, 0)
     # the pair at sorted position i of group g goes to row (ends[g] - padded[g]) + (i - where g's pairs start in
     # `order`, cumsum(counts)[g] - counts[g]): i plus a per-group shift (integers, exact in any order)
     shift = ends - padded - torch.cumsum(counts, 0) + counts  # [groups]
-    row_sorted = _counting(P, e.device) + shift[e[order]]
+    row_sorted = counting(P, e.device) + shift[e[order]]
     return torch.empty_like(row_sorted).scatter_(0, order, row_sorted), ends
 
 
-# Index constants of the layout (0, 1, 2, ...; p // K; ones), one tensor per device and kind grown as needed and
-# sliced: made once instead of by a kernel or two per layer per step. A grown tensor keeps the one before it
+# Index constants of the layout (0, 1, 2, ...; p // K; ones; the Engine's expert-load count uses the ones too), one
+# tensor per device and kind grown as needed and sliced: made once instead of by a kernel or two per layer per step. A grown tensor keeps the one before it
 # alive, so a CUDA graph captured while reading it never reads freed memory.
 _COUNTING: dict[tuple, list[torch.Tensor]] = {}
 
 
-def _counting(n: int, device: torch.device, per: int = 1, ones: bool = False) -> torch.Tensor:
+def counting(n: int, device: torch.device, per: int = 1, ones: bool = False) -> torch.Tensor:
     """[n] long: 0, 1, ..., n - 1 floor-divided by `per` (or all ones), a view of a kept tensor."""
     key = (str(device), per, ones)
     kept = _COUNTING.setdefault(key, [])

@@ -205,12 +205,12 @@ def test_layout_index_constants_are_kept_views_and_growth_keeps_the_old_ones():
     """The layout's 0..P-1, p // K and ones are slices of kept tensors (no kernel per layer to make them); a
     larger request grows the kept tensor and leaves the old one alive, since a captured CUDA graph may read it."""
     cpu = torch.device("cpu")
-    assert moe._counting(7, cpu, per=3).tolist() == [0, 0, 0, 1, 1, 1, 2]
-    assert moe._counting(4, cpu, ones=True).tolist() == [1, 1, 1, 1]
-    small = moe._counting(10, cpu)
-    assert moe._counting(12, cpu).data_ptr() == small.data_ptr()  # the same storage, sliced
+    assert moe.counting(7, cpu, per=3).tolist() == [0, 0, 0, 1, 1, 1, 2]
+    assert moe.counting(4, cpu, ones=True).tolist() == [1, 1, 1, 1]
+    small = moe.counting(10, cpu)
+    assert moe.counting(12, cpu).data_ptr() == small.data_ptr()  # the same storage, sliced
     kept = moe._COUNTING[(str(cpu), 1, False)]
     size = kept[-1].shape[0]
-    big = moe._counting(size + 1, cpu)
+    big = moe.counting(size + 1, cpu)
     assert big.tolist() == list(range(size + 1)) and big.data_ptr() != small.data_ptr()
     assert small.tolist() == list(range(10)) and len(kept) >= 2 and kept[-2].data_ptr() == small.data_ptr()
