@@ -44,6 +44,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import logging
+import os
 import statistics
 import sys
 import time
@@ -62,6 +64,7 @@ import deployments.model_runner as runner_mod  # noqa: E402
 import model.attention as attention  # noqa: E402
 from deployments.engine_core import EngineCore  # noqa: E402
 from deployments.scheduler import CanvasEvent, EngineRequest, ErrorEvent, SchedulerLimits  # noqa: E402
+from model import gemm  # noqa: E402
 from model.config import from_name  # noqa: E402
 from model.layers import rope_inv_freq  # noqa: E402
 from model.moe import grouped_mm_supported  # noqa: E402
@@ -191,7 +194,12 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
     ]
     on_cpu, _ = engine_tokens(cpu_model, requests, max_rows=16)
     results = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    # bf16 on a GPU once per GEMM kind (model/gemm.py): the batch-invariant kernel, then the library's
+    runs = [(torch.float32, None)]
+    runs += [(torch.bfloat16, k) for k in gemm.KINDS] if device.type == "cuda" else [(torch.bfloat16, None)]
+    for dtype, kind in runs:
+        if kind is not None:
+            kind = gemm.configure(device, kind)  # what is in effect (a kernel that fails its probe: library)
         model = copy.deepcopy(cpu_model).to(device=device, dtype=dtype)
         batched, replayed = engine_tokens(
             model, requests, max_rows=16
@@ -199,9 +207,9 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
         alone = {}
         for r in requests:
             alone.update(engine_tokens(model, [r], max_rows=1)[0])
-        name = str(dtype).removeprefix("torch.")
+        name = str(dtype).removeprefix("torch.") + (f", {kind} GEMMs" if kind else "")
         if dtype == torch.float32:
-            results[f"{device.type} {name} vs cpu {name}, batched"] = share_identical(on_cpu, batched)
+            results[f"{device.type} {name} vs cpu float32, batched"] = share_identical(on_cpu, batched)
         if device.type == "cuda":
             eager, _ = engine_tokens(model, requests, max_rows=16, cuda_graphs=False)
             results[f"{device.type} {name}: decoder graphs ({replayed}) vs eager, batched"] = share_identical(
@@ -222,7 +230,9 @@ def checks(device: torch.device, n: int = 16) -> dict[str, str]:
         for line in summary(found, model.config.num_layers, len(focus)):
             part, _, what = line.partition(": ")
             results[f"{device.type} {name}: batching changes bits in the {part}"] = what
-    results[f"torch._grouped_mm used on {device.type} bfloat16"] = str(
+    if device.type == "cuda":
+        gemm.configure(device)  # back to the default for what follows
+    results[f"torch._grouped_mm used on {device.type} bfloat16 (library GEMMs)"] = str(
         grouped_mm_supported(device, torch.bfloat16)
     )
     return results
@@ -440,8 +450,22 @@ def run(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--tf32", action="store_true", help="what-if: let fp32 matrix products use TF32 (changes numerics)"
     )
+    ap.add_argument(
+        "--cublas-no-split-k",
+        action="store_true",
+        help="what-if for the library GEMMs: cuBLAS without a workspace (so without split-K) and without reduced-"
+        "precision reductions, as vLLM's batch-invariant mode sets up Hopper; set before the first product",
+    )
+    ap.add_argument(
+        "--gemm",
+        default=gemm.DEFAULT_KIND,
+        help=f"comma-separated GEMM kinds to time each row count with ({', '.join(gemm.KINDS)}; model/gemm.py)",
+    )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
     args = ap.parse_args(argv)
+    kinds = args.gemm.split(",")
+    if bad := set(kinds) - set(gemm.KINDS):
+        ap.error(f"--gemm {','.join(sorted(bad))}: use {', '.join(gemm.KINDS)}")
     if torch.cuda.is_available():
         device, dtype = torch.device("cuda"), torch.bfloat16
     elif args.allow_cpu:
@@ -452,6 +476,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         print("fp32 matrix products may use TF32 (--tf32)")
+    if args.cublas_no_split_k:
+        cublas_without_split_k()
+        print(
+            "library GEMMs: cuBLAS(Lt) without workspace, no reduced-precision reductions (--cublas-no-split-k)"
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}", flush=True)
     if args.checks:
@@ -473,40 +502,65 @@ def run(argv: list[str] | None = None) -> list[dict]:
         flush=True,
     )
     head = (
-        f"{'rows':>5} {'replays':>7} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
+        f"{'gemm':>15} {'rows':>5} {'replays':>7} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
         f"{'peak GiB':>9} {'step GiB':>9} {'KV adm':>7} {'KV pages':>9} {'floor ms':>9} {'of floor':>9}"
     )
     print(head, flush=True)
     results = []
     for i, rows in enumerate(int(r) for r in args.rows.split(",")):
         chosen = [int(r) for r in args.profile_rows.split(",") if r] or [rows if i == 0 else -1]
-        profile = Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and rows in chosen else None
-        try:
-            r = measure(
-                model,
-                rows,
-                args.prefix,
-                args.steps,
-                args.peak_tbps,
-                profile,
-                args.sync_sites,
-                args.graphs,
-                args.step_graphs,
+        for kind in kinds:
+            first = kind == kinds[0]
+            profile = (
+                Path(args.profile) / f"profile_rows{rows}.txt" if args.profile and rows in chosen else None
             )
-        except Exception:
-            traceback.print_exc()
-            continue
-        results.append(r)
-        print(
-            f"{r['rows']:>5} {r['replays']:>7} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} {r['decoder_ms']:>8.2f} "
-            f"{r['decoder_host_ms']:>7.2f} {r['sampler_ms']:>8.2f} {r['syncs']:>6.1f} {r['peak_gib']:>9.2f} "
-            f"{r['transient_gib']:>9.2f} {r['kv_admitted_gib']:>7.2f} {r['kv_pages_gib']:>9.2f} "
-            f"{r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}",
-            flush=True,
-        )
+            r = _measured(model, rows, args, kind, profile if first else None, args.sync_sites and first)
+            if r is not None:
+                results.append(r)
     print(f"attention's fp32-output bf16 GEMM (bmm out_dtype) available: {dict(attention._OUT_DTYPE_BMM)}")
     return results
 
 
+def cublas_without_split_k() -> None:
+    """cuBLAS and cuBLASLt with (almost) no workspace, where split-K kernels cannot run; fp32 reductions inside
+    bf16/fp16 GEMMs. torch reads the two variables when it first sizes a workspace, so this must come first."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    os.environ["CUBLASLT_WORKSPACE_SIZE"] = "1"
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    if torch.cuda.is_available():
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+
+
+def _measured(model, rows: int, args, kind: str, profile: Path | None, sync_sites: bool) -> dict | None:
+    """One row count with one GEMM kind (printed as a table row), or None after printing why it failed."""
+    kind = gemm.configure(model.device, kind)  # what is in effect: a kernel that fails its probe is not used
+    try:
+        r = measure(
+            model,
+            rows,
+            args.prefix,
+            args.steps,
+            args.peak_tbps,
+            profile,
+            sync_sites,
+            args.graphs,
+            args.step_graphs,
+        )
+    except Exception:
+        traceback.print_exc()
+        return None
+    r["gemm"] = kind
+    print(
+        f"{kind:>15} {r['rows']:>5} {r['replays']:>7} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} "
+        f"{r['decoder_ms']:>8.2f} {r['decoder_host_ms']:>7.2f} {r['sampler_ms']:>8.2f} {r['syncs']:>6.1f} "
+        f"{r['peak_gib']:>9.2f} {r['transient_gib']:>9.2f} {r['kv_admitted_gib']:>7.2f} "
+        f"{r['kv_pages_gib']:>9.2f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}",
+        flush=True,
+    )
+    return r
+
+
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run()

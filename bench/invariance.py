@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_step's model bui
 
 from gpu_step import build_model  # noqa: E402
 
+from model import gemm  # noqa: E402
 from model.sampling.sampler import draw_keyed  # noqa: E402
 from model.transformer import DiffusionGemma, TokenBatch  # noqa: E402
 
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--rows", type=int, default=16, help="rows in the batch")
     ap.add_argument("--prompt-step", type=int, default=5, help="prompt r has 3 + step x r tokens")
     ap.add_argument("--focus", default="", help="comma-separated focus rows (default: first, middle, last)")
+    ap.add_argument(
+        "--gemm", default=gemm.DEFAULT_KIND, choices=gemm.KINDS, help="GEMM kernels on a GPU (model/gemm.py)"
+    )
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no GPU (tests)")
     ap.add_argument(
         "--cpu-kernels",
@@ -339,12 +343,13 @@ def main(argv: list[str] | None = None) -> list[str]:
         print("invariance: no CUDA device here (use --allow-cpu to run it on CPU)")
         return []
     dtype = getattr(torch, args.dtype)
+    kind = gemm.configure(device, args.gemm)  # what is in effect (a kernel that fails its probe: library)
     model = build_model(args.config, device, dtype)
     rows = prompts(model.config.vocab_size, args.rows, step=args.prompt_step)
     focus = [int(r) for r in args.focus.split(",") if r] or sorted({0, args.rows // 2, args.rows - 1})
     report = locate(model, rows, focus)
     lines = summary(report, model.config.num_layers, len(focus))
-    print(f"{args.config} on {device} ({args.dtype}), {args.rows} rows, focus rows {focus}:")
+    print(f"{args.config} on {device} ({args.dtype}, {kind} GEMMs), {args.rows} rows, focus rows {focus}:")
     for line in lines:
         print(f"  {line}")
     return lines

@@ -54,6 +54,15 @@ class ModelSection(_Strict):
         "asks Ray for engine.num_gpus GPUs)",
     )
 
+    gemm_kernels: Literal["batch_invariant", "library"] = Field(
+        "batch_invariant",
+        description="Matrix products of bf16/fp16 models on CUDA. batch_invariant: one fixed-tile Triton kernel "
+        "for every product, so a request's tokens do not depend on what it is batched with (the library's "
+        "kernels change a row's bits with the batch size); probed at start-up, falling back to library with a "
+        "warning if it fails. library: cuBLAS/CUTLASS as torch picks them. fp32 and CPU are invariant "
+        "either way (model/gemm.py)",
+    )
+
     @model_validator(mode="after")
     def _check_device(self):
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -558,6 +567,7 @@ class ClusterConfig(_Strict):
                 # shards load the dtype the Engine resolves (`auto` decided by the device, in one place)
                 dtype=str(resolve_dtype(self.model.dtype, self.model.device)).removeprefix("torch."),
                 device=self.model.device,
+                gemm_kernels=self.model.gemm_kernels,
                 torch_threads=self.experts.torch_threads,
             )
             for i, r in enumerate(self.expert_ranges())
@@ -578,6 +588,7 @@ class ClusterConfig(_Strict):
             model_path=self.replica_model_path(),
             dtype=self.model.dtype,
             device=self.model.device,
+            gemm_kernels=self.model.gemm_kernels,
             limits=SchedulerLimits(
                 max_rows=e.max_rows,
                 max_queue=e.max_queue,

@@ -31,8 +31,9 @@ left the device) is logged once and leaves the runner eager for good, both kinds
 allocator recording, so no other capture is tried).
 
 Graphs are used only where nothing in the step leaves the device: the model's own experts (the disaggregated
-mode's remote expert calls cannot be captured) through `torch._grouped_mm` (the per-expert fallback reads group
-sizes back to the host), on CUDA. A replay runs the same kernels on the same addresses as the eager step, so its
+mode's remote expert calls cannot be captured) through one grouped kernel per projection (model/gemm.py's
+batch-invariant kernel, or `torch._grouped_mm`; the per-expert fallback reads group sizes back to the host), on
+CUDA. A replay runs the same kernels on the same addresses as the eager step, so its
 tokens are the eager ones (gpu_step.py checks it on the GPU; tests/deployments/test_decoder_graphs.py checks the
 policy and the runner's wiring on CPU with a stand-in recorder).
 """

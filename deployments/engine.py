@@ -45,6 +45,7 @@ from deployments.scheduler import (
     SchedulerLimits,
 )
 from deployments.shard_client import ActorShardClient, ServeShardClient, ShardRoute
+from model import gemm
 from model.structured.warmup import warm_up
 from model.weights import load_model
 
@@ -68,6 +69,7 @@ class EngineSettings:
     model_path: str
     dtype: str = "auto"
     device: str = "cpu"
+    gemm_kernels: str = "batch_invariant"  # model/gemm.py KINDS
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     torch_threads: int = 0  # 0: leave torch's default
     stats_window_s: float = 10.0
@@ -118,6 +120,8 @@ class Engine:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
+        # before the first product on the device: a step must not switch kernels half-way (model/gemm.py)
+        gemm.configure(settings.device, settings.gemm_kernels)
         self.experts: ShardedExperts | LocalExperts
         if settings.execution_mode == "disaggregated":
             # attention, dense MLP and routers only: not one expert byte is read here

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from model import gemm
 from model.kv_cache import PrefixBatch
 from model.moe import counting
 from model.weights import load_expert_banks
@@ -44,6 +45,7 @@ class ExpertShardSettings:
     dtype: str = "float32"
     device: str = "cpu"
     torch_threads: int = 0  # 0: leave torch's default
+    gemm_kernels: str = "batch_invariant"  # model/gemm.py KINDS
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -61,6 +63,7 @@ class ExpertShard:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
+        gemm.configure(settings.device, settings.gemm_kernels)  # before the first product (model/gemm.py)
         self.experts = range(settings.first, settings.stop)
         self.config, self.banks = load_expert_banks(
             settings.model_path, self.experts, dtype=DTYPES[settings.dtype], device=settings.device
@@ -82,17 +85,17 @@ class ExpertShard:
         device = bank.down_proj.device
         x_t = _tensor(x).to(device)
         ids_t = _tensor(ids).to(device=device, dtype=torch.long)
-        out = bank(x_t, _tensor(weights).to(device), ids_t)  # [T_s, D]
-        local = ids_t - self.experts.start
-        hits = local[(local >= 0) & (local < len(self.experts))]
-        counts = torch.bincount(hits, minlength=len(self.experts)).cpu()
-        seconds = time.perf_counter() - t0
+        out = bank(x_t, _tensor(weights).to(device), ids_t).cpu().numpy()  # [T_s, D]
+        seconds = time.perf_counter() - t0  # the copy back waited for the device: compute included
+        # the load is counted from the host's copy of the ids: no device work and no extra sync
+        local = ids.astype(np.int64, copy=False) - self.experts.start
+        counts = np.bincount(local[(local >= 0) & (local < len(self.experts))], minlength=len(self.experts))
         with self._lock:
-            self.load[layer] += counts
+            self.load[layer] += torch.from_numpy(counts)
             self.calls += 1
             self.tokens += x.shape[0]
             self.compute_s += seconds
-        return out.cpu().numpy(), seconds
+        return out, seconds
 
     def ready(self) -> bool:
         return True

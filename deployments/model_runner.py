@@ -10,6 +10,9 @@ buffers allocated once and indexed by row slot — canvas and argmax canvas [S, 
 thresholds [S], constraint pins and classes [S, L] — so a step gathers R rows with one index, writes them back
 with one index, and builds no per-row tensor. Host work per step is O(layers), not O(rows x ops).
 
+The device's GEMM kernels (model/gemm.py: on CUDA in bf16, the batch-invariant kernel by default) are chosen
+when the runner is made, before any step or graph capture.
+
 On CUDA the decoder forward of a batch that holds (or, with `step_graphs`, the whole step:
 `_device_step`, which makes no host read and builds no tensor from host data) is replayed as a CUDA graph
 (deployments/decoder_graphs.py).
@@ -28,8 +31,9 @@ import torch
 
 from deployments.decoder_graphs import DecoderGraphs, GraphState, StepGraphs, cuda_capture
 from deployments.scheduler import Admit, StartCanvas, StepPlan, StepResult
+from model import gemm
 from model.kv_cache import PrefixBatch
-from model.moe import grouped_mm_supported
+from model.moe import syncless
 from model.sampling import noise
 from model.sampling.sampler import (
     CanvasConstraint,
@@ -89,9 +93,11 @@ class ModelRunner:
         # CUDA graphs (deployments/decoder_graphs.py): the whole step of an unconstrained batch, else the decoder
         self.graphs: DecoderGraphs | None = None
         self.step_graphs: StepGraphs | None = None
+        # the device's GEMM kernels are chosen (and probed) now, before any step or capture (model/gemm.py)
+        self.gemm_kernels = "batch_invariant" if gemm.active(self.device) else "library"
         # a model whose experts fall back to one GEMM per expert reads their group sizes back to the host
         # (model/moe.py), which no graph can hold: such a model (fp32 on CUDA) runs eagerly
-        if cuda_graphs and self.device.type == "cuda" and grouped_mm_supported(self.device, model.dtype):
+        if cuda_graphs and self.device.type == "cuda" and syncless(self.device, model.dtype):
             # captured on the model's device; one failed capture turns both kinds off (a shared state)
             capture, state = functools.partial(cuda_capture, device=self.device), GraphState()
             self.graphs = DecoderGraphs(model.denoise, storage=self._storage, capture=capture, state=state)

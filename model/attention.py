@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import gemm
+
 # Tokens per KV page, and the unit of a key group's size (one home for both).
 BLOCK_TOKENS = 64
 # The largest key group, in pages: 32 x 64 = 2048 keys. Larger groups mean fewer Python iterations per layer
@@ -261,6 +263,8 @@ def _bmm_f32(a: torch.Tensor, b: torch.Tensor, min_rows: int = 1) -> torch.Tenso
     """Batched GEMM of low-precision operands with an fp32 result. Where torch has the fp32-output kernel
     (`out_dtype`, CUDA) the result is never rounded to the operands' dtype; elsewhere it is computed in their
     dtype and widened (what eager attention in bf16 does)."""
+    if gemm.invariant(a):  # a GPU's batch-invariant kernel (model/gemm.py)
+        return gemm.bmm(a, b, torch.float32)
     if _out_dtype_bmm(a.device, a.dtype):
         return torch.bmm(a, b, out_dtype=torch.float32)
     return _bmm(a, b, min_rows).float()
@@ -360,8 +364,8 @@ class _GroupStep:
         k, v = blk.keys.reshape(B * G, K, d), blk.values.reshape(B * G, K, d)
         if not self.lowp:
             k, v = _f32(k), _f32(v)
-        gemm = _bmm_f32 if self.lowp else _bmm  # either way the scores come out in fp32
-        s = gemm(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
+        product = _bmm_f32 if self.lowp else _bmm  # either way the scores come out in fp32
+        s = product(qg, k.transpose(1, 2), self.min_rows).view(B, G, Q, T_pad, K)  # [B, G, Q, T, K]
         if not blk.unmasked or self.window is not None:
             hide = self.hide(blk, q_valid, qp)
             s = s.masked_fill_(hide, -math.inf) if inplace else s.masked_fill(hide, -math.inf)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import gemm
 from model.attention import blocked_attention
 from model.config import LayerSpec, ModelConfig
 
@@ -77,11 +78,14 @@ def gemm_rows(n: int, device: torch.device) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ weight[N, K].T, batch-invariant on CPU (see MIN_GEMM_ROWS)."""
+    """x [..., K] @ weight[N, K].T, batch-invariant: on CPU by padding (MIN_GEMM_ROWS), on a GPU in low precision
+    by the invariant kernel (model/gemm.py)."""
     flat = x.reshape(-1, x.shape[-1])
     n = flat.shape[0]
     pad = gemm_rows(n, flat.device) - n
-    if pad > 0:
+    if gemm.invariant(flat):
+        out = gemm.linear(flat, weight)
+    elif pad > 0:
         out = F.linear(F.pad(flat, (0, 0, 0, pad)), weight)[:n]
     else:
         out = F.linear(flat, weight)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import gemm
 from model.layers import Linear, RMSNorm, gelu_tanh, min_gemm_rows
 
 log = logging.getLogger("blockserve.moe")
@@ -183,6 +184,13 @@ def counting(n: int, device: torch.device, per: int = 1, ones: bool = False) -> 
     return kept[-1][:n]
 
 
+def syncless(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the experts of a `dtype` model on `device` run without reading group sizes back to the host (one
+    grouped kernel per projection, the invariant one or `torch._grouped_mm`): what a CUDA graph can hold."""
+    probe = torch.empty(0, dtype=dtype, device=device)
+    return gemm.invariant(probe) or grouped_mm_supported(device, dtype)
+
+
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
@@ -221,6 +229,8 @@ def _grouped_linear(
 ) -> torch.Tensor:
     """Rows x [N, Din] of expert groups ending at offsets [E] times weight [E, Dout, Din].T -> [N, Dout].
     Rows past the last group are left undefined (the caller never reads them)."""
+    if gemm.invariant(x):  # a GPU's batch-invariant grouped kernel (model/gemm.py)
+        return gemm.grouped(x, weight, offsets)
     if grouped:
         try:
             return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)

@@ -7,12 +7,18 @@ Ray and every subprocess a test starts inherit it: nothing a test starts reaches
 import os
 import socket
 
-import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-from cluster.env import apply_loopback_env, ray_init_kwargs
-from cluster.telemetry import tracing_env
+# Without a GPU, Triton kernels (model/gemm.py's batch-invariant GEMM) run in Triton's interpreter on CPU tensors.
+# It is read when a kernel is defined, so it is set before anything imports model code.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from cluster.env import apply_loopback_env, ray_init_kwargs  # noqa: E402
+from cluster.telemetry import tracing_env  # noqa: E402
 
 # Property tests draw the same examples on every machine and every run: Hypothesis loads its own "ci" profile
 # (derandomized, no deadline) when CI is set, so without this a developer's runs drew random examples that CI

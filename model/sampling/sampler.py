@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import gemm
 from model.sampling import noise
 from model.sampling.categorical import EXP_FLOOR, exp_at_floor, pick_from_cdf
 from model.sampling.params import SamplingParams
@@ -364,7 +365,8 @@ def _scaled_logits(
 ) -> torch.Tensor:
     """Soft-capped, temperature-scaled fp32 logits [..., C] of hidden [..., D] against vocab rows w [C, D]."""
     # in place where the values are the same: on CPU a fresh [R, L, C] temporary costs more than the arithmetic
-    logits = _f32(hidden @ w.T)  # a fresh tensor
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = gemm.linear(flat, w, torch.float32).view(*hidden.shape[:-1], w.shape[0])  # a fresh tensor
     if cap:
         logits.div_(cap).tanh_().mul_(cap)
     return logits.mul_(inv_t)
@@ -399,11 +401,6 @@ def _exp_below_max(d: torch.Tensor) -> torch.Tensor:
         return torch.exp(d)
     d.clamp_(min=EXP_FLOOR)
     return torch.nn.functional.threshold_(torch.exp(d), exp_at_floor(), 0.0)
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """t in float32; no op at all when it already is (a no-op cast still costs a dispatch)."""
-    return t if t.dtype == torch.float32 else t.float()
 
 
 def _merge_block(state, new_m, safe_m, e, centred, weighted, cval, cidx, score, pick):
@@ -472,7 +469,8 @@ def _draw_group(
         finite = tables is None or dev.type == "cpu"
         centred = (d if finite else d.clamp_(min=torch.finfo(d.dtype).min)).mul_(e).sum(-1)
         # probabilities times embeddings in the weight dtype (as the reference's soft input), summed in fp32
-        weighted = _f32((e if e.dtype == w.dtype else e.to(w.dtype)) @ w)
+        e_w = (e if e.dtype == w.dtype else e.to(w.dtype)).reshape(R * L, -1)
+        weighted = gemm.matmul(e_w, w, torch.float32).view(R, L, D)
         if start:  # block-local token indices -> vocabulary ids
             cidx, pick = cidx + start, pick + start
         if state is None:
