@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -24,17 +25,26 @@ REPLICA_START_S = 300.0
 _HANDED_OUT: set[int] = set()
 
 
+# Ports handed to servers a test starts: below Linux's ephemeral range (32768-60999), where every bind to port 0
+# lands, and above Ray's worker ports (10002-19999). A port found free in the ephemeral range was sometimes taken
+# by one of the many processes a Ray cluster starts before the server bound it ("Failed to bind to address").
+FREE_PORTS = range(20_000, 32_768)
+
+
 def free_port() -> int:
-    """A loopback port nothing is bound to now, and never one this session handed out before: the socket that
-    found it is closed at once, so two calls in a row could otherwise return the same port (a config whose
-    gRPC and HTTP ports collide)."""
+    """A loopback port nothing is bound to now, outside the ranges other processes draw from (FREE_PORTS), and
+    never one this session handed out before (two calls in a row must not give a config colliding ports)."""
     while True:
+        port = random.randrange(FREE_PORTS.start, FREE_PORTS.stop)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def wait_for(condition, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
