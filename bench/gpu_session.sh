@@ -14,6 +14,8 @@
 #    times, where the step synchronises, a profile at 1 row;
 # 5. (<= 150 s, only when asked: PARTS="... 5") part 1's checks with cuBLAS set up without split-K
 #    (`--cublas-no-split-k`, vLLM's approach on Hopper): is the library invariant that way?
+# 6. (<= 150 s, only when asked) the published shape with 32,768-token sampler blocks instead of 8,192
+#    (`--vocab-chunk`): what 4x fewer sampler kernels per step buy at 1 and 16 rows (compare with part 3).
 # Each part has its own timeout, so one that hangs or fails leaves the others' output. Logs go to $OUT.
 # Read in part 1: "alone vs batched" should be 16/16 with batch_invariant GEMMs; every "graphs (N replays, C
 # captures)" line should show C > 1 (the batch changes as requests finish) and no "OFF" (a capture that failed
@@ -29,7 +31,7 @@ part() { [[ " $PARTS " == *" $1 "* ]]; }
 if part 1; then
     timeout 150 "$PY" bench/gpu_step.py --config tiny-test --rows 1,16 --prefix 64 \
         --gemm batch_invariant,library >"$OUT/checks.log" 2>&1
-    grep -E "^check|^ +[a-z_]+ +[0-9]+ |graph|Error|WARNING" "$OUT/checks.log"
+    grep -E "^check|^ *[a-z_]+ +[0-9]+ |graph|Error|WARNING" "$OUT/checks.log"
 fi
 if part 2; then
     timeout 100 "$PY" bench/invariance.py --config diffusiongemma-26b-a4b --rows 16 --prompt-step 37 \
@@ -44,7 +46,11 @@ fi
 if part 5; then
     timeout 150 "$PY" bench/gpu_step.py --config tiny-test --rows 1,16 --prefix 64 --cublas-no-split-k \
         --gemm library,batch_invariant >"$OUT/checks_cublas.log" 2>&1
-    grep -E "^check|^ +[a-z_]+ +[0-9]+ |cuBLAS|Error|WARNING" "$OUT/checks_cublas.log"
+    grep -E "^check|^ *[a-z_]+ +[0-9]+ |cuBLAS|Error|WARNING" "$OUT/checks_cublas.log"
+fi
+if part 6; then
+    timeout 150 "$PY" bench/gpu_step.py --no-checks --rows 1,16 --vocab-chunk 32768 >"$OUT/vocab_chunk.log" 2>&1
+    tail -5 "$OUT/vocab_chunk.log"
 fi
 if part 4; then
     timeout 120 "$PY" bench/gpu_step.py --no-checks --rows 1,16 --step-graphs --sync-sites --profile "$OUT" \

@@ -451,6 +451,13 @@ def run(argv: list[str] | None = None) -> list[dict]:
         "--tf32", action="store_true", help="what-if: let fp32 matrix products use TF32 (changes numerics)"
     )
     ap.add_argument(
+        "--vocab-chunk",
+        type=int,
+        default=0,
+        help="what-if: the sampler's vocabulary block (changes every token; default: sampler.VOCAB_CHUNK). "
+        "Fewer, larger blocks mean fewer kernels per step for the eager sampler at few rows",
+    )
+    ap.add_argument(
         "--cublas-no-split-k",
         action="store_true",
         help="what-if for the library GEMMs: cuBLAS without a workspace (so without split-K) and without reduced-"
@@ -476,6 +483,11 @@ def run(argv: list[str] | None = None) -> list[dict]:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         print("fp32 matrix products may use TF32 (--tf32)")
+    if args.vocab_chunk:
+        sampler.VOCAB_CHUNK = args.vocab_chunk
+        print(
+            f"sampler vocabulary block: {args.vocab_chunk} tokens (--vocab-chunk; tokens differ from the default)"
+        )
     if args.cublas_no_split_k:
         cublas_without_split_k()
         print(
@@ -502,7 +514,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
         flush=True,
     )
     head = (
-        f"{'gemm':>15} {'rows':>5} {'replays':>7} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
+        f"{'gemm':>16} {'rows':>5} {'replays':>7} {'ms/step':>8} {'tok/s@27':>9} {'decoder':>8} {'(host)':>7} {'sampler':>8} {'syncs':>6} "
         f"{'peak GiB':>9} {'step GiB':>9} {'KV adm':>7} {'KV pages':>9} {'floor ms':>9} {'of floor':>9}"
     )
     print(head, flush=True)
@@ -552,7 +564,7 @@ def _measured(model, rows: int, args, kind: str, profile: Path | None, sync_site
         return None
     r["gemm"] = kind
     print(
-        f"{kind:>15} {r['rows']:>5} {r['replays']:>7} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} "
+        f"{kind:>16} {r['rows']:>5} {r['replays']:>7} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>9.0f} "
         f"{r['decoder_ms']:>8.2f} {r['decoder_host_ms']:>7.2f} {r['sampler_ms']:>8.2f} {r['syncs']:>6.1f} "
         f"{r['peak_gib']:>9.2f} {r['transient_gib']:>9.2f} {r['kv_admitted_gib']:>7.2f} "
         f"{r['kv_pages_gib']:>9.2f} {r['floor_ms']:>9.2f} {r['floor_fraction']:>9.1%}",

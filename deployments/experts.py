@@ -55,6 +55,19 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a)
 
 
+def _wire(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the numpy array a shard call carries. numpy has no bfloat16: a bf16 tensor travels as its
+    16-bit patterns (int16), which `_unwire` reads back as bf16 (both ends run the model in the same dtype)."""
+    t = t.detach().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _unwire(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A `_wire` array back as a tensor of the receiver's model `dtype` (bf16 from its int16 patterns)."""
+    t = _tensor(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 and t.dtype == torch.int16 else t
+
+
 class ExpertShard:
     """Experts [first, stop) of every layer; stateless apart from load statistics, so replicas are
     interchangeable and may be added or removed at any time."""
@@ -83,9 +96,9 @@ class ExpertShard:
         t0 = time.perf_counter()
         bank = self.banks[layer]
         device = bank.down_proj.device
-        x_t = _tensor(x).to(device)
+        x_t = _unwire(x, bank.down_proj.dtype).to(device)
         ids_t = _tensor(ids).to(device=device, dtype=torch.long)
-        out = bank(x_t, _tensor(weights).to(device), ids_t).cpu().numpy()  # [T_s, D]
+        out = _wire(bank(x_t, _tensor(weights).to(device), ids_t))  # [T_s, D]
         seconds = time.perf_counter() - t0  # the copy back waited for the device: compute included
         # the load is counted from the host's copy of the ids: no device work and no extra sync
         local = ids.astype(np.int64, copy=False) - self.experts.start
@@ -177,7 +190,7 @@ class ShardedExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         counts = torch.bincount(ids.reshape(-1), minlength=self.load.shape[1]).cpu()
-        x_np, w_np, ids_np = x.detach().cpu().numpy(), weights.detach().cpu().numpy(), ids.cpu().int().numpy()
+        x_np, w_np, ids_np = _wire(x), _wire(weights), ids.cpu().int().numpy()
         calls = []
         for shard, (r, client) in enumerate(zip(self.ranges, self.clients, strict=True)):
             hit = ((ids >= r.start) & (ids < r.stop)).any(-1).nonzero().squeeze(-1).cpu()  # [T_s]
@@ -189,7 +202,7 @@ class ShardedExperts:
         t2 = time.perf_counter()
         out = torch.zeros_like(x)
         for _, hit, (partial, _) in results:  # shard order == expert order: see the module docstring
-            out.index_add_(0, hit.to(x.device), _tensor(partial).to(device=x.device, dtype=x.dtype))
+            out.index_add_(0, hit.to(x.device), _unwire(partial, x.dtype).to(device=x.device, dtype=x.dtype))
         t3 = time.perf_counter()
         with self._lock:
             self.load[layer] += counts

@@ -266,7 +266,7 @@ def grouped_experts(
     if count == 0 or T == 0:
         return torch.zeros_like(x)
     layout = grouped_layout(ids, first, count, min_gemm_rows(x.device), whole)
-    grouped = grouped_mm_supported(x.device, x.dtype)
+    grouped = not gemm.invariant(x) and grouped_mm_supported(x.device, x.dtype)
     rows = F.pad(x, (0, 0, 0, 1)).index_select(0, layout.source)  # [N + 1, D]; row T is the zero row
     gate, up = _grouped_linear(rows, gate_up_proj, layout.offsets, grouped).chunk(2, dim=-1)  # [N + 1, I]
     y = _grouped_linear(gelu_tanh(gate) * up, down_proj, layout.offsets, grouped)  # [N + 1, D]

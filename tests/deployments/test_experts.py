@@ -82,6 +82,31 @@ def test_disaggregated_forward_equals_fused_bit_for_bit(checkpoint, sizes, parts
     assert backend.times.hops > 0
 
 
+def test_bf16_shards_carry_bf16_over_numpy(checkpoint):
+    """numpy has no bfloat16: bf16 activations and partial outputs cross the transport as 16-bit patterns. The
+    shards' partial sums (rounded to bf16 each, then added) match the fused bank's one bf16 rounding closely."""
+    fused = load_model(checkpoint, dtype=torch.bfloat16)
+    model = load_model(checkpoint, dtype=torch.bfloat16, experts=range(0))
+    shards = [
+        ExpertShard(ExpertShardSettings(str(checkpoint), r.start, r.stop, shard=i, dtype="bfloat16"))
+        for i, r in enumerate(ranges([3, 5]))
+    ]
+    backend = ShardedExperts(ranges([3, 5]), [DirectClient(s) for s in shards], model.config.num_layers)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, model.config.hidden_size, generator=g).bfloat16()
+    weights, ids = fused.layers[0].router(x)
+    with torch.no_grad():
+        got = backend(0, x, weights, ids)
+        want = fused.layers[0].experts(x, weights, ids)
+    scale = want.abs().max().item()
+    assert got.dtype == torch.bfloat16 and scale > 0
+    torch.testing.assert_close(got.float(), want.float(), atol=0.02 * scale, rtol=0.02)
+    model.moe_backend = backend
+    with torch.no_grad():  # a whole bf16 step through the shards
+        out = model.denoise(torch.randint(3, 100, (2, model.config.canvas_length)), _prefix(model, 2))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
 def test_shards_hold_only_their_experts_and_count_their_load(checkpoint):
     model, backend, shards = _disaggregated(checkpoint, [3, 5])
     assert all(layer.experts.count == 0 for layer in model.layers)  # the Engine holds no expert weights

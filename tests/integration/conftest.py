@@ -25,17 +25,27 @@ REPLICA_START_S = 300.0
 _HANDED_OUT: set[int] = set()
 
 
-# Ports handed to servers a test starts: below Linux's ephemeral range (32768-60999), where every bind to port 0
-# lands, and above Ray's worker ports (10002-19999). A port found free in the ephemeral range was sometimes taken
-# by one of the many processes a Ray cluster starts before the server bound it ("Failed to bind to address").
-FREE_PORTS = range(20_000, 32_768)
+# Ports handed to servers a test starts: below Linux's ephemeral range (32768-60999 by default), where every bind
+# to port 0 lands (Ray's workers and spare ports included), and above `ray start`'s worker ports (10002-19999). A
+# port found free in the ephemeral range was sometimes taken by one of the many processes a Ray cluster starts
+# before the server bound it ("Failed to bind to address").
+def _free_ports() -> range:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    return range(20_000, low if low > 21_000 else 32_768)  # a host that widened the range: no safe one left
+
+
+FREE_PORTS = _free_ports()
+_RANDOM = random.SystemRandom()  # not the global generator, which a test may seed
 
 
 def free_port() -> int:
     """A loopback port nothing is bound to now, outside the ranges other processes draw from (FREE_PORTS), and
     never one this session handed out before (two calls in a row must not give a config colliding ports)."""
     while True:
-        port = random.randrange(FREE_PORTS.start, FREE_PORTS.stop)
+        port = _RANDOM.randrange(FREE_PORTS.start, FREE_PORTS.stop)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
