@@ -12,7 +12,8 @@ No checkpoint is needed: the published shape (30 layers, hidden 2816, 128 expert
 1. Checks (tiny random models, seconds): 16 requests of different prompt lengths, seeds and sampling settings
    through an `EngineCore` (a) on the GPU in float32 against the same weights on the CPU, (b) with decoder graphs
    and with whole-step graphs against eager steps, and (c) alone against batched together on the GPU, in
-   float32 and bfloat16 — each as the share of requests whose delivered tokens are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
+   float32 and in bfloat16 with each GEMM kind (model/gemm.py: the batch-invariant Triton kernel, the
+   library's) — each as the share of requests whose delivered tokens are identical. On the CPU (b) is exact by construction (tests pin it); on a GPU it depends on whether the
    GEMM libraries pick the same kernel whatever the batch's row count, which this measures rather than assumes.
    Then, per dtype, where a row's bits first change when it is batched (bench/invariance.py: encoder, decoder
    and sampler, sub-step by sub-step; "no difference" when none does).
@@ -22,7 +23,7 @@ No checkpoint is needed: the published shape (30 layers, hidden 2816, 128 expert
    decoder forward (as its own graph) and the sampler (`draw_keyed` + `advance_rows`) each bracketed by a device
    sync, to split the step. The engine's defaults apply: on CUDA the decoder forward of a steady batch replays
    as a CUDA graph (`--no-graphs`: eager; `--step-graphs`: the whole step as one graph, still experimental).
-   It prints:
+   `--gemm batch_invariant,library` times each row count with each GEMM kind, side by side. It prints:
    - ms per step, and tokens/s at the reference's typical ~27 steps per canvas (rows x 256 / (27 x step time));
    - the split: decoder ms (and the host ms spent issuing its kernels: near the total means the forward is bound
      by Python / launch overhead, not the GPU), sampler ms, the rest; host syncs per step;
