@@ -126,36 +126,51 @@ def _unusable(device: torch.device, interpret: bool) -> str:
 
 
 def _probe(device: torch.device) -> str:
-    """Run each form of the kernel on small products: close to fp32, and a row's bits the same alone and among
-    others (the property the kernel exists for, checked on the device itself)."""
+    """Run the kernel in each form and output dtype the model uses, for bf16 and fp16 operands, on small
+    products: close to fp32, and a row's bits the same alone and among others (the property the kernel exists
+    for, checked on the device itself). Every variant compiles here, at start-up, not in a step."""
+    for dtype in LOW_PRECISION:
+        why = _probe_dtype(device, dtype)
+        if why:
+            return f"{str(dtype).removeprefix('torch.')}: {why}"
+    return ""
+
+
+def _probe_dtype(device: torch.device, dtype: torch.dtype) -> str:
     g = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
 
+    def close(got, want):  # the kernel's output dtype, against fp32
+        return torch.allclose(got.float(), want.to(got.dtype).float(), atol=5e-2, rtol=2e-2)
+
     x, w = rand(150, 96), rand(200, 96)
+    want = x.float() @ w.float().T
     got = linear(x, w, torch.float32, force=True)
-    if not torch.allclose(got, x.float() @ w.float().T, atol=5e-2, rtol=1e-2):
+    if not (close(got, want) and close(linear(x, w, force=True), want)):  # fp32 and the operands' dtype out
         return "linear differs from an fp32 product"
     if not torch.equal(linear(x[37:38], w, torch.float32, force=True), got[37:38]):
         return "a row's linear result depends on the rows beside it"
+    b = rand(96, 90)
+    if not close(matmul(x, b, torch.float32, force=True), x.float() @ b.float()):
+        return "matmul differs from an fp32 product"
     a, b = rand(3, 70, 40), rand(3, 40, 90)
     got = bmm(a, b, torch.float32)
-    if not torch.allclose(got, a.float() @ b.float(), atol=5e-2, rtol=1e-2):
+    if not close(got, a.float() @ b.float()):
         return "bmm differs from an fp32 product"
     if not torch.equal(bmm(a[1:2, 5:6], b[1:2], torch.float32), got[1:2, 5:6]):
         return "a row's bmm result depends on the matrices and rows beside it"
     experts = rand(4, 48, 96)
     ends = torch.tensor([70, 70, 140, 150], dtype=torch.int32, device=device)  # expert 1 gets no rows
-    got = grouped(x, experts, ends, torch.float32)
     starts = [0, 70, 70, 140]
     want = torch.cat(
         [x[a:b].float() @ w_e.float().T for a, b, w_e in zip(starts, ends.tolist(), experts, strict=True)]
     )
-    if not torch.allclose(got, want, atol=5e-2, rtol=1e-2):
+    got = grouped(x, experts, ends)  # the operands' dtype out, as the experts use it
+    if not close(got, want):
         return "grouped differs from one fp32 product per group"
-    alone = grouped(x[100:101], experts[2:3], ends[:1] * 0 + 1, torch.float32)
+    alone = grouped(x[100:101], experts[2:3], ends[:1] * 0 + 1)
     if not torch.equal(alone, got[100:101]):
         return "a row's grouped result depends on its group's other rows"
     return ""
