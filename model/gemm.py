@@ -128,7 +128,8 @@ def _unusable(device: torch.device, interpret: bool) -> str:
 def _probe(device: torch.device) -> str:
     """Run the kernel in each form and output dtype the model uses, for bf16 and fp16 operands, on small
     products: close to fp32, and a row's bits the same alone and among others (the property the kernel exists
-    for, checked on the device itself). Every variant compiles here, at start-up, not in a step."""
+    for, checked on the device itself). Each form and dtype compiles here, at start-up; a new argument pattern
+    (module docstring) still compiles on first use."""
     for dtype in LOW_PRECISION:
         why = _probe_dtype(device, dtype)
         if why:
