@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deployments.engine_core import EngineCore
 from deployments.scheduler import CanvasEvent, EngineRequest, SchedulerLimits
@@ -151,10 +152,28 @@ def test_a_kernel_that_fails_its_probe_falls_back_with_a_warning(monkeypatch, ca
     assert "PTX compile failed" in caplog.text
 
 
+class LowPrecisionProducts(TorchDispatchMode):
+    """Records every torch matrix product with a bf16/fp16 operand (the kernel's products never reach torch)."""
+
+    PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_grouped_mm", "addbmm", "dot", "mv"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        low = [a for a in args if isinstance(a, torch.Tensor) and a.dtype in gemm.LOW_PRECISION]
+        if name in self.PRODUCTS and low:
+            self.seen.append(f"{name}{[tuple(a.shape) for a in low]}")
+        return func(*args, **(kwargs or {}))
+
+
 def test_bf16_engine_on_the_kernel_gives_a_request_its_tokens_alone_and_batched(kernels, monkeypatch):
     """Every product of a bf16 step on the kernel — projections, attention (its bf16 GEMMs, as on a GPU), the
-    experts' grouped product, the LM head and the soft embedding: a request's tokens are the same batched with
-    others as from the plain loop alone."""
+    experts' grouped product, the LM head and the soft embedding — and none left to torch's library kernels
+    (a product added later without model/gemm.py would break invariance on GPUs silently): a request's tokens
+    are the same batched with others as from the plain loop alone."""
     monkeypatch.setattr(attention, "MODEL_DTYPE_GEMM_DEVICES", ("cuda", "cpu"))
     model = init_random(DiffusionGemma(from_name("tiny-test")), seed=5).eval().to(torch.bfloat16)
     reqs = [
@@ -172,9 +191,11 @@ def test_bf16_engine_on_the_kernel_gives_a_request_its_tokens_alone_and_batched(
     events = {r.request_id: [] for r in reqs}
     for r in reqs:
         core.submit(r, events[r.request_id].append)
-    while core.has_work:
-        core.iterate()
+    with LowPrecisionProducts() as products:
+        while core.has_work:
+            core.iterate()
     assert core.max_rows_seen == 4
+    assert products.seen == []  # every bf16 product went through model/gemm.py
     grouped_calls = sum(ends is not None for ends in kernels)
     assert grouped_calls > 0 and len(kernels) > grouped_calls  # the experts and the dense products ran on it
     for r in reqs:
