@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 def _count() -> dict[str, int]:
     from model import moe
     from model.config import from_name
-    from model.sampling.sampler import draw_keyed
+    from model.sampling.sampler import VOCAB_CHUNK, draw_keyed
     from model.transformer import DiffusionGemma, TokenBatch
     from model.weights import init_random
 
@@ -103,7 +103,7 @@ def _count() -> dict[str, int]:
                 moe.COUNTING_LAYOUT_ELEMENTS = saved
         per_vocab = {}
         for blocks in (1, 2):
-            m = model_of(vocab_size=8192 * blocks)
+            m = model_of(vocab_size=VOCAB_CHUNK * blocks)
             hidden = torch.randn(2, L, D).to(torch.bfloat16)
             rows = (torch.ones(2), torch.arange(2), torch.zeros(2, dtype=torch.long), torch.full((2,), 3))
             per_vocab[blocks] = counted(lambda m=m, h=hidden, r=rows: draw_keyed(m, h, *r, None))

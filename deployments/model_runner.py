@@ -94,9 +94,7 @@ class ModelRunner:
         self.graphs: DecoderGraphs | None = None
         self.step_graphs: StepGraphs | None = None
         # the device's GEMM kernels are chosen (and probed) now, before any step or capture (model/gemm.py)
-        gemm.active(self.device)
-        probe = torch.empty(0, dtype=model.dtype, device=self.device)
-        self.gemm_kernels = "batch_invariant" if gemm.invariant(probe) else "library"  # its products
+        gemm.kernel_for(self.device, model.dtype)
         # a model whose experts fall back to one GEMM per expert reads their group sizes back to the host
         # (model/moe.py), which no graph can hold: such a model (fp32 on CUDA) runs eagerly
         if cuda_graphs and self.device.type == "cuda" and syncless(self.device, model.dtype):

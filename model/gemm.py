@@ -42,7 +42,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -105,10 +104,16 @@ def _key(device: torch.device | str) -> torch.device:
 
 def invariant(t: torch.Tensor) -> bool:
     """Whether a product of `t` (its left operand) runs the invariant kernel: low precision on such a device."""
-    if t.dtype not in LOW_PRECISION:
+    return kernel_for(t.device, t.dtype)
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether products of `dtype` operands on `device` run the invariant kernel (choosing the device's kernels
+    now if that has not happened yet)."""
+    if dtype not in LOW_PRECISION:
         return False
-    use = _INVARIANT.get(t.device)
-    return active(t.device) if use is None else use
+    use = _INVARIANT.get(device)
+    return active(device) if use is None else use
 
 
 def _unusable(device: torch.device, interpret: bool) -> str:
@@ -179,21 +184,11 @@ def _probe_dtype(device: torch.device, dtype: torch.dtype) -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, force=False):
     """x [M, K] @ weight [N, K].T -> [M, N] in `out_dtype` (default x's), accumulated in fp32 where invariant."""
-    out_dtype = out_dtype or x.dtype
-    if not (force or (invariant(x) and weight.dtype == x.dtype)):
-        out = F.linear(x, weight)
-        return out if out.dtype == out_dtype else out.to(out_dtype)
-    M, K = x.shape
-    N = weight.shape[0]
-    c = x.new_empty(M, N, dtype=out_dtype)
-    _launch(
-        x, weight, c, M, N, K, (0, *x.stride()), (0, weight.stride(1), weight.stride(0)), (0, *c.stride())
-    )
-    return c
+    return matmul(x, weight.t(), out_dtype, force=force)  # the kernel reads the transposed view's strides
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None, *, force=False):
-    """a [M, K] @ b [K, N] -> [M, N] in `out_dtype` (default a's)."""
+    """a [M, K] @ b [K, N] -> [M, N] in `out_dtype` (default a's); b may be a strided view (a weight's .t())."""
     out_dtype = out_dtype or a.dtype
     if not (force or (invariant(a) and b.dtype == a.dtype)):
         out = a @ b

@@ -187,8 +187,7 @@ def counting(n: int, device: torch.device, per: int = 1, ones: bool = False) -> 
 def syncless(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the experts of a `dtype` model on `device` run without reading group sizes back to the host (one
     grouped kernel per projection, the invariant one or `torch._grouped_mm`): what a CUDA graph can hold."""
-    probe = torch.empty(0, dtype=dtype, device=device)
-    return gemm.invariant(probe) or grouped_mm_supported(device, dtype)
+    return gemm.kernel_for(device, dtype) or grouped_mm_supported(device, dtype)
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
